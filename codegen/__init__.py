@@ -1,0 +1,1 @@
+"""Triton kernel templates and the tiling / shared-memory model that configures them."""

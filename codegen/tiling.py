@@ -1,0 +1,92 @@
+"""Tile configurations for the W-only GEMM, filtered by a shared-memory model.
+
+The model is a sympy expression of the bytes one launch asks for: each pipeline stage holds
+an activation tile, the packed weight tile and the scale (and zero) rows; the dequantized
+weight tile is staged once more as the dot's operand. Configurations over the device's
+``max_shared_mem`` are pruned before Triton compiles or times them.
+"""
+import functools
+import os
+
+import sympy
+import triton
+
+BM, BN, BK, STAGES = sympy.symbols("BLOCK_M BLOCK_N BLOCK_K STAGES", positive=True, integer=True)
+X_BYTES, W_BYTES, S_BYTES, S_ROWS = sympy.symbols("x_bytes w_bytes s_bytes s_rows", positive=True)
+
+SMEM_BYTES = STAGES * (BM * BK * X_BYTES + BK * BN * W_BYTES + S_ROWS * BN * S_BYTES) + BK * BN * X_BYTES
+_smem = sympy.lambdify((BM, BN, BK, STAGES, X_BYTES, W_BYTES, S_BYTES, S_ROWS), SMEM_BYTES)
+
+
+def weight_bytes(bits: int, planes: bool) -> float:
+    """Bytes of packed storage per weight: fields waste the bits that do not fill a word."""
+    return bits / 8 if planes else 4 / (32 // bits)
+
+
+def scale_rows(fmt: int, bits: int) -> int:
+    """Rows of per-group tensors read per K tile: scale+zero (affine), one per plane (bcq)."""
+    return {0: 2, 3: bits}.get(fmt, 1)
+
+
+def smem_bytes(cfg: dict, num_stages: int, x_bytes: int, bits: int, fmt: int, s_bytes: int) -> int:
+    return int(_smem(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], num_stages, x_bytes,
+                     weight_bytes(bits, fmt >= 2), s_bytes, scale_rows(fmt, bits)))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: next power of two, capped (one tuning per bucket, not per M)."""
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+def _grid_configs():
+    """Candidates per M range; the tile in M never exceeds the bucket by more than needed."""
+    out = []
+    for bm, bns, bks, stages, warps in (
+        (16, (32, 64, 128), (64, 128, 256), (3, 4), (4,)),
+        (32, (64, 128), (64, 128), (3, 4), (4,)),
+        (64, (64, 128, 256), (64, 128), (3, 4), (4, 8)),
+        (128, (128, 256), (64, 128), (3, 4), (8,)),
+    ):
+        for bn in bns:
+            for bk in bks:
+                for s in stages:
+                    for w in warps:
+                        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                                 num_stages=s, num_warps=w))
+    return out
+
+
+def all_configs():
+    if interpreting():  # the interpreter runs every config it is given: keep one small one
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)]
+    return _grid_configs()
+
+
+@functools.lru_cache(maxsize=None)
+def max_shared_mem(device_index: int) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+    return props["max_shared_mem"]
+
+
+def prune(configs, named_args, **kwargs):
+    """early_config_prune: drop configs over shared memory, out of the M bucket, or (when
+    some tile fits a group) tiles that would lose deferred dequantization."""
+    if interpreting():
+        return configs
+    args = {**named_args, **kwargs}
+    x, mb = args["x_ptr"], args["M_BUCKET"]
+    bits, fmt, group = args["BITS"], args["FMT"], args["GROUP"]
+    limit = max_shared_mem(x.device.index or 0)
+    fits = [c for c in configs
+            if smem_bytes(c.kwargs, c.num_stages, x.element_size(), bits, fmt, args["s_ptr"].element_size()) <= limit]
+    target = min(max(16, mb), 128)
+    fits = [c for c in fits if c.kwargs["BLOCK_M"] in (target, 64 if target == 128 else target)]
+    deferred = [c for c in fits if group % c.kwargs["BLOCK_K"] == 0]
+    fits = deferred or fits
+    if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0":
+        return fits[:1]
+    return fits

@@ -1,0 +1,144 @@
+"""What the pass looks for: one spec per format, traced from the format's own reference code
+(so spec and pattern cannot drift), plus dequantizations written outside qcompile.
+
+A spec proposes candidate parameters from the shapes of a subgraph's inputs, traces its
+reference for them (cached), and says how the matched inputs map onto the kernel's operands.
+"""
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch._dispatch.python import enable_python_dispatcher
+from torch._guards import tracing
+from torch._inductor.decomposition import select_decomp_table
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from qcompile.formats import FLOAT_DTYPES, FORMATS
+from qcompile.formats.packing import codes_per_word
+
+from .subgraph import backward_slice, leaves, match, to_digraph
+
+
+@dataclass(frozen=True)
+class Candidate:
+    spec: "Spec"
+    bits: int
+    group_size: int
+    metas: tuple  # (shape, dtype) of each reference input, in its argument order
+
+
+@functools.lru_cache(maxsize=512)
+def traced(spec: "Spec", bits: int, k: int, metas: tuple, device: str):
+    """The spec's reference for these parameters as (digraph, its inputs in argument order)."""
+    args = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in metas]
+    with tracing(None), enable_python_dispatcher():  # outside the model's compile and its shape env
+        gm = make_fx(spec.reference(bits, k), select_decomp_table(), tracing_mode="fake")(*args)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    nodes = backward_slice(out)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return to_digraph(nodes), placeholders
+
+
+def _meta(node):
+    v = node.meta["val"]
+    return tuple(v.shape), v.dtype
+
+
+class Spec:
+    name: str
+
+    def reference(self, bits: int, k: int):
+        raise NotImplementedError
+
+    def candidates(self, ints, floats, k: int, n: int):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=True)
+class FormatSpec(Spec):
+    """A qcompile format: its inputs are (qweight, scale[, zero]) in the format's layout."""
+    name: str
+
+    @property
+    def fmt(self):
+        return FORMATS[self.name]
+
+    def reference(self, bits, k):
+        return self.fmt.dequant_fn(bits, k)
+
+    def _bits(self, qshape, k, n):
+        if self.fmt.layout == "planes":
+            ok = len(qshape) == 3 and qshape[1:] == (-(-k // 32), n)
+            return [qshape[0]] if ok and 1 <= qshape[0] <= 8 else []
+        if len(qshape) != 2 or qshape[1] != n:
+            return []
+        return [b for b in range(1, 9) if -(-k // codes_per_word(b)) == qshape[0]]
+
+    def candidates(self, ints, floats, k, n):
+        n_floats = 2 if self.name == "affine" else 1
+        if len(ints) != 1 or len(floats) != n_floats or ints[0][1] != torch.int32:
+            return
+        qshape = ints[0][0]
+        for bits in self._bits(qshape, k, n):
+            for order in itertools.permutations(floats):
+                sshape = order[0][0]
+                g = sshape[-2] if len(sshape) >= 2 else 0
+                want = (bits, g, n) if self.name == "bcq" else (g, n)
+                if g and sshape == want and k % g == 0 and all(f[0] == sshape for f in order):
+                    yield Candidate(self, bits, k // g if g > 1 else -1, (ints[0], *order))
+
+
+@dataclass(frozen=True, eq=True)
+class Int8LinearSpec(Spec):
+    """``F.linear(x, w_int8.to(x.dtype) * scale[:, None])``: per-channel int8 weight-only, as
+    written by hand or by gpt-fast. Runs as symmetric 8-bit: the int8 [N, K] weight read as
+    int32 words is exactly that format's fields layout, transposed."""
+    name: str = "int8_weight_only"
+    act_dtype: torch.dtype = torch.float16
+
+    def reference(self, bits, k):
+        def fn(w, scale):
+            return (w.to(self.act_dtype) * scale[:, None]).permute(1, 0)
+        return fn
+
+    def candidates(self, ints, floats, k, n):
+        if len(ints) == 1 and len(floats) == 1 and ints[0] == ((n, k), torch.int8) and floats[0][0] == (n,):
+            yield Candidate(self, 8, -1, (ints[0], floats[0]))
+
+
+def specs_for(act_dtype: torch.dtype):
+    return [*(FormatSpec(name) for name in FORMATS), Int8LinearSpec(act_dtype=act_dtype)]
+
+
+def find(weight, k: int, n: int, act_dtype):
+    """(candidate, inputs in reference order) for the subgraph computing ``weight``, a [K, N]
+    matmul operand; (None, why) when it has integer inputs but is no known dequantization;
+    (None, None) when it is not a quantized weight at all."""
+    roots = [weight]
+    if weight.op == "call_function" and weight.target == torch.ops.prims.convert_element_type.default:
+        roots.append(weight.args[0])  # the reference's trailing .to(x.dtype)
+    found_any = False
+    for root in roots:
+        nodes = backward_slice(root)
+        if nodes is None:
+            continue
+        ins = leaves(nodes)
+        ints = [_meta(x) for x in ins if not x.meta["val"].is_floating_point()]
+        floats = [_meta(x) for x in ins if x.meta["val"].dtype in FLOAT_DTYPES]
+        if not ints:
+            continue
+        found_any = True
+        graph = None
+        for spec in specs_for(act_dtype):
+            for cand in spec.candidates(ints, floats, k, n):
+                device = ins[0].meta["val"].device.type
+                spec_graph, placeholders = traced(spec, cand.bits, k, cand.metas, device)
+                graph = graph if graph is not None else to_digraph(nodes)
+                mapping = match(graph, spec_graph)
+                if mapping is not None:
+                    inverse = {v: key for key, v in mapping.items()}
+                    return cand, [inverse[p] for p in placeholders]
+    if found_any:
+        return None, "a subgraph with integer inputs feeds this matmul, but it matches no qcompile format"
+    return None, None

@@ -1,0 +1,13 @@
+"""qcompile: a torch.compile backend that runs low-bit quantized models in fused Triton kernels.
+
+    qcompile.quantize(model, bits=4, group_size=128, format="affine")
+    compiled = torch.compile(model, backend="qcompile")
+    print(qcompile.explain(model, inputs))
+"""
+from .backend import qcompile_backend
+from .explain import explain
+from .formats import FORMATS, QuantLinear
+from .quantize import quantize
+from .report import Report
+
+__all__ = ["FORMATS", "QuantLinear", "Report", "explain", "qcompile_backend", "quantize"]

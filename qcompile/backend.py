@@ -1,0 +1,39 @@
+"""The ``qcompile`` torch.compile backend: Inductor with qcompile's passes in front."""
+import contextlib
+
+import torch
+
+from qcompile.report import Report
+
+_listeners: list[Report] = []
+
+
+@contextlib.contextmanager
+def listen(report: Report):
+    """Within the block, every graph the backend compiles adds its report to ``report``."""
+    _listeners.append(report)
+    try:
+        yield report
+    finally:
+        _listeners.remove(report)
+
+
+def _record(report: Report) -> None:
+    for r in _listeners:
+        r.extend(report)
+
+
+def qcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
+                     options: dict | None = None):
+    """``torch.compile(model, backend="qcompile", mode=..., options=...)`` lands here."""
+    import qcompile.runtime  # noqa: F401  registers the qcompile:: ops the pass inserts
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    from qcompile.passes import QCompilePass
+
+    inference = not (torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs))
+    patches = {**(list_mode_options(mode) if mode else {}), **(options or {}),
+               "post_grad_custom_pre_pass": QCompilePass(_record, inference)}
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,64 @@
+"""quantize(): replace a model's nn.Linear layers by QuantLinear, in place."""
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from .formats import QuantLinear, check_args, get_format
+
+
+def _settings(base: dict, override) -> dict:
+    if not isinstance(override, dict) or not set(override) <= set(base):
+        raise ValueError(f"config values must be None (skip) or a dict with keys among {sorted(base)}, "
+                         f"got {override!r}")
+    return {**base, **override}
+
+
+def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, format: str = "affine",
+             skip=(), config: dict | None = None) -> nn.Module:
+    """Quantize every nn.Linear of ``model`` in place and return ``model``.
+
+    skip: names (fnmatch patterns) of layers to leave in float, e.g. ``["lm_head"]``.
+    config: per-layer settings, {name pattern: {"bits", "group_size", "format"} or None to
+        skip}; the first matching pattern wins, unmatched layers use the arguments.
+    All settings are checked before any layer changes; bad ones raise ValueError naming the
+    argument and the allowed values.
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, nn.Linear):
+        raise ValueError(f"model must be an nn.Module containing nn.Linear layers (quantize replaces them "
+                         f"in place), got {type(model).__name__}; wrap a single nn.Linear in a module")
+    base = {"bits": bits, "group_size": group_size, "format": format}
+    get_format(format)
+    config = dict(config or {})
+    modules = dict(model.named_modules())
+    for pattern in [*skip, *config]:
+        hits = [name for name in modules if name and fnmatchcase(name, pattern)]
+        if not hits:
+            raise ValueError(f"{pattern!r} in skip/config matches no module; module names look like "
+                             f"{[n for n in modules if n][:5]}")
+        not_linear = [h for h in hits if not isinstance(modules[h], nn.Linear) and pattern in config
+                      and not any(isinstance(m, nn.Linear) for m in modules[h].modules())]
+        if not_linear:
+            raise ValueError(f"config pattern {pattern!r} names {not_linear[0]!r}, a "
+                             f"{type(modules[not_linear[0]]).__name__}: only nn.Linear layers can be quantized")
+
+    plan = {}
+    for name, module in modules.items():
+        if not isinstance(module, nn.Linear) or any(fnmatchcase(name, p) for p in skip):
+            continue
+        override = next((config[p] for p in config if fnmatchcase(name, p)), {})
+        if override is None:
+            continue
+        s = _settings(base, override)
+        fmt = get_format(s["format"])
+        try:
+            check_args(module.weight, s["bits"], s["group_size"])
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
+        plan[name] = (fmt, s["bits"], s["group_size"])
+    if not plan:
+        raise ValueError(f"model has no nn.Linear layer to quantize ({type(model).__name__}, skip={list(skip)})")
+
+    for name, (fmt, b, g) in plan.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantLinear.from_linear(modules[name], fmt, b, g))
+    return model

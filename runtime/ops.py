@@ -1,0 +1,60 @@
+"""The ``qcompile::`` custom ops the pass inserts. They launch the Triton kernels; where no
+kernel can run they compute the format's reference instead, so a call never crashes."""
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.codegen.tiling import all_configs, m_bucket, prune
+from qcompile.codegen.wq_gemm import FMT_CODES, wq_gemm_kernel
+from qcompile.formats import Packed, get_format
+
+from .device import interpreting, kernel_unavailable_reason
+
+wq_gemm = triton.autotune(
+    configs=all_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": prune},
+)(wq_gemm_kernel)
+
+_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _dot_dtype(dtype):
+    """The dot runs in the activation dtype; the interpreter's bf16 dot is wrong, so fp32 there."""
+    return tl.float32 if dtype == torch.bfloat16 and interpreting() else _DOT[dtype]
+
+
+def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out):
+    m, k = x2.shape
+    n = out.shape[1]
+    w3 = qweight if qweight.dim() == 3 else qweight.unsqueeze(0)
+    s3 = scale if scale.dim() == 3 else scale.unsqueeze(0)
+    dot = _dot_dtype(x2.dtype)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+    wq_gemm[grid](
+        x2, w3, s3, zero if zero is not None else s3, bias if bias is not None else s3, out,
+        m, n, k, m_bucket(m),
+        x2.stride(0), x2.stride(1), w3.stride(0), w3.stride(1), w3.stride(2),
+        s3.stride(0), s3.stride(1), s3.stride(2), out.stride(0), out.stride(1),
+        BITS=bits, GROUP=group, FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None,
+        DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
+    )
+
+
+@torch.library.custom_op("qcompile::wq_linear", mutates_args=())
+def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+              bias: torch.Tensor | None, fmt: str, bits: int, group_size: int) -> torch.Tensor:
+    """y = x @ dequant(qweight, scale, zero) (+ bias) for a W-only format's layout."""
+    k, n = x.shape[-1], qweight.shape[-1]
+    x2 = x.reshape(-1, k)
+    if kernel_unavailable_reason(x.device) is not None:
+        w = get_format(fmt).dequantize(Packed(qweight, scale, zero), bits, k).to(x.dtype)
+        out = x2 @ w
+        return (out if bias is None else out + bias).reshape(*x.shape[:-1], n)
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    if out.numel():
+        _launch(x2, qweight, scale, zero, bias, fmt, bits, k if group_size == -1 else group_size, out)
+    return out.reshape(*x.shape[:-1], n)
+
+
+@wq_linear.register_fake
+def _(x, qweight, scale, zero, bias, fmt, bits, group_size):
+    return x.new_empty(*x.shape[:-1], qweight.shape[-1])
