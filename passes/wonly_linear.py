@@ -88,7 +88,9 @@ def rewrite_linears(graph: Graph, report: Report, inference: bool = True) -> Non
         x, weight, bias = operands
         k, n = _val(weight).shape
         cand, inputs = find(weight, k, n, _val(x).dtype)
-        shapes = {"M": _val(x).shape[0], "K": k, "N": n, "dtype": str(_val(x).dtype).replace("torch.", "")}
+        m = _val(x).shape[0]
+        shapes = {"M": m if isinstance(m, int) else str(m), "K": int(k), "N": int(n),
+                  "dtype": str(_val(x).dtype).replace("torch.", "")}
         if cand is None:
             if inputs is not None:
                 report.fallbacks.append(Fallback("linear", inputs, shapes, mm.name))

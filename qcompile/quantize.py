@@ -35,11 +35,9 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, format: str
         if not hits:
             raise ValueError(f"{pattern!r} in skip/config matches no module; module names look like "
                              f"{[n for n in modules if n][:5]}")
-        not_linear = [h for h in hits if not isinstance(modules[h], nn.Linear) and pattern in config
-                      and not any(isinstance(m, nn.Linear) for m in modules[h].modules())]
-        if not_linear:
-            raise ValueError(f"config pattern {pattern!r} names {not_linear[0]!r}, a "
-                             f"{type(modules[not_linear[0]]).__name__}: only nn.Linear layers can be quantized")
+        if pattern in config and not any(isinstance(m, nn.Linear) for h in hits for m in modules[h].modules()):
+            raise ValueError(f"config pattern {pattern!r} names {hits[0]!r}, a {type(modules[hits[0]]).__name__}"
+                             f", and no nn.Linear: only nn.Linear layers can be quantized")
 
     plan = {}
     for name, module in modules.items():

@@ -1,0 +1,156 @@
+"""torch.compile(backend="qcompile") against the eager reference, one compile per dtype for a
+model holding every format x bit width, so the suite pays a few compiles, not hundreds."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qcompile
+from conftest import DTYPES, assert_close
+
+K, N = 96, 17  # K not a multiple of most tiles or of 32 // bits; N odd
+LAYERS = [(name, bits, group) for name in qcompile.FORMATS for bits in range(1, 9) for group in (32, -1)]
+
+
+class Zoo(nn.Module):
+    """One QuantLinear per (format, bits, group); forward returns every layer's output."""
+
+    def __init__(self, dtype, device):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList()
+        for i, (name, bits, group) in enumerate(LAYERS):
+            layer = nn.Sequential(nn.Linear(K, N, bias=i % 2 == 0)).to(dtype)
+            qcompile.quantize(layer, bits=bits, group_size=group, format=name)
+            self.layers.append(layer[0])
+        self.to(device)
+
+    def forward(self, x):
+        return [layer(x) for layer in self.layers]
+
+
+INPUTS = {  # name -> (shape maker); compiled with dynamic=True so 2-D inputs share one graph
+    "M=3": lambda d, dev: torch.randn(3, K, dtype=d, device=dev),
+    "M=1": lambda d, dev: torch.randn(1, K, dtype=d, device=dev),
+    "M=17": lambda d, dev: torch.randn(17, K, dtype=d, device=dev),
+    "3D": lambda d, dev: torch.randn(2, 5, K, dtype=d, device=dev),
+    "non-contiguous": lambda d, dev: torch.randn(K, 4, dtype=d, device=dev).t(),
+}
+
+
+@pytest.fixture(scope="module", params=DTYPES, ids=str)
+def zoo(request, device):
+    model = Zoo(request.param, device)
+    with torch.no_grad():
+        report = qcompile.explain(model, INPUTS["M=3"](request.param, device))
+    return model, torch.compile(model, backend="qcompile", dynamic=True), report, request.param
+
+
+def test_every_layer_matched(zoo):
+    model, _, report, dtype = zoo
+    assert len(report.matched) == len(LAYERS) and not report.fallbacks, str(report)
+    assert [(m.format, m.bits, m.group_size) for m in report.matched] == LAYERS
+    assert all(m.kernel.startswith("wq_gemm[") for m in report.matched)
+    assert report.graph_breaks == 0
+
+
+@pytest.mark.parametrize("shape", INPUTS)
+def test_compiled_equals_eager_reference(zoo, shape, device):
+    model, compiled, _, dtype = zoo
+    x = INPUTS[shape](dtype, device)
+    with torch.no_grad():
+        outs, refs = compiled(x), model(x)
+    for (name, bits, group), out, ref in zip(LAYERS, outs, refs):
+        try:
+            assert_close(out, ref, dtype)
+        except AssertionError as e:
+            raise AssertionError(f"{name} bits={bits} group={group} {shape}: {e}") from None
+
+
+class HandWritten(nn.Module):
+    """Dequantizations written outside qcompile: gpt-fast style int8, and one no format knows."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.register_buffer("w8", torch.randint(-127, 128, (24, k), dtype=torch.int8))
+        self.register_buffer("s8", torch.rand(24) / 100)
+        self.register_buffer("odd", torch.randint(0, 15, (24, k), dtype=torch.int32))
+
+    def forward(self, x):
+        a = F.linear(x, self.w8.to(x.dtype) * self.s8[:, None])
+        b = F.linear(x, (self.odd.to(x.dtype) - 7.5) * 0.01)  # no qcompile format: stays as is
+        return a, b
+
+
+def test_hand_written_int8_matches_and_unknown_dequant_falls_back(device):
+    model = HandWritten(64).to(device)
+    x = torch.randn(5, 64, device=device)
+    with torch.no_grad():
+        report = qcompile.explain(model, x)
+        outs, refs = torch.compile(model, backend="qcompile")(x), model(x)
+    assert [(m.format, m.bits) for m in report.matched] == [("int8_weight_only", 8)]
+    assert len(report.fallbacks) == 1 and "matches no qcompile format" in report.fallbacks[0].reason
+    for out, ref in zip(outs, refs):
+        assert_close(out, ref, torch.float32)
+
+
+def test_int8_with_k_not_multiple_of_4_falls_back_with_reason(device):
+    model = HandWritten(66).to(device)
+    x = torch.randn(2, 66, device=device)
+    with torch.no_grad():
+        report = qcompile.explain(model, x)
+        outs, refs = torch.compile(model, backend="qcompile")(x), model(x)
+    assert not report.matched
+    assert any("multiple of 4" in f.reason for f in report.fallbacks), str(report)
+    assert_close(outs[0], refs[0], torch.float32)
+
+
+def test_autograd_graphs_are_left_to_inductor(device):
+    model = nn.Sequential(nn.Linear(64, 8))
+    qcompile.quantize(model, group_size=32)
+    model.to(device)
+    x = torch.randn(3, 64, device=device, requires_grad=True)
+    report = qcompile.explain(model, x)
+    assert not report.matched and "inference-only" in report.fallbacks[0].reason
+
+
+def test_debug_dir_dumps_graphs_and_summary(tmp_path, device, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_DEBUG_DIR", str(tmp_path))
+    model = nn.Sequential(nn.Linear(64, 8))
+    qcompile.quantize(model, bits=3, group_size=32, format="bipolar")
+    model.to(device)
+    with torch.no_grad():
+        qcompile.explain(model, torch.randn(2, 4, 64, device=device))
+    (folder,) = tmp_path.iterdir()
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["00_before.txt", "01_after_wonly_linear.txt", "summary.json"]
+    after = (folder / "01_after_wonly_linear.txt").read_text()
+    assert "qcompile.wq_linear" in after and "aten.mm" not in after
+    assert "aten.add" not in after, "the bias add is folded into the kernel"
+    assert '"format": "bipolar"' in (folder / "summary.json").read_text()
+
+
+def _run(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+def test_backend_found_through_entry_point_without_import():
+    r = _run("import torch; print('qcompile' in torch._dynamo.list_backends())")
+    assert r.stdout.strip() == "True", r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU without the interpreter only")
+def test_cpu_without_interpreter_falls_back_with_reason():
+    r = _run("import torch, qcompile\n"
+             "m = torch.nn.Sequential(torch.nn.Linear(64, 8)); qcompile.quantize(m, group_size=32)\n"
+             "x = torch.randn(2, 64)\n"
+             "with torch.no_grad():\n"
+             "    rep = qcompile.explain(m, x)\n"
+             "    torch.testing.assert_close(torch.compile(m, backend='qcompile')(x), m(x))\n"
+             "print(rep.fallbacks[0].reason)", TRITON_INTERPRET="0")
+    assert "TRITON_INTERPRET" in r.stdout, r.stderr[-2000:]

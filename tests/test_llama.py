@@ -1,0 +1,34 @@
+"""A tiny random transformers Llama (2 layers, GQA) quantized and compiled end to end."""
+import pytest
+import torch
+
+import qcompile
+from conftest import DTYPES, assert_close
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(dtype, device):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+def test_tiny_llama_compiles_with_every_quantized_linear_matched(dtype, device):
+    model = tiny_llama(dtype, device)
+    qcompile.quantize(model, bits=4, group_size=32, config={"*.mlp.*": {"bits": 3, "format": "bipolar"}})
+    n_quantized = sum(isinstance(m, qcompile.QuantLinear) for m in model.modules())
+    assert n_quantized == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
+    ids = torch.randint(0, 128, (2, 7), device=device)
+    with torch.no_grad():
+        report = qcompile.explain(model, ids, use_cache=False)
+        compiled = torch.compile(model, backend="qcompile")
+        out = compiled(ids, use_cache=False).logits
+        ref = model(ids, use_cache=False).logits
+    assert len(report.matched) == n_quantized and not report.fallbacks, str(report)
+    assert sorted({(m.format, m.bits) for m in report.matched}) == [("affine", 4), ("bipolar", 3)]
+    assert report.graph_breaks == 0 and report.graphs == 1
+    assert_close(out, ref, dtype)

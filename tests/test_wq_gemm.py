@@ -1,0 +1,39 @@
+"""The qcompile::wq_linear op (the Triton template) against each format's reference forward."""
+import pytest
+import torch
+
+from conftest import DTYPES, assert_close
+from qcompile.codegen.tiling import smem_bytes
+from qcompile.formats import FORMATS, QuantLinear
+import qcompile.runtime  # noqa: F401
+
+
+def reference_and_op(name, bits, group, dtype, device, k=96, n=17, m=3, bias=True):
+    torch.manual_seed(bits)
+    q = QuantLinear.from_linear(torch.nn.Linear(k, n, bias=bias).to(dtype), FORMATS[name], bits, group).to(device)
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    out = torch.ops.qcompile.wq_linear(x, q.qweight, q.scale, q.zero, q.bias, name, bits, group)
+    return out, q(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_every_format_and_width(name, bits, dtype, device):
+    # group 32: deferred dequantization; 24: per-element dequantization (a K tile spans groups)
+    for group in (32, 24, -1):
+        assert_close(*reference_and_op(name, bits, group, dtype, device), dtype)
+
+
+@pytest.mark.parametrize("m", [1, 17, 40])
+@pytest.mark.parametrize("name", ["affine", "bcq"])
+def test_odd_shapes(name, m, device):
+    assert_close(*reference_and_op(name, 3, 16, torch.float16, device, k=80, n=33, m=m, bias=False), torch.float16)
+
+
+def test_shared_memory_model_counts_every_operand():
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}
+    # 3 stages x (x tile 16*128*2 + 4-bit weights 128*64/2 + scale and zero rows 2*64*2) + dot operand 128*64*2
+    assert smem_bytes(cfg, 3, 2, 4, 0, 2) == 3 * (4096 + 4096 + 256) + 16384
+    # bcq reads a scale row per plane, planes store exactly bits/8 bytes per weight
+    assert smem_bytes(cfg, 1, 2, 3, 3, 2) == 4096 + 3072 + 3 * 128 + 16384
