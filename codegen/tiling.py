@@ -18,9 +18,11 @@ SMEM_BYTES = STAGES * (BM * BK * X_BYTES + BK * BN * W_BYTES + S_ROWS * BN * S_B
 _smem = sympy.lambdify((BM, BN, BK, STAGES, X_BYTES, W_BYTES, S_BYTES, S_ROWS), SMEM_BYTES)
 
 
-def weight_bytes(bits: int, planes: bool) -> float:
-    """Bytes of packed storage per weight: fields waste the bits that do not fill a word."""
-    return bits / 8 if planes else 4 / (32 // bits)
+def weight_bytes(bits: int, planes: bool, block_k: int) -> float:
+    """Bytes the kernel loads per weight of a tile: packed words when whole words fit the
+    tile, else a whole 32-bit word per value (the gather path of wq_gemm._codes)."""
+    per = 32 if planes else 32 // bits
+    return (bits if planes else 1) * (4 / per if block_k % per == 0 else 4)
 
 
 def scale_rows(fmt: int, bits: int) -> int:
@@ -30,7 +32,7 @@ def scale_rows(fmt: int, bits: int) -> int:
 
 def smem_bytes(cfg: dict, num_stages: int, x_bytes: int, bits: int, fmt: int, s_bytes: int) -> int:
     return int(_smem(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], num_stages, x_bytes,
-                     weight_bytes(bits, fmt >= 2), s_bytes, scale_rows(fmt, bits)))
+                     weight_bytes(bits, fmt >= 2, cfg["BLOCK_K"]), s_bytes, scale_rows(fmt, bits)))
 
 
 def interpreting() -> bool:
@@ -46,7 +48,7 @@ def _grid_configs():
     """Candidates per M range; the tile in M never exceeds the bucket by more than needed."""
     out = []
     for bm, bns, bks, stages, warps in (
-        (16, (32, 64, 128), (64, 128, 256), (3, 4), (4,)),
+        (16, (32, 64, 128), (32, 64, 128, 256), (2, 3, 4), (4,)),
         (32, (64, 128), (64, 128), (3, 4), (4,)),
         (64, (64, 128, 256), (64, 128), (3, 4), (4, 8)),
         (128, (128, 256), (64, 128), (3, 4), (8,)),
@@ -81,12 +83,13 @@ def prune(configs, named_args, **kwargs):
     x, mb = args["x_ptr"], args["M_BUCKET"]
     bits, fmt, group = args["BITS"], args["FMT"], args["GROUP"]
     limit = max_shared_mem(x.device.index or 0)
-    fits = [c for c in configs
-            if smem_bytes(c.kwargs, c.num_stages, x.element_size(), bits, fmt, args["s_ptr"].element_size()) <= limit]
+    sizes = [smem_bytes(c.kwargs, c.num_stages, x.element_size(), bits, fmt, args["s_ptr"].element_size())
+             for c in configs]
+    size = lambda c: sizes[configs.index(c)]  # noqa: E731
+    fits = [c for c in configs if size(c) <= limit] or [min(configs, key=size)]
     target = min(max(16, mb), 128)
-    fits = [c for c in fits if c.kwargs["BLOCK_M"] in (target, 64 if target == 128 else target)]
-    deferred = [c for c in fits if group % c.kwargs["BLOCK_K"] == 0]
-    fits = deferred or fits
-    if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0":
-        return fits[:1]
+    fits = [c for c in fits if c.kwargs["BLOCK_M"] in (target, 64 if target == 128 else target)] or fits
+    fits = [c for c in fits if group % c.kwargs["BLOCK_K"] == 0] or fits
+    if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0":  # one config: the largest tile that fits
+        return [max(fits, key=size)]
     return fits

@@ -10,8 +10,8 @@ One kernel for every W-only format. BITS, GROUP and FMT are constexprs:
   plane with the plane's scale. Otherwise each weight is dequantized before the dot.
 * DOT is the dtype of the dot's operands: the activation dtype, or float32 ("ieee") for
   float32 activations and for bf16 under the interpreter, whose bf16 dot is wrong.
-* Weights are read in the formats' K-major layout: a tile [BLOCK_K, BLOCK_N] is a gather of
-  words coalesced along N; each value costs one shift and one mask.
+* Weights are read in the formats' K-major layout, coalesced along N; each value costs one
+  shift and one mask (see _codes).
 """
 import triton
 import triton.language as tl
@@ -20,11 +20,25 @@ FMT_CODES = {"affine": 0, "symmetric": 1, "bipolar": 2, "bcq": 3}
 
 
 @triton.jit
-def _codes(w_ptr, rk, rn, mask, swk, swn, BITS: tl.constexpr):
-    """Unsigned BITS-wide codes [BLOCK_K, BLOCK_N] from fields (BITS=1 reads one plane)."""
+def _codes(w_ptr, k0, rk, rn, K, N, swk, swn, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+           BLOCK_N: tl.constexpr):
+    """Unsigned BITS-wide codes [BLOCK_K, BLOCK_N] from fields (BITS=1 reads one plane).
+
+    When whole words fit the tile, each word is loaded once and split by broadcasting shifts;
+    widths whose words hold a count of codes that is not a power of two (3, 5, 6, 7) gather
+    the word of each code instead."""
     PER: tl.constexpr = 32 // BITS
-    words = tl.load(w_ptr + (rk // PER)[:, None] * swk + rn[None, :] * swn, mask=mask, other=0)
-    return (words >> ((rk % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BLOCK_K % PER == 0:
+        rw = k0 // PER + tl.arange(0, BLOCK_K // PER)
+        words = tl.load(w_ptr + rw[:, None] * swk + rn[None, :] * swn,
+                        mask=(rw[:, None] < tl.cdiv(K, PER)) & (rn[None, :] < N), other=0)
+        codes = (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & MASK
+        return tl.reshape(codes, (BLOCK_K, BLOCK_N))
+    else:
+        words = tl.load(w_ptr + (rk // PER)[:, None] * swk + rn[None, :] * swn,
+                        mask=(rk[:, None] < K) & (rn[None, :] < N), other=0)
+        return (words >> ((rk % PER) * BITS)[:, None]) & MASK
 
 
 @triton.jit
@@ -56,7 +70,7 @@ def wq_gemm_kernel(
         if FMT == 3:  # bcq: a dot (or a dequantized term) per plane, each with its scale
             deq = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
             for p in tl.static_range(BITS):
-                sign = (_codes(w_ptr + p * swp, rk, rn, wmask, swk, swn, 1) * 2 - 1).to(tl.float32).to(DOT)
+                sign = (_codes(w_ptr + p * swp, k0, rk, rn, K, N, swk, swn, 1, BLOCK_K, BLOCK_N) * 2 - 1).to(tl.float32).to(DOT)
                 scale = tl.load(s_ptr + soff + p * ssp, mask=smask, other=0.0).to(tl.float32)
                 if DEFER:
                     acc += tl.dot(x, sign, input_precision=PRECISION) * scale[None, :]
@@ -68,10 +82,10 @@ def wq_gemm_kernel(
             if PLANES:  # bipolar: recombine the planes into q, value = 2q - (2**BITS - 1)
                 q = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
                 for p in tl.static_range(BITS):
-                    q += _codes(w_ptr + p * swp, rk, rn, wmask, swk, swn, 1) << p
+                    q += _codes(w_ptr + p * swp, k0, rk, rn, K, N, swk, swn, 1, BLOCK_K, BLOCK_N) << p
                 q = 2 * q - ((1 << BITS) - 1)
             else:
-                q = _codes(w_ptr, rk, rn, wmask, swk, swn, BITS)
+                q = _codes(w_ptr, k0, rk, rn, K, N, swk, swn, BITS, BLOCK_K, BLOCK_N)
                 if FMT == 1:  # two's complement sign extension
                     q = (q ^ (1 << (BITS - 1))) - (1 << (BITS - 1))
             scale = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)

@@ -17,7 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from qcompile.formats import FLOAT_DTYPES, FORMATS
 from qcompile.formats.packing import codes_per_word
 
-from .subgraph import backward_slice, leaves, match, to_digraph
+from .subgraph import backward_slice, difference, leaves, match, to_digraph
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def find(weight, k: int, n: int, act_dtype):
     roots = [weight]
     if weight.op == "call_function" and weight.target == torch.ops.prims.convert_element_type.default:
         roots.append(weight.args[0])  # the reference's trailing .to(x.dtype)
-    found_any = False
+    found_any, nearest = False, ""
     for root in roots:
         nodes = backward_slice(root)
         if nodes is None:
@@ -139,6 +139,7 @@ def find(weight, k: int, n: int, act_dtype):
                 if mapping is not None:
                     inverse = {v: key for key, v in mapping.items()}
                     return cand, [inverse[p] for p in placeholders]
+                nearest = nearest or f" (nearest, {spec.name} bits={cand.bits}: {difference(graph, spec_graph)})"
     if found_any:
-        return None, "a subgraph with integer inputs feeds this matmul, but it matches no qcompile format"
+        return None, f"a subgraph with integer inputs feeds this matmul, but it matches no qcompile format{nearest}"
     return None, None

@@ -1,6 +1,8 @@
 """Dequantization subgraphs as networkx graphs, so a graph found in a compiled model can be
 compared exactly (ops, literal arguments, operand positions, input shapes and dtypes) with
 the graph the format's reference code traces to."""
+from collections import Counter
+
 import networkx as nx
 import torch
 from torch.fx import Node
@@ -97,3 +99,13 @@ def match(found: nx.DiGraph, spec: nx.DiGraph) -> dict | None:
     m = nx.algorithms.isomorphism.DiGraphMatcher(
         found, spec, node_match=lambda a, b: a["sig"] == b["sig"], edge_match=lambda a, b: a["pos"] == b["pos"])
     return dict(m.mapping) if m.is_isomorphic() else None
+
+
+def difference(found: nx.DiGraph, spec: nx.DiGraph) -> str:
+    """The first op signature one graph has and the other lacks, for the fallback reason."""
+    a = Counter(d["sig"] for _, d in found.nodes(data=True))
+    b = Counter(d["sig"] for _, d in spec.nodes(data=True))
+    extra, missing = list((a - b).elements()), list((b - a).elements())
+    if not extra and not missing:
+        return "same ops, wired differently"
+    return f"has {extra[0] if extra else 'nothing extra'}, lacks {missing[0] if missing else 'nothing'}"

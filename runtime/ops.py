@@ -1,5 +1,7 @@
 """The ``qcompile::`` custom ops the pass inserts. They launch the Triton kernels; where no
 kernel can run they compute the format's reference instead, so a call never crashes."""
+from collections import Counter
+
 import torch
 import triton
 import triton.language as tl
@@ -14,6 +16,8 @@ wq_gemm = triton.autotune(
     configs=all_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": prune},
 )(wq_gemm_kernel)
 
+launches = Counter()  # kernel launches per (format, bits): tests assert which kernel ran
+
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -27,6 +31,7 @@ def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out):
     n = out.shape[1]
     w3 = qweight if qweight.dim() == 3 else qweight.unsqueeze(0)
     s3 = scale if scale.dim() == 3 else scale.unsqueeze(0)
+    launches[fmt, bits] += 1
     dot = _dot_dtype(x2.dtype)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
     wq_gemm[grid](

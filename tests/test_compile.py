@@ -11,6 +11,7 @@ from torch import nn
 
 import qcompile
 from conftest import DTYPES, assert_close
+from qcompile.runtime.ops import launches
 
 K, N = 96, 17  # K not a multiple of most tiles or of 32 // bits; N odd
 LAYERS = [(name, bits, group) for name in qcompile.FORMATS for bits in range(1, 9) for group in (32, -1)]
@@ -62,8 +63,12 @@ def test_every_layer_matched(zoo):
 def test_compiled_equals_eager_reference(zoo, shape, device):
     model, compiled, _, dtype = zoo
     x = INPUTS[shape](dtype, device)
+    launches.clear()
     with torch.no_grad():
-        outs, refs = compiled(x), model(x)
+        outs = compiled(x)
+    assert sum(launches.values()) == len(LAYERS), "every layer ran its qcompile kernel"
+    with torch.no_grad():
+        refs = model(x)
     for (name, bits, group), out, ref in zip(LAYERS, outs, refs):
         try:
             assert_close(out, ref, dtype)

@@ -37,3 +37,5 @@ def test_shared_memory_model_counts_every_operand():
     assert smem_bytes(cfg, 3, 2, 4, 0, 2) == 3 * (4096 + 4096 + 256) + 16384
     # bcq reads a scale row per plane, planes store exactly bits/8 bytes per weight
     assert smem_bytes(cfg, 1, 2, 3, 3, 2) == 4096 + 3072 + 3 * 128 + 16384
+    # 3-bit fields hold 10 codes a word: the kernel gathers a whole word per value
+    assert smem_bytes(cfg, 1, 2, 3, 1, 2) == 4096 + 128 * 64 * 4 + 128 + 16384
