@@ -2,7 +2,8 @@
 
 The model is a sympy expression of the bytes one launch asks for: each pipeline stage holds
 an activation tile, the packed weight tile and the scale (and zero) rows; the dequantized
-weight tile is staged once more as the dot's operand. Configurations over the device's
+weight tile is staged once more as the dot's operand, and its int32 codes once for the
+layout change after unpacking. Configurations over the device's
 ``max_shared_mem`` are pruned before Triton compiles or times them.
 """
 import functools
@@ -14,7 +15,9 @@ import triton
 BM, BN, BK, STAGES = sympy.symbols("BLOCK_M BLOCK_N BLOCK_K STAGES", positive=True, integer=True)
 X_BYTES, W_BYTES, S_BYTES, S_ROWS = sympy.symbols("x_bytes w_bytes s_bytes s_rows", positive=True)
 
-SMEM_BYTES = STAGES * (BM * BK * X_BYTES + BK * BN * W_BYTES + S_ROWS * BN * S_BYTES) + BK * BN * X_BYTES
+CODE_BYTES = 4  # unpacked int32 codes, converted to the dot's layout through shared memory
+SMEM_BYTES = (STAGES * (BM * BK * X_BYTES + BK * BN * W_BYTES + S_ROWS * BN * S_BYTES)
+              + BK * BN * (X_BYTES + CODE_BYTES))
 _smem = sympy.lambdify((BM, BN, BK, STAGES, X_BYTES, W_BYTES, S_BYTES, S_ROWS), SMEM_BYTES)
 
 
@@ -62,9 +65,12 @@ def _grid_configs():
     return out
 
 
+SMALLEST = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)
+
+
 def all_configs():
     if interpreting():  # the interpreter runs every config it is given: keep one small one
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)]
+        return [SMALLEST]
     return _grid_configs()
 
 
@@ -90,6 +96,6 @@ def prune(configs, named_args, **kwargs):
     target = min(max(16, mb), 128)
     fits = [c for c in fits if c.kwargs["BLOCK_M"] in (target, 64 if target == 128 else target)] or fits
     fits = [c for c in fits if group % c.kwargs["BLOCK_K"] == 0] or fits
-    if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0":  # one config: the largest tile that fits
-        return [max(fits, key=size)]
+    if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0":  # one config, no timing: the first that fits
+        return fits[:1]
     return fits

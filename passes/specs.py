@@ -129,6 +129,9 @@ def find(weight, k: int, n: int, act_dtype):
         if not ints:
             continue
         found_any = True
+        if any(not isinstance(d, int) for x in ins for d in x.meta["val"].shape):
+            return None, ("the weight's shapes are dynamic (symbolic), so bits and group size cannot be "
+                          "read from them; compile with dynamic=False or mark the weights static")
         graph = None
         for spec in specs_for(act_dtype):
             for cand in spec.candidates(ints, floats, k, n):

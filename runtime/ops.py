@@ -1,12 +1,14 @@
 """The ``qcompile::`` custom ops the pass inserts. They launch the Triton kernels; where no
 kernel can run they compute the format's reference instead, so a call never crashes."""
+import warnings
 from collections import Counter
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
-from qcompile.codegen.tiling import all_configs, m_bucket, prune
+from qcompile.codegen.tiling import SMALLEST, all_configs, m_bucket, prune
 from qcompile.codegen.wq_gemm import FMT_CODES, wq_gemm_kernel
 from qcompile.formats import Packed, get_format
 
@@ -33,15 +35,19 @@ def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out):
     s3 = scale if scale.dim() == 3 else scale.unsqueeze(0)
     launches[fmt, bits] += 1
     dot = _dot_dtype(x2.dtype)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
-    wq_gemm[grid](
-        x2, w3, s3, zero if zero is not None else s3, bias if bias is not None else s3, out,
-        m, n, k, m_bucket(m),
-        x2.stride(0), x2.stride(1), w3.stride(0), w3.stride(1), w3.stride(2),
-        s3.stride(0), s3.stride(1), s3.stride(2), out.stride(0), out.stride(1),
-        BITS=bits, GROUP=group, FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None,
-        DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
-    )
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    args = (x2, w3, s3, zero if zero is not None else s3, bias if bias is not None else s3, out,
+            m, n, k, m_bucket(m),
+            x2.stride(0), x2.stride(1), w3.stride(0), w3.stride(1), w3.stride(2),
+            s3.stride(0), s3.stride(1), s3.stride(2), out.stride(0), out.stride(1))
+    consts = dict(BITS=bits, GROUP=group, FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None,
+                  DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32")
+    try:
+        wq_gemm[grid](*args, **consts)
+    except OutOfResources as e:  # the shared-memory model let an oversized tile through
+        warnings.warn(f"qcompile: {e}; retrying with the smallest tile (please report the shape)")
+        wq_gemm_kernel[grid](*args, **consts, **SMALLEST.kwargs, num_warps=SMALLEST.num_warps,
+                             num_stages=SMALLEST.num_stages)
 
 
 @torch.library.custom_op("qcompile::wq_linear", mutates_args=())

@@ -34,7 +34,7 @@ class Zoo(nn.Module):
         return [layer(x) for layer in self.layers]
 
 
-INPUTS = {  # name -> (shape maker); compiled with dynamic=True so 2-D inputs share one graph
+INPUTS = {  # name -> (shape maker); automatic dynamic shapes let the 2-D inputs share a graph
     "M=3": lambda d, dev: torch.randn(3, K, dtype=d, device=dev),
     "M=1": lambda d, dev: torch.randn(1, K, dtype=d, device=dev),
     "M=17": lambda d, dev: torch.randn(17, K, dtype=d, device=dev),
@@ -48,7 +48,7 @@ def zoo(request, device):
     model = Zoo(request.param, device)
     with torch.no_grad():
         report = qcompile.explain(model, INPUTS["M=3"](request.param, device))
-    return model, torch.compile(model, backend="qcompile", dynamic=True), report, request.param
+    return model, torch.compile(model, backend="qcompile"), report, request.param
 
 
 def test_every_layer_matched(zoo):

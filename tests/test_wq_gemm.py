@@ -34,8 +34,8 @@ def test_odd_shapes(name, m, device):
 def test_shared_memory_model_counts_every_operand():
     cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}
     # 3 stages x (x tile 16*128*2 + 4-bit weights 128*64/2 + scale and zero rows 2*64*2) + dot operand 128*64*2
-    assert smem_bytes(cfg, 3, 2, 4, 0, 2) == 3 * (4096 + 4096 + 256) + 16384
+    assert smem_bytes(cfg, 3, 2, 4, 0, 2) == 3 * (4096 + 4096 + 256) + 16384 + 32768
     # bcq reads a scale row per plane, planes store exactly bits/8 bytes per weight
-    assert smem_bytes(cfg, 1, 2, 3, 3, 2) == 4096 + 3072 + 3 * 128 + 16384
+    assert smem_bytes(cfg, 1, 2, 3, 3, 2) == 4096 + 3072 + 3 * 128 + 16384 + 32768
     # 3-bit fields hold 10 codes a word: the kernel gathers a whole word per value
-    assert smem_bytes(cfg, 1, 2, 3, 1, 2) == 4096 + 128 * 64 * 4 + 128 + 16384
+    assert smem_bytes(cfg, 1, 2, 3, 1, 2) == 4096 + 128 * 64 * 4 + 128 + 16384 + 32768
