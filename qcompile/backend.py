@@ -35,5 +35,7 @@ def qcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None 
     inference = not (torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs))
     patches = {**(list_mode_options(mode) if mode else {}), **(options or {}),
-               "post_grad_custom_pre_pass": QCompilePass(_record, inference)}
+               "post_grad_custom_pre_pass": QCompilePass(_record, inference),
+               # pad_mm runs before our pass and pads odd weights into shapes no format matches
+               "shape_padding": False}
     return compile_fx(gm, example_inputs, config_patches=patches)
