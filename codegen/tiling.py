@@ -7,6 +7,7 @@ layout change after unpacking. Configurations over the device's
 ``max_shared_mem`` are pruned before Triton compiles or times them.
 """
 import functools
+import itertools
 import os
 
 import sympy
@@ -47,25 +48,25 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
+SPLIT_M_BUCKET = 16  # M buckets up to this one may split K (their y is a float32 workspace)
+
+
 def _grid_configs():
     """Candidates per M range; the tile in M never exceeds the bucket by more than needed."""
     out = []
-    for bm, bns, bks, stages, warps in (
-        (16, (32, 64, 128), (32, 64, 128, 256), (2, 3, 4), (4,)),
-        (32, (64, 128), (64, 128), (3, 4), (4,)),
-        (64, (64, 128, 256), (64, 128), (3, 4), (4, 8)),
-        (128, (128, 256), (64, 128), (3, 4), (8,)),
+    for bm, bns, bks, splits, stages, warps in (
+        (16, (64, 128), (128, 256), (1, 4, 8), (4,), (4,)),
+        (32, (64, 128), (64, 128), (1,), (3, 4), (4,)),
+        (64, (64, 128, 256), (64, 128), (1,), (3, 4), (4, 8)),
+        (128, (128, 256), (64, 128), (1,), (3, 4), (8,)),
     ):
-        for bn in bns:
-            for bk in bks:
-                for s in stages:
-                    for w in warps:
-                        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                                                 num_stages=s, num_warps=w))
+        for bn, bk, split, s, w in itertools.product(bns, bks, splits, stages, warps):
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
+                                     num_stages=s, num_warps=w))
     return out
 
 
-SMALLEST = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)
+SMALLEST = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_stages=1, num_warps=4)
 
 
 def all_configs():
@@ -96,6 +97,8 @@ def prune(configs, named_args, **kwargs):
     target = min(max(16, mb), 128)
     fits = [c for c in fits if c.kwargs["BLOCK_M"] in (target, 64 if target == 128 else target)] or fits
     fits = [c for c in fits if group % c.kwargs["BLOCK_K"] == 0] or fits
+    if mb > SPLIT_M_BUCKET:
+        fits = [c for c in fits if c.kwargs["SPLIT_K"] == 1] or fits
     if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0":  # one config, no timing: the first that fits
         return fits[:1]
     return fits

@@ -8,6 +8,8 @@ One kernel for every W-only format. BITS, GROUP and FMT are constexprs:
   the tile's dot runs on the raw integers (exact in fp16/bf16 up to 8 bits) and scale/zero are
   applied once per group and column: acc += s * (x . q - z * sum(x)). bcq does one dot per
   plane with the plane's scale. Otherwise each weight is dequantized before the dot.
+* Split-K (SPLIT_K > 1, small M): programs along grid axis 2 each take a K range and add
+  into a zeroed float32 y, so a GEMV keeps every SM streaming weights.
 * DOT is the dtype of the dot's operands: the activation dtype, or float32 ("ieee") for
   float32 activations and for bf16 under the interpreter, whose bf16 dot is wrong.
 * Weights are read in the formats' K-major layout, coalesced along N; each value costs one
@@ -47,16 +49,20 @@ def wq_gemm_kernel(
     M, N, K, M_BUCKET,
     sxm, sxk, swp, swk, swn, ssp, ssg, ssn, sym, syn,
     BITS: tl.constexpr, GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)  # split-K: each program sums one K range, atomically into fp32 y
+    k_len = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_len
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     DEFER: tl.constexpr = GROUP % BLOCK_K == 0
     PLANES: tl.constexpr = FMT >= 2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(K, k_start + k_len), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(DOT)
@@ -102,6 +108,11 @@ def wq_gemm_kernel(
                     w -= zero
                 acc = tl.dot(x, (w * scale).to(DOT), acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + rm[:, None] * sym + rn[None, :] * syn
+    ymask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        tl.atomic_add(y, acc, mask=ymask)

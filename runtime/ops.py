@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from qcompile.codegen.tiling import SMALLEST, all_configs, m_bucket, prune
+from qcompile.codegen.tiling import SMALLEST, SPLIT_M_BUCKET, all_configs, m_bucket, prune
 from qcompile.codegen.wq_gemm import FMT_CODES, wq_gemm_kernel
 from qcompile.formats import Packed, get_format
 
@@ -16,6 +16,7 @@ from .device import interpreting, kernel_unavailable_reason
 
 wq_gemm = triton.autotune(
     configs=all_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": prune},
+    reset_to_zero=["y_ptr"],  # split-K configs add into y: timing runs must not leave sums behind
 )(wq_gemm_kernel)
 
 launches = Counter()  # kernel launches per (format, bits): tests assert which kernel ran
@@ -28,26 +29,30 @@ def _dot_dtype(dtype):
     return tl.float32 if dtype == torch.bfloat16 and interpreting() else _DOT[dtype]
 
 
-def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out):
+def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, config=None):
+    """Autotuned launch, or one ``config`` (a triton.Config) when given (tests use this)."""
     m, k = x2.shape
     n = out.shape[1]
     w3 = qweight if qweight.dim() == 3 else qweight.unsqueeze(0)
     s3 = scale if scale.dim() == 3 else scale.unsqueeze(0)
     launches[fmt, bits] += 1
     dot = _dot_dtype(x2.dtype)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                         meta["SPLIT_K"])
     args = (x2, w3, s3, zero if zero is not None else s3, bias if bias is not None else s3, out,
             m, n, k, m_bucket(m),
             x2.stride(0), x2.stride(1), w3.stride(0), w3.stride(1), w3.stride(2),
             s3.stride(0), s3.stride(1), s3.stride(2), out.stride(0), out.stride(1))
     consts = dict(BITS=bits, GROUP=group, FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None,
                   DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32")
-    try:
-        wq_gemm[grid](*args, **consts)
-    except OutOfResources as e:  # the shared-memory model let an oversized tile through
-        warnings.warn(f"qcompile: {e}; retrying with the smallest tile (please report the shape)")
-        wq_gemm_kernel[grid](*args, **consts, **SMALLEST.kwargs, num_warps=SMALLEST.num_warps,
-                             num_stages=SMALLEST.num_stages)
+    if config is None:
+        try:
+            return wq_gemm[grid](*args, **consts)
+        except OutOfResources as e:  # the shared-memory model let an oversized tile through
+            warnings.warn(f"qcompile: {e}; retrying with the smallest tile (please report the shape)")
+            config = SMALLEST
+    wq_gemm_kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
+                         num_stages=config.num_stages)
 
 
 @torch.library.custom_op("qcompile::wq_linear", mutates_args=())
@@ -60,10 +65,19 @@ def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
         w = get_format(fmt).dequantize(Packed(qweight, scale, zero), bits, k).to(x.dtype)
         out = x2 @ w
         return (out if bias is None else out + bias).reshape(*x.shape[:-1], n)
-    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    return _run(x2, qweight, scale, zero, bias, fmt, bits, k if group_size == -1 else group_size,
+                None).reshape(*x.shape[:-1], n)
+
+
+def _run(x2, qweight, scale, zero, bias, fmt, bits, group, config):
+    """Small M may split K, adding into a zeroed float32 workspace; otherwise y is the output."""
+    m, n = x2.shape[0], qweight.shape[-1]
+    split = m_bucket(m) <= SPLIT_M_BUCKET
+    out = (torch.zeros if split else torch.empty)(m, n, dtype=torch.float32 if split else x2.dtype,
+                                                   device=x2.device)
     if out.numel():
-        _launch(x2, qweight, scale, zero, bias, fmt, bits, k if group_size == -1 else group_size, out)
-    return out.reshape(*x.shape[:-1], n)
+        _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, config)
+    return out.to(x2.dtype)
 
 
 @wq_linear.register_fake

@@ -39,3 +39,17 @@ def test_shared_memory_model_counts_every_operand():
     assert smem_bytes(cfg, 1, 2, 3, 3, 2) == 4096 + 3072 + 3 * 128 + 16384 + 32768
     # 3-bit fields hold 10 codes a word: the kernel gathers a whole word per value
     assert smem_bytes(cfg, 1, 2, 3, 1, 2) == 4096 + 128 * 64 * 4 + 128 + 16384 + 32768
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("name, group", [("affine", 32), ("bcq", 24), ("symmetric", -1)])
+def test_split_k_sums_every_k_range_once(name, group, split, device):
+    """Split-K adds the partial sums of K ranges atomically (bias once) into float32."""
+    import triton
+    from qcompile.runtime.ops import _run
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(torch.nn.Linear(160, 40).half(), FORMATS[name], 4, group).to(device)
+    x = torch.randn(2, 160, dtype=torch.float16, device=device)
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split}, num_stages=1, num_warps=4)
+    out = _run(x, q.qweight, q.scale, q.zero, q.bias, name, 4, 160 if group == -1 else group, config)
+    assert_close(out, q(x), torch.float16)
