@@ -48,8 +48,8 @@ def test_split_k_sums_every_k_range_once(name, group, split, device):
     import triton
     from qcompile.runtime.ops import _run
     torch.manual_seed(0)
-    q = QuantLinear.from_linear(torch.nn.Linear(160, 40).half(), FORMATS[name], 4, group).to(device)
-    x = torch.randn(2, 160, dtype=torch.float16, device=device)
+    q = QuantLinear.from_linear(torch.nn.Linear(192, 40).half(), FORMATS[name], 4, group).to(device)
+    x = torch.randn(2, 192, dtype=torch.float16, device=device)
     config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split}, num_stages=1, num_warps=4)
-    out = _run(x, q.qweight, q.scale, q.zero, q.bias, name, 4, 160 if group == -1 else group, config)
+    out = _run(x, q.qweight, q.scale, q.zero, q.bias, name, 4, 192 if group == -1 else group, config)
     assert_close(out, q(x), torch.float16)
