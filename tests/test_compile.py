@@ -91,12 +91,13 @@ class HandWritten(nn.Module):
         return a, b
 
 
-def test_hand_written_int8_matches_and_unknown_dequant_falls_back(device):
-    model = HandWritten(64).to(device)
-    x = torch.randn(5, 64, device=device)
+def explain_compile_eager(model, x):
     with torch.no_grad():
-        report = qcompile.explain(model, x)
-        outs, refs = torch.compile(model, backend="qcompile")(x), model(x)
+        return qcompile.explain(model, x), torch.compile(model, backend="qcompile")(x), model(x)
+
+
+def test_hand_written_int8_matches_and_unknown_dequant_falls_back(device):
+    report, outs, refs = explain_compile_eager(HandWritten(64).to(device), torch.randn(5, 64, device=device))
     assert [(m.format, m.bits) for m in report.matched] == [("int8_weight_only", 8)]
     assert len(report.fallbacks) == 1 and "matches no qcompile format" in report.fallbacks[0].reason
     for out, ref in zip(outs, refs):
@@ -104,11 +105,7 @@ def test_hand_written_int8_matches_and_unknown_dequant_falls_back(device):
 
 
 def test_int8_with_k_not_multiple_of_4_falls_back_with_reason(device):
-    model = HandWritten(66).to(device)
-    x = torch.randn(2, 66, device=device)
-    with torch.no_grad():
-        report = qcompile.explain(model, x)
-        outs, refs = torch.compile(model, backend="qcompile")(x), model(x)
+    report, outs, refs = explain_compile_eager(HandWritten(66).to(device), torch.randn(2, 66, device=device))
     assert not report.matched
     assert any("multiple of 4" in f.reason for f in report.fallbacks), str(report)
     assert_close(outs[0], refs[0], torch.float32)
