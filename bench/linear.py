@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
 import qcompile
-import qcompile.runtime  # noqa: F401
+import qcompile.runtime.ops  # noqa: F401  registers the qcompile:: ops
 
 L2_BYTES = 50e6
 SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]

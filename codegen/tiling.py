@@ -6,12 +6,13 @@ weight tile is staged once more as the dot's operand, and its int32 codes once f
 layout change after unpacking. Configurations over the device's
 ``max_shared_mem`` are pruned before Triton compiles or times them.
 """
-import functools
 import itertools
 import os
 
 import sympy
 import triton
+
+from qcompile.runtime.device import interpreting, max_shared_mem
 
 BM, BN, BK, STAGES = sympy.symbols("BLOCK_M BLOCK_N BLOCK_K STAGES", positive=True, integer=True)
 X_BYTES, W_BYTES, S_BYTES, S_ROWS = sympy.symbols("x_bytes w_bytes s_bytes s_rows", positive=True)
@@ -37,10 +38,6 @@ def scale_rows(fmt: int, bits: int) -> int:
 def smem_bytes(cfg: dict, num_stages: int, x_bytes: int, bits: int, fmt: int, s_bytes: int) -> int:
     return int(_smem(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], num_stages, x_bytes,
                      weight_bytes(bits, fmt >= 2, cfg["BLOCK_K"]), s_bytes, scale_rows(fmt, bits)))
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def m_bucket(m: int) -> int:
@@ -73,12 +70,6 @@ def all_configs():
     if interpreting():  # the interpreter runs every config it is given: keep one small one
         return [SMALLEST]
     return _grid_configs()
-
-
-@functools.lru_cache(maxsize=None)
-def max_shared_mem(device_index: int) -> int:
-    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
-    return props["max_shared_mem"]
 
 
 def prune(configs, named_args, **kwargs):

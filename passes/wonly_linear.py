@@ -11,6 +11,7 @@ from torch.fx import Graph, Node
 from qcompile.formats import FLOAT_DTYPES
 from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import kernel_unavailable_reason
+import qcompile.runtime.ops  # noqa: F401  registers qcompile::wq_linear
 
 from .specs import FormatSpec, find
 

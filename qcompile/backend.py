@@ -26,7 +26,7 @@ def _record(report: Report) -> None:
 def qcompile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
                      options: dict | None = None):
     """``torch.compile(model, backend="qcompile", mode=..., options=...)`` lands here."""
-    import qcompile.runtime  # noqa: F401  registers the qcompile:: ops the pass inserts
+    import qcompile.runtime.ops  # noqa: F401  registers the qcompile:: ops
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 

@@ -1,2 +1,2 @@
-"""Custom ops that launch qcompile's kernels, and device queries."""
-from . import ops  # registers the qcompile:: ops
+"""Custom ops that launch qcompile's kernels (``ops``, imported to register them), and device
+queries (``device``)."""

@@ -1,4 +1,5 @@
 """Where the Triton kernels can run: compiled on CUDA, interpreted on CPU under TRITON_INTERPRET=1."""
+import functools
 import os
 
 import torch
@@ -15,3 +16,10 @@ def kernel_unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cpu":
         return None if interpreting() else "CPU tensors and TRITON_INTERPRET is not 1 (no Triton backend for CPU)"
     return f"device type {device.type!r} has no Triton backend here"
+
+
+@functools.lru_cache(maxsize=None)
+def max_shared_mem(device_index: int) -> int:
+    """Bytes of shared memory one program may use: the bound the tile pruning respects."""
+    import triton
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]

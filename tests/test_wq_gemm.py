@@ -5,7 +5,7 @@ import torch
 from conftest import DTYPES, assert_close
 from qcompile.codegen.tiling import smem_bytes
 from qcompile.formats import FORMATS, QuantLinear
-import qcompile.runtime  # noqa: F401
+import qcompile.runtime.ops  # noqa: F401  registers the qcompile:: ops
 
 
 def reference_and_op(name, bits, group, dtype, device, k=96, n=17, m=3, bias=True):
