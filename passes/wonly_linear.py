@@ -15,7 +15,7 @@ import qcompile.runtime.ops  # noqa: F401  registers qcompile::wq_linear
 
 from .specs import FormatSpec, find
 
-aten = torch.ops.aten
+aten, prims = torch.ops.aten, torch.ops.prims
 OP = torch.ops.qcompile.wq_linear.default
 
 
@@ -32,13 +32,28 @@ def _call(graph: Graph, target, args) -> Node:
     return node
 
 
+def _is(node, target, *args) -> bool:
+    return isinstance(node, Node) and node.target == target and list(node.args[1:1 + len(args)]) == list(args)
+
+
 def _operands(mm: Node):
-    """(x, weight, bias) of a matmul the pass can anchor at, else None."""
+    """(x, weight, bias) of a matmul the pass can anchor at, else None.
+
+    Besides mm and addmm: Inductor's mm decomposition under coordinate-descent tuning
+    (max-autotune) writes an M=1 matmul as (x[:, :, None] * w[None]).sum(1), often on
+    float32 upcasts of both operands."""
     if mm.target == aten.mm.default:
         return mm.args[0], mm.args[1], None
     if mm.target == aten.addmm.default and mm.kwargs.get("beta", 1) == 1 and mm.kwargs.get("alpha", 1) == 1:
         bias = mm.args[0]
         return mm.args[1], mm.args[2], bias if _val(bias).dim() == 1 else None
+    if _is(mm, aten.sum.dim_IntList, [1]) and len(mm.args) == 2 and _is(mm.args[0], aten.mul.Tensor):
+        a, b = mm.args[0].args[:2]
+        if _is(a, aten.unsqueeze.default, 2) and _is(b, aten.unsqueeze.default, 0) and _val(a).dim() == 3:
+            x = a.args[0]
+            if _is(x, prims.convert_element_type.default) and _val(x.args[0]).dtype in FLOAT_DTYPES:
+                x = x.args[0]  # the decomposition's upcast: the kernel accumulates in fp32 anyway
+            return x, b.args[0], None
     return None
 
 
@@ -105,6 +120,8 @@ def rewrite_linears(graph: Graph, report: Report, inference: bool = True) -> Non
         with graph.inserting_before(mm):
             qweight, scale, zero = _kernel_operands(graph, cand, inputs)
             op = _call(graph, OP, (x, qweight, scale, zero, bias, fmt, cand.bits, cand.group_size))
+            if _val(op).dtype != _val(mm).dtype:  # mul+sum anchored on upcast operands
+                op = _call(graph, prims.convert_element_type.default, (op, _val(mm).dtype))
         mm.replace_all_uses_with(op)
         graph.erase_node(mm)
         if bias is None:

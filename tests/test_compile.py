@@ -156,3 +156,23 @@ def test_cpu_without_interpreter_falls_back_with_reason():
              "    torch.testing.assert_close(torch.compile(m, backend='qcompile')(x), m(x))\n"
              "print(rep.fallbacks[0].reason)", TRITON_INTERPRET="0")
     assert "TRITON_INTERPRET" in r.stdout, r.stderr[-2000:]
+
+
+class MulSum(nn.Module):
+    """An M=1 matmul as Inductor's max-autotune decomposition writes it, upcasts included."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = qcompile.quantize(nn.Sequential(nn.Linear(64, 24)), bits=5, group_size=32, format="symmetric")[0]
+
+    def forward(self, x):
+        w = self.q.fmt.dequantize(self.q.packed, self.q.bits, self.q.in_features)
+        return (x.float().unsqueeze(2) * w.float().unsqueeze(0)).sum(1).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_mul_sum_form_of_a_matmul_is_matched(dtype, device):
+    model = MulSum().to(device=device, dtype=dtype)
+    report, out, ref = explain_compile_eager(model, torch.randn(1, 64, device=device, dtype=dtype))
+    assert [(m.format, m.bits) for m in report.matched] == [("symmetric", 5)], str(report)
+    assert_close(out, ref, dtype)

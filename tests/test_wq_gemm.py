@@ -53,3 +53,16 @@ def test_split_k_sums_every_k_range_once(name, group, split, device):
     config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split}, num_stages=1, num_warps=4)
     out = _run(x, q.qweight, q.scale, q.zero, q.bias, name, 4, 192 if group == -1 else group, config)
     assert_close(out, q(x), torch.float16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times compiled kernels on a CUDA device")
+@pytest.mark.parametrize("m", [1, 200])
+def test_autotuned_config_fits_shared_memory_and_is_correct(m, monkeypatch):
+    from qcompile.runtime.device import max_shared_mem
+    from qcompile.runtime.ops import wq_gemm
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
+    out, ref = reference_and_op("affine", 4, 128, torch.float16, "cuda", k=1024, n=512, m=m)
+    assert_close(out, ref, torch.float16)
+    best = wq_gemm.best_config
+    assert smem_bytes(best.kwargs, best.num_stages, 2, 4, 0, 2) <= max_shared_mem(0)
+    assert best.kwargs["SPLIT_K"] == 1 or m <= 16, "split-K only for small M"
