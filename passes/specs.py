@@ -124,6 +124,8 @@ def find(weight, k: int, n: int, act_dtype):
         if nodes is None:
             continue
         ins = leaves(nodes)
+        if not all(isinstance(x.meta.get("val"), torch.Tensor) for x in ins):
+            continue  # depends on a size or scalar input: not a stored weight
         ints = [_meta(x) for x in ins if not x.meta["val"].is_floating_point()]
         floats = [_meta(x) for x in ins if x.meta["val"].dtype in FLOAT_DTYPES]
         if not ints:

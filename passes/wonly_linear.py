@@ -103,10 +103,15 @@ def rewrite_linears(graph: Graph, report: Report, inference: bool = True) -> Non
             continue
         x, weight, bias = operands
         k, n = _val(weight).shape
-        cand, inputs = find(weight, k, n, _val(x).dtype)
         m = _val(x).shape[0]
         shapes = {"M": m if isinstance(m, int) else str(m), "K": int(k), "N": int(n),
                   "dtype": str(_val(x).dtype).replace("torch.", "")}
+        try:
+            cand, inputs = find(weight, k, n, _val(x).dtype)
+        except Exception as e:  # noqa: BLE001  a matcher bug must cost speed, not the compile
+            report.fallbacks.append(Fallback("linear", f"qcompile matcher error: {type(e).__name__}: {e}",
+                                             shapes, mm.name))
+            continue
         if cand is None:
             if inputs is not None:
                 report.fallbacks.append(Fallback("linear", inputs, shapes, mm.name))

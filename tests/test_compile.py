@@ -176,3 +176,17 @@ def test_mul_sum_form_of_a_matmul_is_matched(dtype, device):
     report, out, ref = explain_compile_eager(model, torch.randn(1, 64, device=device, dtype=dtype))
     assert [(m.format, m.bits) for m in report.matched] == [("symmetric", 5)], str(report)
     assert_close(out, ref, dtype)
+
+
+def test_a_matcher_error_falls_back_instead_of_failing_the_compile(monkeypatch, device):
+    import qcompile.passes.wonly_linear as pass_module
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pass_module, "find", broken)
+    report, outs, refs = explain_compile_eager(HandWritten(64).to(device), torch.randn(3, 64, device=device))
+    assert not report.matched and len(report.fallbacks) == 2
+    assert all("matcher error: RuntimeError: boom" in f.reason for f in report.fallbacks)
+    for out, ref in zip(outs, refs):
+        assert_close(out, ref, torch.float32)
