@@ -20,6 +20,7 @@ wq_gemm = triton.autotune(
 )(wq_gemm_kernel)
 
 launches = Counter()  # kernel launches per (format, bits): tests assert which kernel ran
+chosen = {}  # (format, bits, group, M bucket, N, K, dtype) -> the config that ran (qcompile dump)
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -45,14 +46,18 @@ def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, config=None):
             s3.stride(0), s3.stride(1), s3.stride(2), out.stride(0), out.stride(1))
     consts = dict(BITS=bits, GROUP=group, FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None,
                   DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32")
+    key = (fmt, bits, group, m_bucket(m), n, k, str(x2.dtype))
     if config is None:
         try:
-            return wq_gemm[grid](*args, **consts)
+            wq_gemm[grid](*args, **consts)
+            chosen[key] = str(getattr(wq_gemm, "best_config", "autotuned"))
+            return
         except OutOfResources as e:  # the shared-memory model let an oversized tile through
             warnings.warn(f"qcompile: {e}; retrying with the smallest tile (please report the shape)")
             config = SMALLEST
     wq_gemm_kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
                          num_stages=config.num_stages)
+    chosen[key] = str(config)
 
 
 @torch.library.custom_op("qcompile::wq_linear", mutates_args=())
