@@ -83,8 +83,7 @@ def prune(configs, named_args, **kwargs):
     limit = max_shared_mem(x.device.index or 0)
     sizes = [smem_bytes(c.kwargs, c.num_stages, x.element_size(), bits, fmt, args["s_ptr"].element_size())
              for c in configs]
-    size = lambda c: sizes[configs.index(c)]  # noqa: E731
-    fits = [c for c in configs if size(c) <= limit] or [min(configs, key=size)]
+    fits = [c for c, size in zip(configs, sizes) if size <= limit] or [configs[sizes.index(min(sizes))]]
     target = min(max(16, mb), 128)
     fits = [c for c in fits if c.kwargs["BLOCK_M"] in (target, 64 if target == 128 else target)] or fits
     fits = [c for c in fits if group % c.kwargs["BLOCK_K"] == 0] or fits

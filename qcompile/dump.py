@@ -37,7 +37,7 @@ def _write_kernels(folder: Path) -> None:
     from qcompile.codegen import wq_gemm
     from qcompile.runtime.ops import chosen
     (folder / "wq_gemm.py").write_text(inspect.getsource(wq_gemm))
-    (folder / "kernels.json").write_text(json.dumps({str(k): c for k, c in chosen.items()}, indent=2))
+    (folder / "kernels.json").write_text(json.dumps({str(k): str(c) for k, c in chosen.items()}, indent=2))
 
 
 def collect(folder: Path) -> Report:

@@ -20,7 +20,7 @@ wq_gemm = triton.autotune(
 )(wq_gemm_kernel)
 
 launches = Counter()  # kernel launches per (format, bits): tests assert which kernel ran
-chosen = {}  # (format, bits, group, M bucket, N, K, dtype) -> the config that ran (qcompile dump)
+chosen = {}  # (format, bits, group, M bucket, N, K, dtype) -> the triton.Config that ran (qcompile dump)
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -50,14 +50,14 @@ def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, config=None):
     if config is None:
         try:
             wq_gemm[grid](*args, **consts)
-            chosen[key] = str(getattr(wq_gemm, "best_config", "autotuned"))
+            chosen[key] = getattr(wq_gemm, "best_config", None)
             return
         except OutOfResources as e:  # the shared-memory model let an oversized tile through
             warnings.warn(f"qcompile: {e}; retrying with the smallest tile (please report the shape)")
             config = SMALLEST
     wq_gemm_kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
                          num_stages=config.num_stages)
-    chosen[key] = str(config)
+    chosen[key] = config
 
 
 @torch.library.custom_op("qcompile::wq_linear", mutates_args=())
