@@ -1,10 +1,12 @@
-"""Tile configurations for the W-only GEMM, filtered by a shared-memory model.
+"""Kernel choice and tile configurations for the W-only kernels.
 
-The model is a sympy expression of the bytes one launch asks for: each pipeline stage holds
-an activation tile, the packed weight tile and the scale (and zero) rows; the dequantized
+M decides the kernel: up to GEMV_MAX_M rows run the CUDA-core GEMV (wq_gemv.py), more run
+the tensor-core GEMM (wq_gemm.py). GEMM configurations are filtered by a shared-memory
+model, a sympy expression of the bytes one launch asks for: each pipeline stage holds an
+activation tile, the packed weight tile and the scale (and zero) rows; the dequantized
 weight tile is staged once more as the dot's operand, and its int32 codes once for the
-layout change after unpacking. Configurations over the device's
-``max_shared_mem`` are pruned before Triton compiles or times them.
+layout change after unpacking. Configurations over the device's ``max_shared_mem`` are
+pruned before Triton compiles or times them.
 """
 import itertools
 import os
@@ -13,6 +15,10 @@ import sympy
 import triton
 
 from qcompile.runtime.device import interpreting, max_shared_mem
+
+GEMV_MAX_M = 4
+SPLIT_M_BUCKET = 16  # GEMM M buckets up to this one may split K
+MAX_SPLIT_K = 16  # the partial-sum workspace holds this many [M, N] slices
 
 BM, BN, BK, STAGES = sympy.symbols("BLOCK_M BLOCK_N BLOCK_K STAGES", positive=True, integer=True)
 X_BYTES, W_BYTES, S_BYTES, S_ROWS = sympy.symbols("x_bytes w_bytes s_bytes s_rows", positive=True)
@@ -23,11 +29,14 @@ SMEM_BYTES = (STAGES * (BM * BK * X_BYTES + BK * BN * W_BYTES + S_ROWS * BN * S_
 _smem = sympy.lambdify((BM, BN, BK, STAGES, X_BYTES, W_BYTES, S_BYTES, S_ROWS), SMEM_BYTES)
 
 
-def weight_bytes(bits: int, planes: bool, block_k: int) -> float:
-    """Bytes the kernel loads per weight of a tile: packed words when whole words fit the
-    tile, else a whole 32-bit word per value (the gather path of wq_gemm._codes)."""
-    per = 32 if planes else 32 // bits
-    return (bits if planes else 1) * (4 / per if block_k % per == 0 else 4)
+def codes_per_word_padded(bits: int, planes: bool) -> int:
+    """CODES: K positions a kernel takes from one word (its codes, rounded up to a power of two)."""
+    return 32 if planes else triton.next_power_of_2(32 // bits)
+
+
+def weight_bytes(bits: int, planes: bool) -> float:
+    """Packed bytes the GEMM loads per K position of its tile."""
+    return bits * 4 / 32 if planes else 4 / codes_per_word_padded(bits, planes)
 
 
 def scale_rows(fmt: int, bits: int) -> int:
@@ -37,7 +46,7 @@ def scale_rows(fmt: int, bits: int) -> int:
 
 def smem_bytes(cfg: dict, num_stages: int, x_bytes: int, bits: int, fmt: int, s_bytes: int) -> int:
     return int(_smem(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], num_stages, x_bytes,
-                     weight_bytes(bits, fmt >= 2, cfg["BLOCK_K"]), s_bytes, scale_rows(fmt, bits)))
+                     weight_bytes(bits, fmt >= 2), s_bytes, scale_rows(fmt, bits)))
 
 
 def m_bucket(m: int) -> int:
@@ -45,10 +54,11 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
-SPLIT_M_BUCKET = 16  # M buckets up to this one may split K (their y is a float32 workspace)
+def kernel_for(m: int) -> str:
+    return "gemv" if m <= GEMV_MAX_M else "gemm"
 
 
-def _grid_configs():
+def _gemm_grid():
     """Candidates per M range; the tile in M never exceeds the bucket by more than needed."""
     out = []
     for bm, bns, bks, splits, stages, warps in (
@@ -63,32 +73,55 @@ def _grid_configs():
     return out
 
 
-SMALLEST = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_stages=1, num_warps=4)
+def _gemv_grid():
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": kw, "SPLIT_K": split}, num_warps=w, num_stages=s)
+            for bn, kw, split, w, s in itertools.product((64, 128, 256), (8, 16, 32), (1, 4, 8, 16), (4, 8), (1,))]
 
 
-def all_configs():
+SMALLEST = {"gemm": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_stages=1, num_warps=4),
+            "gemv": triton.Config({"BLOCK_N": 32, "BLOCK_KW": 2, "SPLIT_K": 1}, num_stages=1, num_warps=4)}
+
+
+def configs(kernel: str):
     if interpreting():  # the interpreter runs every config it is given: keep one small one
-        return [SMALLEST]
-    return _grid_configs()
+        return [SMALLEST[kernel]]
+    return _gemm_grid() if kernel == "gemm" else _gemv_grid()
 
 
-def prune(configs, named_args, **kwargs):
+def _first_if_untuned(fits):
+    return fits[:1] if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0" else fits
+
+
+def prune_gemm(configs, named_args, **kwargs):
     """early_config_prune: drop configs over shared memory, out of the M bucket, or (when
     some tile fits a group) tiles that would lose deferred dequantization."""
     if interpreting():
         return configs
     args = {**named_args, **kwargs}
     x, mb = args["x_ptr"], args["M_BUCKET"]
-    bits, fmt, group = args["BITS"], args["FMT"], args["GROUP"]
+    bits, fmt, group, codes = args["BITS"], args["FMT"], args["GROUP"], args["CODES"]
+    per = 32 if fmt >= 2 else 32 // bits
     limit = max_shared_mem(x.device.index or 0)
+    configs = [c for c in configs if c.kwargs["BLOCK_K"] >= codes]
     sizes = [smem_bytes(c.kwargs, c.num_stages, x.element_size(), bits, fmt, args["s_ptr"].element_size())
              for c in configs]
     fits = [c for c, size in zip(configs, sizes) if size <= limit] or [configs[sizes.index(min(sizes))]]
     target = min(max(16, mb), 128)
     fits = [c for c in fits if c.kwargs["BLOCK_M"] in (target, 64 if target == 128 else target)] or fits
-    fits = [c for c in fits if group % c.kwargs["BLOCK_K"] == 0] or fits
+    fits = [c for c in fits if group % (c.kwargs["BLOCK_K"] // codes * per) == 0] or fits
     if mb > SPLIT_M_BUCKET:
         fits = [c for c in fits if c.kwargs["SPLIT_K"] == 1] or fits
-    if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0":  # one config, no timing: the first that fits
-        return fits[:1]
-    return fits
+    return _first_if_untuned(fits)
+
+
+def prune_gemv(configs, named_args, **kwargs):
+    """early_config_prune: keep tiles that stay inside a group when some do (deferred
+    dequantization), and splits that leave each program at least one tile of K."""
+    if interpreting():
+        return configs
+    args = {**named_args, **kwargs}
+    bits, fmt, group, k = args["BITS"], args["FMT"], args["GROUP"], args["K"]
+    per = 32 if fmt >= 2 else 32 // bits
+    fits = [c for c in configs if group % (c.kwargs["BLOCK_KW"] * per) == 0] or configs
+    fits = [c for c in fits if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_KW"] * per <= k] or fits[:1]
+    return _first_if_untuned(fits)

@@ -8,21 +8,26 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from qcompile.codegen.tiling import SMALLEST, SPLIT_M_BUCKET, all_configs, m_bucket, prune
+from qcompile.codegen import tiling
 from qcompile.codegen.wq_gemm import FMT_CODES, wq_gemm_kernel
+from qcompile.codegen.wq_gemv import wq_gemv_kernel
 from qcompile.formats import Packed, get_format
 
 from .device import interpreting, kernel_unavailable_reason
 
-wq_gemm = triton.autotune(
-    configs=all_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": prune},
-    reset_to_zero=["y_ptr"],  # split-K configs add into y: timing runs must not leave sums behind
-)(wq_gemm_kernel)
+_KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP", "FMT"]
+KERNELS = {
+    "gemm": (wq_gemm_kernel, triton.autotune(configs=tiling.configs("gemm"), key=_KEY,
+                                             prune_configs_by={"early_config_prune": tiling.prune_gemm})(wq_gemm_kernel)),
+    "gemv": (wq_gemv_kernel, triton.autotune(configs=tiling.configs("gemv"), key=_KEY,
+                                             prune_configs_by={"early_config_prune": tiling.prune_gemv})(wq_gemv_kernel)),
+}
 
-launches = Counter()  # kernel launches per (format, bits): tests assert which kernel ran
-chosen = {}  # (format, bits, group, M bucket, N, K, dtype) -> the triton.Config that ran (qcompile dump)
+launches = Counter()  # kernel launches per (kernel, format, bits): tests assert which kernel ran
+chosen = {}  # (kernel, format, bits, group, M bucket, N, K, dtype) -> the triton.Config that ran
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_locks = {}  # device -> int32 counters of split-K tiles; each launch leaves them at zero
 
 
 def _dot_dtype(dtype):
@@ -30,33 +35,50 @@ def _dot_dtype(dtype):
     return tl.float32 if dtype == torch.bfloat16 and interpreting() else _DOT[dtype]
 
 
-def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, config=None):
+def _tile_locks(device, count):
+    locks = _locks.get(device)
+    if locks is None or locks.numel() < count:
+        locks = _locks[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+    return locks
+
+
+def _launch(kernel, x2, qweight, scale, zero, bias, fmt, bits, group, out, config=None):
     """Autotuned launch, or one ``config`` (a triton.Config) when given (tests use this)."""
     m, k = x2.shape
     n = out.shape[1]
     w3 = qweight if qweight.dim() == 3 else qweight.unsqueeze(0)
     s3 = scale if scale.dim() == 3 else scale.unsqueeze(0)
-    launches[fmt, bits] += 1
-    dot = _dot_dtype(x2.dtype)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
-                         meta["SPLIT_K"])
-    args = (x2, w3, s3, zero if zero is not None else s3, bias if bias is not None else s3, out,
-            m, n, k, m_bucket(m),
+    launches[kernel, fmt, bits] += 1
+    fmt_code = FMT_CODES[fmt]
+    # split-K partial sums and one counter per output tile (sized for the smallest tiles)
+    split = kernel == "gemv" or tiling.m_bucket(m) <= tiling.SPLIT_M_BUCKET
+    ws = x2.new_empty(tiling.MAX_SPLIT_K * m * n if split else 1, dtype=torch.float32)
+    locks = _tile_locks(x2.device, m * triton.cdiv(n, 32) if split else 1)
+    if kernel == "gemv":
+        grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        consts = {}
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                             meta["SPLIT_K"])
+        dot = _dot_dtype(x2.dtype)
+        consts = dict(DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32")
+    args = (x2, w3, s3, zero if zero is not None else s3, bias if bias is not None else s3, out, ws, locks,
+            m, n, k, tiling.m_bucket(m),
             x2.stride(0), x2.stride(1), w3.stride(0), w3.stride(1), w3.stride(2),
             s3.stride(0), s3.stride(1), s3.stride(2), out.stride(0), out.stride(1))
-    consts = dict(BITS=bits, GROUP=group, FMT=FMT_CODES[fmt], HAS_BIAS=bias is not None,
-                  DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32")
-    key = (fmt, bits, group, m_bucket(m), n, k, str(x2.dtype))
+    consts.update(BITS=bits, GROUP=group, FMT=fmt_code, HAS_BIAS=bias is not None,
+                  CODES=tiling.codes_per_word_padded(bits, fmt_code >= 2))
+    key = (kernel, fmt, bits, group, tiling.m_bucket(m), n, k, str(x2.dtype))
+    plain, tuned = KERNELS[kernel]
     if config is None:
         try:
-            wq_gemm[grid](*args, **consts)
-            chosen[key] = getattr(wq_gemm, "best_config", None)
+            tuned[grid](*args, **consts)
+            chosen[key] = getattr(tuned, "best_config", None)
             return
         except OutOfResources as e:  # the shared-memory model let an oversized tile through
             warnings.warn(f"qcompile: {e}; retrying with the smallest tile (please report the shape)")
-            config = SMALLEST
-    wq_gemm_kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
-                         num_stages=config.num_stages)
+            config = tiling.SMALLEST[kernel]
+    plain[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     chosen[key] = config
 
 
@@ -74,15 +96,13 @@ def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
                 None).reshape(*x.shape[:-1], n)
 
 
-def _run(x2, qweight, scale, zero, bias, fmt, bits, group, config):
-    """Small M may split K, adding into a zeroed float32 workspace; otherwise y is the output."""
+def _run(x2, qweight, scale, zero, bias, fmt, bits, group, config, kernel=None):
+    """y in the activation dtype from the kernel M calls for (or ``kernel``, with ``config``)."""
     m, n = x2.shape[0], qweight.shape[-1]
-    split = m_bucket(m) <= SPLIT_M_BUCKET
-    out = (torch.zeros if split else torch.empty)(m, n, dtype=torch.float32 if split else x2.dtype,
-                                                   device=x2.device)
+    out = x2.new_empty(m, n)
     if out.numel():
-        _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, config)
-    return out.to(x2.dtype)
+        _launch(kernel or tiling.kernel_for(m), x2, qweight, scale, zero, bias, fmt, bits, group, out, config)
+    return out
 
 
 @wq_linear.register_fake

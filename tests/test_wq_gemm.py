@@ -5,7 +5,7 @@ import torch
 from conftest import DTYPES, assert_close
 from qcompile.codegen.tiling import smem_bytes
 from qcompile.formats import FORMATS, QuantLinear
-import qcompile.runtime.ops  # noqa: F401  registers the qcompile:: ops
+from qcompile.runtime.ops import launches
 
 
 def reference_and_op(name, bits, group, dtype, device, k=96, n=17, m=3, bias=True):
@@ -19,10 +19,13 @@ def reference_and_op(name, bits, group, dtype, device, k=96, n=17, m=3, bias=Tru
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_every_format_and_width(name, bits, dtype, device):
+@pytest.mark.parametrize("kernel, m", [("gemv", 3), ("gemm", 5)])
+def test_every_format_and_width(name, bits, dtype, kernel, m, device):
     # group 32: deferred dequantization; 24: per-element dequantization (a K tile spans groups)
+    launches.clear()
     for group in (32, 24, -1):
-        assert_close(*reference_and_op(name, bits, group, dtype, device), dtype)
+        assert_close(*reference_and_op(name, bits, group, dtype, device, m=m), dtype)
+    assert launches == {(kernel, name, bits): 3}
 
 
 @pytest.mark.parametrize("m", [1, 17, 40])
@@ -37,32 +40,43 @@ def test_shared_memory_model_counts_every_operand():
     assert smem_bytes(cfg, 3, 2, 4, 0, 2) == 3 * (4096 + 4096 + 256) + 16384 + 32768
     # bcq reads a scale row per plane, planes store exactly bits/8 bytes per weight
     assert smem_bytes(cfg, 1, 2, 3, 3, 2) == 4096 + 3072 + 3 * 128 + 16384 + 32768
-    # 3-bit fields hold 10 codes a word: the kernel gathers a whole word per value
-    assert smem_bytes(cfg, 1, 2, 3, 1, 2) == 4096 + 128 * 64 * 4 + 128 + 16384 + 32768
+    # 3-bit fields hold 10 codes a word, which fill 16 K positions of the tile (6 meet zeros)
+    assert smem_bytes(cfg, 1, 2, 3, 1, 2) == 4096 + 128 // 16 * 64 * 4 + 128 + 16384 + 32768
 
 
+SPLIT_CONFIGS = {"gemm": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, "gemv": {"BLOCK_N": 32, "BLOCK_KW": 2}}
+
+
+@pytest.mark.parametrize("kernel", SPLIT_CONFIGS)
 @pytest.mark.parametrize("split", [2, 3])
 @pytest.mark.parametrize("name, group", [("affine", 32), ("bcq", 24), ("symmetric", -1)])
-def test_split_k_sums_every_k_range_once(name, group, split, device):
-    """Split-K adds the partial sums of K ranges atomically (bias once) into float32."""
+def test_split_k_sums_every_k_range_once(name, group, split, kernel, device):
+    """Split-K: the last program of a tile adds every K range's partial sum (bias once),
+    the same sum on a second call, and leaves the tile counters at zero for the next launch."""
     import triton
-    from qcompile.runtime.ops import _run
+    from qcompile.runtime.ops import _locks, _run
     torch.manual_seed(0)
     q = QuantLinear.from_linear(torch.nn.Linear(192, 40).half(), FORMATS[name], 4, group).to(device)
     x = torch.randn(2, 192, dtype=torch.float16, device=device)
-    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split}, num_stages=1, num_warps=4)
-    out = _run(x, q.qweight, q.scale, q.zero, q.bias, name, 4, 192 if group == -1 else group, config)
+    config = triton.Config({**SPLIT_CONFIGS[kernel], "SPLIT_K": split}, num_stages=1, num_warps=4)
+    g = 192 if group == -1 else group
+    out = _run(x, q.qweight, q.scale, q.zero, q.bias, name, 4, g, config, kernel)
     assert_close(out, q(x), torch.float16)
+    assert torch.equal(out, _run(x, q.qweight, q.scale, q.zero, q.bias, name, 4, g, config, kernel))
+    assert not _locks[x.device].any()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times compiled kernels on a CUDA device")
-@pytest.mark.parametrize("m", [1, 200])
-def test_autotuned_config_fits_shared_memory_and_is_correct(m, monkeypatch):
+@pytest.mark.parametrize("m, kernel", [(1, "gemv"), (200, "gemm")])
+def test_autotuned_config_fits_shared_memory_and_is_correct(m, kernel, monkeypatch):
     from qcompile.runtime.device import max_shared_mem
-    from qcompile.runtime.ops import wq_gemm
+    from qcompile.runtime.ops import KERNELS
     monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
+    launches.clear()
     out, ref = reference_and_op("affine", 4, 128, torch.float16, "cuda", k=1024, n=512, m=m)
     assert_close(out, ref, torch.float16)
-    best = wq_gemm.best_config
-    assert smem_bytes(best.kwargs, best.num_stages, 2, 4, 0, 2) <= max_shared_mem(0)
-    assert best.kwargs["SPLIT_K"] == 1 or m <= 16, "split-K only for small M"
+    assert launches == {(kernel, "affine", 4): 1}
+    best = KERNELS[kernel][1].best_config
+    if kernel == "gemm":
+        assert smem_bytes(best.kwargs, best.num_stages, 2, 4, 0, 2) <= max_shared_mem(0)
+        assert best.kwargs["SPLIT_K"] == 1, "split-K only for small M"

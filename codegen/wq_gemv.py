@@ -1,0 +1,75 @@
+"""The weight-only GEMV template (CUDA cores) for decode-sized M: y[m] = x[m] @ dequant(W).
+
+At M = 1 a tensor-core tile wastes its rows and routes the dequantized weights through
+shared memory to reach the MMA layout; here each program multiplies a packed tile
+[BLOCK_KW words, BLOCK_N] in registers and keeps per-word partial sums, reducing across
+threads once at the end. Programs along grid axis 0 are rows of x (neighbours read the
+same weight tile, from L2); axis 2 splits K so that every SM has weight bytes in flight,
+the last program of a tile adding the partial sums (unpack.store_tile).
+
+Same constexprs and layout as wq_gemm.py; the float value of each weight is formed with the
+mantissa trick (unpack.magic_f32), and with deferred dequantization (a K tile inside one
+group) the scale is applied per word row, not per weight.
+"""
+import triton
+import triton.language as tl
+
+from .unpack import F32_MAGIC, biased_code, magic_f32, plane_code, static_offset, store_tile
+
+
+@triton.jit
+def wq_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+    M, N, K, M_BUCKET,
+    sxm, sxk, swp, swk, swn, ssp, ssg, ssn, sym, syn,
+    BITS: tl.constexpr, GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    PER: tl.constexpr = 32 if FMT >= 2 else 32 // BITS
+    DEFER: tl.constexpr = GROUP % (BLOCK_KW * PER) == 0
+    KW = tl.cdiv(K, PER)
+    kw_len = tl.cdiv(tl.cdiv(KW, BLOCK_KW), SPLIT_K) * BLOCK_KW
+    kw_start = pid_k * kw_len
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, CODES)
+    acc = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    for kw0 in range(kw_start, tl.minimum(KW, kw_start + kw_len), BLOCK_KW):
+        rw = kw0 + tl.arange(0, BLOCK_KW)
+        rk = rw[:, None] * PER + rj[None, :]  # [BLOCK_KW, CODES]
+        kvalid = (rj[None, :] < PER) & (rk < K)
+        x = tl.load(x_ptr + pid_m * sxm + rk * sxk, mask=kvalid, other=0.0).to(tl.float32)[:, :, None]
+        if DEFER:
+            soff = (kw0 * PER // GROUP) * ssg + rn * ssn  # one scale row per tile
+            smask = rn < N
+        else:
+            soff = (rk // GROUP)[:, :, None] * ssg + rn[None, None, :] * ssn
+            smask = kvalid[:, :, None] & (rn[None, None, :] < N)
+        if FMT == 3:  # bcq: each plane's signs, weighted by the plane's scale
+            for p in tl.static_range(BITS):
+                t = x * (magic_f32(plane_code(w_ptr, p, rw, rj, rn, KW, N, swp, swk, swn)) - (F32_MAGIC + 1))
+                scale = tl.load(s_ptr + soff + p * ssp, mask=smask, other=0.0).to(tl.float32)
+                if DEFER:
+                    acc += tl.sum(t, 1) * scale[None, :]
+                else:
+                    acc += tl.sum(t * scale, 1)
+        else:
+            u = biased_code(w_ptr, rw, rj, rn, KW, N, swp, swk, swn, BITS, FMT, PER)
+            scale = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+            if FMT == 0:
+                offset = tl.load(z_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+            else:
+                offset = static_offset(BITS, FMT)
+            t = x * (magic_f32(u) - (F32_MAGIC + offset))
+            if DEFER:
+                acc += tl.sum(t, 1) * scale[None, :]
+            else:
+                acc += tl.sum(t * scale, 1)
+    out = tl.sum(acc, 0)[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    store_tile(out, y_ptr, ws_ptr, lock_ptr, pid_m + tl.arange(0, 1), rn, M, N, sym, syn, pid_k,
+               pid_m * tl.num_programs(1) + pid_n, SPLIT_K)
