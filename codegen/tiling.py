@@ -16,9 +16,9 @@ import triton
 
 from qcompile.runtime.device import interpreting, max_shared_mem
 
-GEMV_MAX_M = 4
-SPLIT_M_BUCKET = 16  # GEMM M buckets up to this one may split K
-MAX_SPLIT_K = 16  # the partial-sum workspace holds this many [M, N] slices
+GEMV_MAX_M = 2
+SPLIT_M_BUCKET = 64  # GEMM M buckets up to this one may split K
+MAX_SPLIT_K = {"gemv": 32, "gemm": 8}  # the partial-sum workspace holds this many [M, N] slices
 
 BM, BN, BK, STAGES = sympy.symbols("BLOCK_M BLOCK_N BLOCK_K STAGES", positive=True, integer=True)
 X_BYTES, W_BYTES, S_BYTES, S_ROWS = sympy.symbols("x_bytes w_bytes s_bytes s_rows", positive=True)
@@ -63,9 +63,10 @@ def _gemm_grid():
     out = []
     for bm, bns, bks, splits, stages, warps in (
         (16, (64, 128), (128, 256), (1, 4, 8), (4,), (4,)),
-        (32, (64, 128), (64, 128), (1,), (3, 4), (4,)),
-        (64, (64, 128, 256), (64, 128), (1,), (3, 4), (4, 8)),
+        (32, (64, 128), (64, 128), (1, 4, 8), (3, 4), (4,)),
+        (64, (64, 128, 256), (64, 128), (1, 4), (3, 4), (4, 8)),
         (128, (128, 256), (64, 128), (1,), (3, 4), (8,)),
+        (256, (128,), (64,), (1,), (3,), (8,)),
     ):
         for bn, bk, split, s, w in itertools.product(bns, bks, splits, stages, warps):
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
@@ -74,8 +75,10 @@ def _gemm_grid():
 
 
 def _gemv_grid():
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": kw, "SPLIT_K": split}, num_warps=w, num_stages=s)
-            for bn, kw, split, w, s in itertools.product((64, 128, 256), (8, 16, 32), (1, 4, 8, 16), (4, 8), (1,))]
+    """Measured on the H100 (W4, M=1): narrow N tiles, 2 warps and 8-32 K splits win;
+    pipelining stages change nothing for this loop."""
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": kw, "SPLIT_K": split}, num_warps=2, num_stages=1)
+            for bn, kw, split in itertools.product((64, 128), (2, 4, 8, 16, 32), (8, 16, 32))]
 
 
 SMALLEST = {"gemm": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_stages=1, num_warps=4),
@@ -107,7 +110,8 @@ def prune_gemm(configs, named_args, **kwargs):
              for c in configs]
     fits = [c for c, size in zip(configs, sizes) if size <= limit] or [configs[sizes.index(min(sizes))]]
     target = min(max(16, mb), 128)
-    fits = [c for c in fits if c.kwargs["BLOCK_M"] in (target, 64 if target == 128 else target)] or fits
+    wanted = {128: (64, 128, 256)}.get(target, (target,))
+    fits = [c for c in fits if c.kwargs["BLOCK_M"] in wanted] or fits
     fits = [c for c in fits if group % (c.kwargs["BLOCK_K"] // codes * per) == 0] or fits
     if mb > SPLIT_M_BUCKET:
         fits = [c for c in fits if c.kwargs["SPLIT_K"] == 1] or fits
@@ -116,12 +120,15 @@ def prune_gemm(configs, named_args, **kwargs):
 
 def prune_gemv(configs, named_args, **kwargs):
     """early_config_prune: keep tiles that stay inside a group when some do (deferred
-    dequantization), and splits that leave each program at least one tile of K."""
+    dequantization), the two widest of those up to 16 words (the H100's best), and splits
+    that leave each program at least one tile of K."""
     if interpreting():
         return configs
     args = {**named_args, **kwargs}
     bits, fmt, group, k = args["BITS"], args["FMT"], args["GROUP"], args["K"]
     per = 32 if fmt >= 2 else 32 // bits
     fits = [c for c in configs if group % (c.kwargs["BLOCK_KW"] * per) == 0] or configs
+    widths = sorted({c.kwargs["BLOCK_KW"] for c in fits if c.kwargs["BLOCK_KW"] <= 16})[-2:]
+    fits = [c for c in fits if c.kwargs["BLOCK_KW"] in widths] or fits
     fits = [c for c in fits if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_KW"] * per <= k] or fits[:1]
     return _first_if_untuned(fits)

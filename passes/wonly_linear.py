@@ -132,5 +132,5 @@ def rewrite_linears(graph: Graph, report: Report, inference: bool = True) -> Non
         if bias is None:
             _fold_bias(op, graph)
         report.matched.append(Matched("linear", cand.spec.name, cand.bits, cand.group_size, shapes,
-                                      f"wq_gemm[{fmt},bits={cand.bits},group={cand.group_size}]", mm.name))
+                                      f"wq_linear[{fmt},bits={cand.bits},group={cand.group_size}]", mm.name))
     graph.eliminate_dead_code()

@@ -31,12 +31,14 @@ def run_script(script: str, args: list[str], folder: Path) -> Report:
 
 
 def _write_kernels(folder: Path) -> None:
-    """The template every W-only match runs, and the config autotuning chose per key."""
+    """The templates W-only matches run (with their shared helpers), and the config
+    autotuning chose per key."""
     if "qcompile.runtime.ops" not in sys.modules:
         return
-    from qcompile.codegen import wq_gemm
+    from qcompile.codegen import unpack, wq_gemm, wq_gemv
     from qcompile.runtime.ops import chosen
-    (folder / "wq_gemm.py").write_text(inspect.getsource(wq_gemm))
+    for module in (wq_gemm, wq_gemv, unpack):
+        (folder / f"{module.__name__.rsplit('.', 1)[1]}.py").write_text(inspect.getsource(module))
     (folder / "kernels.json").write_text(json.dumps({str(k): str(c) for k, c in chosen.items()}, indent=2))
 
 

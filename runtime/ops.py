@@ -6,6 +6,7 @@ from collections import Counter
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from triton.runtime.errors import OutOfResources
 
 from qcompile.codegen import tiling
@@ -15,13 +16,21 @@ from qcompile.formats import Packed, get_format
 
 from .device import interpreting, kernel_unavailable_reason
 
-_KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP", "FMT"]
-KERNELS = {
-    "gemm": (wq_gemm_kernel, triton.autotune(configs=tiling.configs("gemm"), key=_KEY,
-                                             prune_configs_by={"early_config_prune": tiling.prune_gemm})(wq_gemm_kernel)),
-    "gemv": (wq_gemv_kernel, triton.autotune(configs=tiling.configs("gemv"), key=_KEY,
-                                             prune_configs_by={"early_config_prune": tiling.prune_gemv})(wq_gemv_kernel)),
-}
+
+
+def _bench(fn, quantiles):
+    """Autotuning's timer: 20 ms per config (Triton's default is 100) keeps a cold start short."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _tuned(kernel, name):
+    return triton.autotune(configs=tiling.configs(name), key=["M_BUCKET", "N", "K", "BITS", "GROUP", "FMT"],
+                           prune_configs_by={"early_config_prune": getattr(tiling, f"prune_{name}")},
+                           do_bench=_bench)(kernel)
+
+
+KERNELS = {"gemm": (wq_gemm_kernel, _tuned(wq_gemm_kernel, "gemm")),
+           "gemv": (wq_gemv_kernel, _tuned(wq_gemv_kernel, "gemv"))}
 
 launches = Counter()  # kernel launches per (kernel, format, bits): tests assert which kernel ran
 chosen = {}  # (kernel, format, bits, group, M bucket, N, K, dtype) -> the triton.Config that ran
@@ -52,7 +61,7 @@ def _launch(kernel, x2, qweight, scale, zero, bias, fmt, bits, group, out, confi
     fmt_code = FMT_CODES[fmt]
     # split-K partial sums and one counter per output tile (sized for the smallest tiles)
     split = kernel == "gemv" or tiling.m_bucket(m) <= tiling.SPLIT_M_BUCKET
-    ws = x2.new_empty(tiling.MAX_SPLIT_K * m * n if split else 1, dtype=torch.float32)
+    ws = x2.new_empty(tiling.MAX_SPLIT_K[kernel] * m * n if split else 1, dtype=torch.float32)
     locks = _tile_locks(x2.device, m * triton.cdiv(n, 32) if split else 1)
     if kernel == "gemv":
         grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
