@@ -1,7 +1,8 @@
 """Kernel choice and tile configurations for the W-only kernels.
 
 M decides the kernel: up to GEMV_MAX_M rows run the CUDA-core GEMV (wq_gemv.py), more run
-the tensor-core GEMM (wq_gemm.py). GEMM configurations are filtered by a shared-memory
+the tensor-core GEMM (wq_gemm.py), and from DEQUANT_MIN_M on the weight is dequantized for
+torch.mm (wq_dequant.py). GEMM configurations are filtered by a shared-memory
 model, a sympy expression of the bytes one launch asks for: each pipeline stage holds an
 activation tile, the packed weight tile and the scale (and zero) rows; the dequantized
 weight tile is staged once more as the dot's operand, and its int32 codes once for the
@@ -17,6 +18,8 @@ import triton
 from qcompile.runtime.device import interpreting, max_shared_mem
 
 GEMV_MAX_M = 2
+DEQUANT_MIN_M = 256  # from here on: dequantize the weight, then torch.mm (wq_dequant.py)
+DEQUANT_TILE = {"BLOCK_N": 128, "BLOCK_KW": 4}  # BLOCK_KW in words of 32 codes' worth of K
 SPLIT_M_BUCKET = 64  # GEMM M buckets up to this one may split K
 MAX_SPLIT_K = {"gemv": 32, "gemm": 8}  # the partial-sum workspace holds this many [M, N] slices
 
@@ -55,7 +58,9 @@ def m_bucket(m: int) -> int:
 
 
 def kernel_for(m: int) -> str:
-    return "gemv" if m <= GEMV_MAX_M else "gemm"
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    return "gemm" if m < DEQUANT_MIN_M else "dequant"
 
 
 def _gemm_grid():

@@ -11,6 +11,7 @@ from triton.runtime.errors import OutOfResources
 
 from qcompile.codegen import tiling
 from qcompile.codegen.wq_gemm import FMT_CODES, wq_gemm_kernel
+from qcompile.codegen.wq_dequant import wq_dequant_kernel
 from qcompile.codegen.wq_gemv import wq_gemv_kernel
 from qcompile.formats import Packed, get_format
 
@@ -108,10 +109,32 @@ def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
 def _run(x2, qweight, scale, zero, bias, fmt, bits, group, config, kernel=None):
     """y in the activation dtype from the kernel M calls for (or ``kernel``, with ``config``)."""
     m, n = x2.shape[0], qweight.shape[-1]
+    kernel = kernel or tiling.kernel_for(m)
+    if kernel == "dequant":
+        return _dequant_mm(x2, qweight, scale, zero, bias, fmt, bits, group)
     out = x2.new_empty(m, n)
     if out.numel():
-        _launch(kernel or tiling.kernel_for(m), x2, qweight, scale, zero, bias, fmt, bits, group, out, config)
+        _launch(kernel, x2, qweight, scale, zero, bias, fmt, bits, group, out, config)
     return out
+
+
+def _dequant_mm(x2, qweight, scale, zero, bias, fmt, bits, group):
+    """Large M: the dense weight, written once by wq_dequant, then torch's GEMM (cuBLAS)."""
+    k, n = x2.shape[1], qweight.shape[-1]
+    w3 = qweight if qweight.dim() == 3 else qweight.unsqueeze(0)
+    s3 = scale if scale.dim() == 3 else scale.unsqueeze(0)
+    w = x2.new_empty(k, n)
+    fmt_code = FMT_CODES[fmt]
+    cfg = tiling.DEQUANT_TILE
+    codes = tiling.codes_per_word_padded(bits, fmt_code >= 2)
+    per = 32 if fmt_code >= 2 else 32 // bits
+    launches["dequant", fmt, bits] += 1
+    grid = (triton.cdiv(triton.cdiv(k, per), cfg["BLOCK_KW"] * 32 // codes), triton.cdiv(n, cfg["BLOCK_N"]))
+    wq_dequant_kernel[grid](w3, s3, zero if zero is not None else s3, w, n, k,
+                            w3.stride(0), w3.stride(1), w3.stride(2), s3.stride(0), s3.stride(1), s3.stride(2),
+                            w.stride(0), w.stride(1), BITS=bits, GROUP=group, FMT=fmt_code, CODES=codes,
+                            BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"] * 32 // codes, num_warps=4)
+    return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
 
 
 @wq_linear.register_fake

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, assert_close
-from qcompile.codegen.tiling import GEMV_MAX_M, smem_bytes
+from qcompile.codegen.tiling import DEQUANT_MIN_M, GEMV_MAX_M, smem_bytes
 from qcompile.formats import FORMATS, QuantLinear
 from qcompile.runtime.ops import launches
 
@@ -19,7 +19,7 @@ def reference_and_op(name, bits, group, dtype, device, k=96, n=17, m=3, bias=Tru
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("kernel, m", [("gemv", GEMV_MAX_M), ("gemm", GEMV_MAX_M + 3)])
+@pytest.mark.parametrize("kernel, m", [("gemv", GEMV_MAX_M), ("gemm", GEMV_MAX_M + 3), ("dequant", DEQUANT_MIN_M)])
 def test_every_format_and_width(name, bits, dtype, kernel, m, device):
     # group 32: deferred dequantization; 24: per-element dequantization (a K tile spans groups)
     launches.clear()
