@@ -10,7 +10,6 @@ layout change after unpacking. Configurations over the device's ``max_shared_mem
 pruned before Triton compiles or times them.
 """
 import itertools
-import os
 
 import sympy
 import triton
@@ -90,28 +89,29 @@ SMALLEST = {"gemm": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, 
             "gemv": triton.Config({"BLOCK_N": 32, "BLOCK_KW": 2, "SPLIT_K": 1}, num_stages=1, num_warps=4)}
 
 
-def configs(kernel: str):
-    if interpreting():  # the interpreter runs every config it is given: keep one small one
-        return [SMALLEST[kernel]]
-    return _gemm_grid() if kernel == "gemm" else _gemv_grid()
+# Under the interpreter every config costs a slow run: one small one, and a second with a
+# wider N tile so that tuning and its cache have a choice to make there too.
+INTERPRETED = {kernel: [cfg, triton.Config({**cfg.kwargs, "BLOCK_N": 64}, num_stages=1, num_warps=4)]
+               for kernel, cfg in SMALLEST.items()}
 
 
-def _first_if_untuned(fits):
-    return fits[:1] if os.environ.get("QCOMPILE_AUTOTUNE", "1") == "0" else fits
-
-
-def prune_gemm(configs, named_args, **kwargs):
-    """early_config_prune: drop configs over shared memory, out of the M bucket, or (when
-    some tile fits a group) tiles that would lose deferred dequantization."""
+def candidates(kernel: str, args: dict) -> list:
+    """The configs worth timing for one launch, best guess first. ``args``: x, s (the scale
+    tensor), M_BUCKET, K, and the BITS, GROUP, FMT, CODES constexprs."""
     if interpreting():
-        return configs
-    args = {**named_args, **kwargs}
-    x, mb = args["x_ptr"], args["M_BUCKET"]
+        return INTERPRETED[kernel]
+    return prune_gemm(_gemm_grid(), args) if kernel == "gemm" else prune_gemv(_gemv_grid(), args)
+
+
+def prune_gemm(configs, args):
+    """Drop configs over shared memory, out of the M bucket, or (when some tile fits a group)
+    tiles that would lose deferred dequantization."""
+    x, mb = args["x"], args["M_BUCKET"]
     bits, fmt, group, codes = args["BITS"], args["FMT"], args["GROUP"], args["CODES"]
     per = 32 if fmt >= 2 else 32 // bits
     limit = max_shared_mem(x.device.index or 0)
     configs = [c for c in configs if c.kwargs["BLOCK_K"] >= codes]
-    sizes = [smem_bytes(c.kwargs, c.num_stages, x.element_size(), bits, fmt, args["s_ptr"].element_size())
+    sizes = [smem_bytes(c.kwargs, c.num_stages, x.element_size(), bits, fmt, args["s"].element_size())
              for c in configs]
     fits = [c for c, size in zip(configs, sizes) if size <= limit] or [configs[sizes.index(min(sizes))]]
     target = min(max(16, mb), 128)
@@ -120,20 +120,16 @@ def prune_gemm(configs, named_args, **kwargs):
     fits = [c for c in fits if group % (c.kwargs["BLOCK_K"] // codes * per) == 0] or fits
     if mb > SPLIT_M_BUCKET:
         fits = [c for c in fits if c.kwargs["SPLIT_K"] == 1] or fits
-    return _first_if_untuned(fits)
+    return fits
 
 
-def prune_gemv(configs, named_args, **kwargs):
-    """early_config_prune: keep tiles that stay inside a group when some do (deferred
-    dequantization), the two widest of those up to 16 words (the H100's best), and splits
-    that leave each program at least one tile of K."""
-    if interpreting():
-        return configs
-    args = {**named_args, **kwargs}
+def prune_gemv(configs, args):
+    """Keep tiles that stay inside a group when some do (deferred dequantization), the two
+    widest of those up to 16 words (the H100's best), and splits that leave each program at
+    least one tile of K."""
     bits, fmt, group, k = args["BITS"], args["FMT"], args["GROUP"], args["K"]
     per = 32 if fmt >= 2 else 32 // bits
     fits = [c for c in configs if group % (c.kwargs["BLOCK_KW"] * per) == 0] or configs
     widths = sorted({c.kwargs["BLOCK_KW"] for c in fits if c.kwargs["BLOCK_KW"] <= 16})[-2:]
     fits = [c for c in fits if c.kwargs["BLOCK_KW"] in widths] or fits
-    fits = [c for c in fits if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_KW"] * per <= k] or fits[:1]
-    return _first_if_untuned(fits)
+    return [c for c in fits if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_KW"] * per <= k] or fits[:1]

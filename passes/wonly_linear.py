@@ -10,7 +10,7 @@ from torch.fx import Graph, Node
 
 from qcompile.formats import FLOAT_DTYPES
 from qcompile.report import Fallback, Matched, Report
-from qcompile.runtime.device import kernel_unavailable_reason
+from qcompile.runtime.device import match_blocked_reason
 import qcompile.runtime.ops  # noqa: F401  registers qcompile::wq_linear
 
 from .specs import FormatSpec, find
@@ -65,7 +65,7 @@ def _unsupported(x, bias, cand) -> str | None:
         return "bias dtype differs from the activation dtype"
     if cand.spec.name == "int8_weight_only" and xv.shape[1] % 4:
         return "int8 weight with in_features not a multiple of 4 (read as int32 words)"
-    return kernel_unavailable_reason(xv.device)
+    return match_blocked_reason(xv.device)
 
 
 def _kernel_operands(graph, cand, inputs):

@@ -3,11 +3,13 @@
     qcompile.quantize(model, bits=4, group_size=128, format="affine")
     compiled = torch.compile(model, backend="qcompile")
     print(qcompile.explain(model, inputs))
+    qcompile.warmup(model, m=[1, 16, 128])   # tune the kernels ahead of serving (disk cache)
 """
 from .backend import qcompile_backend
 from .explain import explain
 from .formats import FORMATS, QuantLinear
 from .quantize import quantize
 from .report import Report
+from .warmup import warmup
 
-__all__ = ["FORMATS", "QuantLinear", "Report", "explain", "qcompile_backend", "quantize"]
+__all__ = ["FORMATS", "QuantLinear", "Report", "explain", "qcompile_backend", "quantize", "warmup"]

@@ -23,6 +23,17 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, format: str
     All settings are checked before any layer changes; bad ones raise ValueError naming the
     argument and the allowed values.
     """
+    modules = dict(model.named_modules())
+    for name, (fmt, b, g) in plan(model, bits, group_size, format, skip, config).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantLinear.from_linear(modules[name], fmt, b, g))
+    return model
+
+
+def plan(model: nn.Module, bits: int = 4, group_size: int = 128, format: str = "affine",
+         skip=(), config: dict | None = None) -> dict:
+    """{layer name: (format, bits, group_size)} that ``quantize`` would apply, checked; reads
+    only the layers' shapes and dtypes, so a model on the meta device works too."""
     if not isinstance(model, nn.Module) or isinstance(model, nn.Linear):
         raise ValueError(f"model must be an nn.Module containing nn.Linear layers (quantize replaces them "
                          f"in place), got {type(model).__name__}; wrap a single nn.Linear in a module")
@@ -39,7 +50,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, format: str
             raise ValueError(f"config pattern {pattern!r} names {hits[0]!r}, a {type(modules[hits[0]]).__name__}"
                              f", and no nn.Linear: only nn.Linear layers can be quantized")
 
-    plan = {}
+    layers = {}
     for name, module in modules.items():
         if not isinstance(module, nn.Linear) or any(fnmatchcase(name, p) for p in skip):
             continue
@@ -52,11 +63,7 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, format: str
             check_args(module.weight, s["bits"], s["group_size"])
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
-        plan[name] = (fmt, s["bits"], s["group_size"])
-    if not plan:
+        layers[name] = (fmt, s["bits"], s["group_size"])
+    if not layers:
         raise ValueError(f"model has no nn.Linear layer to quantize ({type(model).__name__}, skip={list(skip)})")
-
-    for name, (fmt, b, g) in plan.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantLinear.from_linear(modules[name], fmt, b, g))
-    return model
+    return layers

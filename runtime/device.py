@@ -9,6 +9,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dry_run() -> bool:
+    """QCOMPILE_DRY_RUN=1 (``qcompile dump --model`` without a GPU): the pass matches on the CPU
+    as it would on a GPU, and the matched ops compute the format's reference instead of a kernel."""
+    return os.environ.get("QCOMPILE_DRY_RUN") == "1"
+
+
+def match_blocked_reason(device: torch.device) -> str | None:
+    """Why the pass must leave a matmul on ``device`` to Inductor, or None."""
+    reason = kernel_unavailable_reason(device)
+    return None if reason is not None and device.type == "cpu" and dry_run() else reason
+
+
 def kernel_unavailable_reason(device: torch.device) -> str | None:
     """None when the Triton kernels can run on ``device``, else why not (for explain())."""
     if device.type == "cuda":

@@ -6,7 +6,6 @@ from collections import Counter
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 from triton.runtime.errors import OutOfResources
 
 from qcompile.codegen import tiling
@@ -15,23 +14,10 @@ from qcompile.codegen.wq_dequant import wq_dequant_kernel
 from qcompile.codegen.wq_gemv import wq_gemv_kernel
 from qcompile.formats import Packed, get_format
 
+from .autotune import TUNER
 from .device import interpreting, kernel_unavailable_reason
 
-
-
-def _bench(fn, quantiles):
-    """Autotuning's timer: 20 ms per config (Triton's default is 100) keeps a cold start short."""
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
-def _tuned(kernel, name):
-    return triton.autotune(configs=tiling.configs(name), key=["M_BUCKET", "N", "K", "BITS", "GROUP", "FMT"],
-                           prune_configs_by={"early_config_prune": getattr(tiling, f"prune_{name}")},
-                           do_bench=_bench)(kernel)
-
-
-KERNELS = {"gemm": (wq_gemm_kernel, _tuned(wq_gemm_kernel, "gemm")),
-           "gemv": (wq_gemv_kernel, _tuned(wq_gemv_kernel, "gemv"))}
+KERNELS = {"gemm": wq_gemm_kernel, "gemv": wq_gemv_kernel}
 
 launches = Counter()  # kernel launches per (kernel, format, bits): tests assert which kernel ran
 chosen = {}  # (kernel, format, bits, group, M bucket, N, K, dtype) -> the triton.Config that ran
@@ -52,8 +38,14 @@ def _tile_locks(device, count):
     return locks
 
 
+def tuning_key(fmt, bits, group, m, n, k, dtype) -> tuple:
+    """What a kernel's best config depends on: format and shape, M's bucket, activation dtype.
+    ``chosen[(kernel, *tuning_key(...))]`` is the config that ran."""
+    return (fmt, bits, group, tiling.m_bucket(m), n, k, str(dtype).replace("torch.", ""))
+
+
 def _launch(kernel, x2, qweight, scale, zero, bias, fmt, bits, group, out, config=None):
-    """Autotuned launch, or one ``config`` (a triton.Config) when given (tests use this)."""
+    """Launch with the tuner's config for this shape (runtime/autotune.py), or ``config``."""
     m, k = x2.shape
     n = out.shape[1]
     w3 = qweight if qweight.dim() == 3 else qweight.unsqueeze(0)
@@ -78,18 +70,21 @@ def _launch(kernel, x2, qweight, scale, zero, bias, fmt, bits, group, out, confi
             s3.stride(0), s3.stride(1), s3.stride(2), out.stride(0), out.stride(1))
     consts.update(BITS=bits, GROUP=group, FMT=fmt_code, HAS_BIAS=bias is not None,
                   CODES=tiling.codes_per_word_padded(bits, fmt_code >= 2))
-    key = (kernel, fmt, bits, group, tiling.m_bucket(m), n, k, str(x2.dtype))
-    plain, tuned = KERNELS[kernel]
+
+    def run(cfg):
+        KERNELS[kernel][grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    key = tuning_key(fmt, bits, group, m, n, k, x2.dtype)
     if config is None:
-        try:
-            tuned[grid](*args, **consts)
-            chosen[key] = getattr(tuned, "best_config", None)
-            return
-        except OutOfResources as e:  # the shared-memory model let an oversized tile through
-            warnings.warn(f"qcompile: {e}; retrying with the smallest tile (please report the shape)")
-            config = tiling.SMALLEST[kernel]
-    plain[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    chosen[key] = config
+        cands = tiling.candidates(kernel, dict(x=x2, s=s3, M_BUCKET=tiling.m_bucket(m), K=k, **consts))
+        config = TUNER.pick(kernel, key, cands, run, x2.device)
+    try:
+        run(config)
+    except OutOfResources as e:  # the shared-memory model let an oversized tile through
+        warnings.warn(f"qcompile: {e}; retrying with the smallest tile (please report the shape)")
+        config = tiling.SMALLEST[kernel]
+        run(config)
+    chosen[(kernel, *key)] = config
 
 
 @torch.library.custom_op("qcompile::wq_linear", mutates_args=())

@@ -1,5 +1,6 @@
 """torch.compile(backend="qcompile") against the eager reference, one compile per dtype for a
 model holding every format x bit width, so the suite pays a few compiles, not hundreds."""
+import json
 import os
 import subprocess
 import sys
@@ -131,10 +132,14 @@ def test_debug_dir_dumps_graphs_and_summary(tmp_path, device, monkeypatch):
         qcompile.explain(model, torch.randn(2, 4, 64, device=device))
     (folder,) = tmp_path.iterdir()
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["00_before.txt", "01_after_wonly_linear.txt", "summary.json"]
+    assert files == ["00_before.txt", "01_after_wonly_linear.txt", "01_rewrites_wonly_linear.json", "summary.json"]
     after = (folder / "01_after_wonly_linear.txt").read_text()
     assert "qcompile.wq_linear" in after and "aten.mm" not in after
     assert "aten.add" not in after, "the bias add is folded into the kernel"
+    region = json.loads((folder / "01_rewrites_wonly_linear.json").read_text())
+    removed = {n["op"] for n in region["before"]["nodes"] if n["role"] == "removed"}
+    assert {"mm", "add", "bitwise_and"} <= removed  # the dequantization, the matmul and the bias add
+    assert [n["op"] for n in region["after"]["nodes"] if n["role"] == "added"] == ["wq_linear"]
     assert '"format": "bipolar"' in (folder / "summary.json").read_text()
 
 

@@ -1,0 +1,92 @@
+"""Compile and autotune, before serving, the kernels a quantized model will launch, so that the
+first request does not pay for them: each tuned choice goes to the autotune cache on disk
+(runtime/autotune_cache.py) and each compiled kernel to Triton's own cache.
+
+One launch per distinct layer shape (format, bits, group, K, N, bias) and batch size M covers
+every layer of that shape: the tuning key is the shape and M's bucket, not the layer."""
+import time
+
+import torch
+from torch import nn
+
+from .formats import QuantLinear
+
+DEFAULT_M = (1, 16, 128, 1024)
+
+
+def layer_shapes(model: nn.Module) -> dict:
+    """{(format, bits, group_size, K, N, has_bias): the first QuantLinear of that shape}."""
+    shapes = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            key = (module.fmt.name, module.bits, module.group_size, module.in_features, module.out_features,
+                   module.bias is not None)
+            shapes.setdefault(key, module)
+    return shapes
+
+
+def warmup(model: nn.Module, m=DEFAULT_M, dtype: torch.dtype | None = None, progress: bool = True) -> list:
+    """Launch every distinct quantized layer of ``model`` once per batch size in ``m`` (rows of
+    the activation: batch x sequence). ``dtype``: the activations' (default: the layer's).
+    Returns one row per launch: shape, M, kernel, chosen config and seconds spent."""
+    from tqdm import tqdm
+
+    import qcompile.runtime.ops as ops
+    from qcompile.codegen import tiling
+    from qcompile.runtime.autotune import describe
+
+    shapes = layer_shapes(model)
+    if not shapes:
+        raise ValueError("model has no QuantLinear layer: call qcompile.quantize(model, ...) first")
+    if any(not isinstance(x, int) or x < 1 for x in m):
+        raise ValueError(f"m={m!r}: batch sizes must be positive integers")
+    rows = []
+    work = [(key, layer, mm) for key, layer in shapes.items() for mm in m]
+    with torch.no_grad(), tqdm(work, desc="qcompile warmup", unit="kernel", disable=not progress) as bar:
+        for (fmt, bits, group, k, n, _), layer, mm in bar:
+            bar.set_postfix_str(f"{fmt} w{bits} g{group} {n}x{k} M={mm}")
+            x = torch.randn(mm, k, dtype=dtype or layer.scale.dtype, device=layer.qweight.device)
+            start = time.perf_counter()
+            torch.ops.qcompile.wq_linear(x, layer.qweight, layer.scale, layer.zero, layer.bias, fmt, bits, group)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            kernel = tiling.kernel_for(mm)
+            g = k if group == -1 else group
+            cfg = ops.chosen.get((kernel, *ops.tuning_key(fmt, bits, g, mm, n, k, x.dtype)))
+            rows.append({"format": fmt, "bits": bits, "group_size": group, "K": k, "N": n, "M": mm,
+                         "kernel": kernel, "config": describe(cfg) if cfg else "-",
+                         "seconds": round(time.perf_counter() - start, 3)})
+    return rows
+
+
+def warmup_config(config_path: str, quant: dict, m, dtype_name: str = "fp16") -> list:
+    """``qcompile warmup --model CONFIG.json``: the layer shapes of the config's model as
+    ``quantize(**quant)`` would make them (read on the meta device: no weights are built), one
+    random layer per shape, warmed up; prints the launches and the cache folder."""
+    from qcompile.runtime.autotune import TUNER
+
+    from .hfmodel import build, load_config
+    from .quantize import plan
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = build(load_config(config_path), "meta", dtype)
+    modules = dict(meta.named_modules())
+    layers, seen = nn.ModuleList(), set()
+    for name, (fmt, bits, group) in plan(meta, **quant).items():
+        lin = modules[name]
+        key = (fmt.name, bits, group, lin.in_features, lin.out_features, lin.bias is not None)
+        if key not in seen:
+            seen.add(key)
+            dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=device, dtype=dtype)
+            layers.append(QuantLinear.from_linear(dense, fmt, bits, group))
+    rows = warmup(layers, m, dtype)
+    width = max(len(r["config"]) for r in rows)
+    print(f"{'layer':<28} {'M':>6}  {'kernel':<8} {'config':<{width}}  seconds")
+    for r in rows:
+        layer = f"{r['format']} w{r['bits']} g{r['group_size']} {r['N']}x{r['K']}"
+        print(f"{layer:<28} {r['M']:>6}  {r['kernel']:<8} {r['config']:<{width}}  {r['seconds']:.2f}")
+    s = TUNER.stats
+    print(f"qcompile warmup: {len(layers)} layer shapes x {len(m)} batch sizes; {s['tuned']} tuned, "
+          f"{s['disk']} read from the cache at {TUNER.disk().folder}")
+    return rows

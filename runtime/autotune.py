@@ -1,0 +1,109 @@
+"""Choosing a kernel configuration per tuning key: in memory, else from the disk cache, else
+by timing the candidates within a time budget, then stored on disk.
+
+Our own small tuner rather than ``triton.autotune``: it reads and writes the persistent cache
+(runtime/autotune_cache.py), bounds the time spent per key, and runs the same way on every
+Triton version. The candidates arrive already pruned by the shared-memory model and ordered
+best-guess first (codegen/tiling.py), so a budget cut still returns a good configuration.
+
+Environment: ``QCOMPILE_AUTOTUNE=0`` takes the first candidate without timing (and leaves the
+cache alone); ``QCOMPILE_TUNE_BUDGET_S`` (default 10) bounds the seconds spent per key.
+"""
+import hashlib
+import inspect
+import math
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.testing
+from triton.runtime.errors import OutOfResources
+
+from qcompile.codegen import tiling, unpack, wq_gemm, wq_gemv
+
+from .autotune_cache import AutotuneCache
+
+# A tuned choice is only valid for the code it was timed on.
+SOURCE = hashlib.sha256("".join(inspect.getsource(m) for m in (tiling, unpack, wq_gemm, wq_gemv)).encode()
+                        ).hexdigest()[:16]
+
+
+def describe(cfg: triton.Config) -> str:
+    """A config in one short line: its constexprs, warps and stages."""
+    return " ".join([*(f"{k}={v}" for k, v in cfg.kwargs.items()), f"warps={cfg.num_warps}",
+                     f"stages={cfg.num_stages}"])
+
+
+def enabled() -> bool:
+    return os.environ.get("QCOMPILE_AUTOTUNE", "1") != "0"
+
+
+def budget_s() -> float:
+    return float(os.environ.get("QCOMPILE_TUNE_BUDGET_S", "10"))
+
+
+def time_us(run: Callable[[], None], device: torch.device) -> float:
+    """Median µs of ``run``: CUDA events on a GPU (20 ms per config; Triton's default is 100),
+    the wall clock under the interpreter."""
+    if device.type == "cuda":
+        return triton.testing.do_bench(run, warmup=5, rep=20) * 1e3
+    run()
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1e6
+
+
+class Tuner:
+    def __init__(self, cache: AutotuneCache | None = None):
+        self.cache = cache
+        self.memory: dict = {}  # (kernel, key) -> triton.Config
+        self.stats = {"memory": 0, "disk": 0, "tuned": 0}
+
+    def disk(self) -> AutotuneCache:
+        """The cache folder as the environment names it now (tests and the CLI change it)."""
+        return self.cache or AutotuneCache()
+
+    def pick(self, kernel: str, key: tuple, candidates: list, run: Callable[[triton.Config], None],
+             device: torch.device) -> triton.Config:
+        """The configuration for ``key``; ``run(cfg)`` launches the kernel with one."""
+        hit = self.memory.get((kernel, key))
+        if hit is not None:
+            self.stats["memory"] += 1
+            return hit
+        if len(candidates) == 1 or not enabled():
+            cfg = candidates[0]
+        else:
+            disk = self.disk()
+            cfg = disk.load(device, kernel, SOURCE, key, candidates)
+            if cfg is not None:
+                self.stats["disk"] += 1
+            else:
+                cfg, timings = self._tune(candidates, run, device)
+                disk.store(device, kernel, SOURCE, key, cfg, timings)
+                self.stats["tuned"] += 1
+        self.memory[kernel, key] = cfg
+        return cfg
+
+    @staticmethod
+    def _tune(candidates, run, device):
+        """Time candidates in order until the budget is spent; configs that do not fit the
+        device are skipped. Returns the fastest and every timing taken."""
+        start, timings, best, first_error = time.monotonic(), {}, (math.inf, None), None
+        for cfg in candidates:
+            if best[1] is not None and time.monotonic() - start > budget_s():
+                break
+            try:
+                t = time_us(lambda: run(cfg), device)
+            except OutOfResources as e:
+                first_error = first_error or e
+                continue
+            timings[str(cfg)] = round(t, 3)
+            best = min(best, (t, cfg), key=lambda b: b[0])
+        if best[1] is None:
+            raise first_error
+        return best[1], timings
+
+
+TUNER = Tuner()

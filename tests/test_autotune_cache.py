@@ -1,0 +1,164 @@
+"""The tuner and its cache on disk: a second process reads what the first one timed; corrupt,
+foreign or stale entries are ignored with a warning and tuned again; export/import ships the
+cache and refuses anything that is not an entry."""
+import io
+import json
+import os
+import tarfile
+import time
+import warnings
+
+import pytest
+import torch
+import triton
+
+from qcompile.runtime.autotune import SOURCE, Tuner
+from qcompile.runtime.autotune_cache import AutotuneCache, device_tag
+from triton.runtime.errors import OutOfResources
+
+CPU = torch.device("cpu")
+KEY = ("affine", 4, 128, 1, 4096, 4096, "float16")
+# the "kernel" sleeps SLEEP_MS: the tuner must find the fastest by timing
+CANDIDATES = [triton.Config({"BLOCK_N": bn, "SLEEP_MS": ms}, num_warps=2, num_stages=1)
+              for bn, ms in ((32, 6), (64, 1), (128, 3))]
+
+
+class Kernel:
+    def __init__(self, too_big=()):
+        self.calls, self.too_big = [], too_big
+
+    def __call__(self, cfg):
+        if cfg.kwargs["BLOCK_N"] in self.too_big:
+            raise OutOfResources(300000, 232448, "shared memory")
+        self.calls.append(cfg.kwargs["BLOCK_N"])
+        time.sleep(cfg.kwargs["SLEEP_MS"] / 1e3)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
+    monkeypatch.setenv("QCOMPILE_TUNE_BUDGET_S", "60")
+    return AutotuneCache(tmp_path)
+
+
+def _entry_path(cache):
+    (path,) = cache.folder.glob("*/*.json")
+    return path
+
+
+def test_tunes_once_then_reads_the_disk_in_a_new_process(cache):
+    kernel = Kernel()
+    assert Tuner(cache).pick("gemv", KEY, CANDIDATES, kernel, CPU) is CANDIDATES[1]
+    assert set(kernel.calls) == {32, 64, 128}
+    entry = json.loads(_entry_path(cache).read_text())
+    assert entry["device"] == device_tag(CPU) and entry["source"] == SOURCE and entry["key"] == list(KEY)
+    assert entry["config"] == {"kwargs": {"BLOCK_N": 64, "SLEEP_MS": 1}, "num_warps": 2, "num_stages": 1}
+    assert len(entry["timings_us"]) == 3
+
+    fresh, again = Tuner(cache), Kernel()  # a new process: empty memory, same folder
+    assert fresh.pick("gemv", KEY, CANDIDATES, again, CPU) is CANDIDATES[1]
+    assert again.calls == [] and fresh.stats == {"memory": 0, "disk": 1, "tuned": 0}
+    assert fresh.pick("gemv", KEY, CANDIDATES, again, CPU) is CANDIDATES[1]
+    assert fresh.stats["memory"] == 1
+    assert not list(cache.folder.glob("*/.tmp-*")), "atomic writes leave no temporary file behind"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other key", "other device", "stale config"])
+def test_a_bad_entry_is_ignored_with_a_warning_and_rebuilt(cache, damage):
+    Tuner(cache).pick("gemv", KEY, CANDIDATES, Kernel(), CPU)
+    path = _entry_path(cache)
+    entry = json.loads(path.read_text())
+    if damage == "garbage":
+        path.write_bytes(b"\x00\xffnot json")
+    elif damage == "truncated":
+        path.write_text(path.read_text()[:40])
+    elif damage == "other key":
+        path.write_text(json.dumps({**entry, "key": [*KEY[:-1], "bfloat16"]}))
+    elif damage == "other device":
+        path.write_text(json.dumps({**entry, "device": "NVIDIA_A100-sm80-torch2.5-triton3.1"}))
+    else:
+        path.write_text(json.dumps({**entry, "config": {**entry["config"], "num_warps": 16}}))
+    kernel = Kernel()
+    with pytest.warns(UserWarning, match="ignoring .*tuning again"):
+        assert Tuner(cache).pick("gemv", KEY, CANDIDATES, kernel, CPU) is CANDIDATES[1]
+    assert kernel.calls, "tuned again"
+    assert json.loads(path.read_text())["config"]["kwargs"]["BLOCK_N"] == 64, "and the entry rewritten"
+
+
+def test_budget_and_configs_that_do_not_fit(cache, monkeypatch):
+    kernel = Kernel(too_big=(32,))
+    monkeypatch.setenv("QCOMPILE_TUNE_BUDGET_S", "0")
+    # 32 does not fit; 64 is timed; then the budget is spent and 128 never runs
+    assert Tuner(cache).pick("gemm", KEY, CANDIDATES, kernel, CPU) is CANDIDATES[1]
+    assert set(kernel.calls) == {64}
+    with pytest.raises(OutOfResources):
+        Tuner(AutotuneCache(cache.root / "other")).pick("gemm", KEY, CANDIDATES, Kernel(too_big=(32, 64, 128)), CPU)
+
+
+def test_untuned_mode_takes_the_first_candidate_and_leaves_the_cache_alone(cache, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "0")
+    kernel = Kernel()
+    assert Tuner(cache).pick("gemm", KEY, CANDIDATES, kernel, CPU) is CANDIDATES[0]
+    assert kernel.calls == [] and not cache.entries()
+
+
+def test_export_import_and_hostile_archives(cache, tmp_path):
+    Tuner(cache).pick("gemv", KEY, CANDIDATES, Kernel(), CPU)
+    Tuner(cache).pick("gemm", KEY, CANDIDATES, Kernel(), CPU)
+    archive = tmp_path / "cache.tar.gz"
+    assert cache.export(archive) == 2
+    other = AutotuneCache(tmp_path / "elsewhere")
+    assert other.import_(archive) == (2, 0)
+    assert sorted(e["kernel"] for e in other.entries()) == ["gemm", "gemv"]
+
+    entry = next(other.folder.glob("*/gemv-*.json")).read_bytes()
+    hostile = tmp_path / "hostile.tar.gz"
+    with tarfile.open(hostile, "w:gz") as tar:
+        for name, data in [("../../escape.json", entry), ("autotune/../escape.json", entry),
+                           (f"autotune/{device_tag(CPU)}/gemv-{'0' * 32}.json", entry),  # renamed: no match
+                           (f"autotune/{device_tag(CPU)}/gemm-{'1' * 32}.json", b"{broken")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    third = AutotuneCache(tmp_path / "third")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert third.import_(hostile) == (0, 4)
+    assert len(caught) == 4 and not third.entries()
+    assert not (tmp_path / "escape.json").exists() and not (tmp_path.parent / "escape.json").exists()
+
+
+def test_ls_reports_invalid_files_and_clear_removes_everything(cache):
+    Tuner(cache).pick("gemv", KEY, CANDIDATES, Kernel(), CPU)
+    (_entry_path(cache).parent / f"gemm-{'2' * 32}.json").write_text("[]")
+    entries = cache.entries()
+    assert sorted("error" in e for e in entries) == [False, True]
+    assert cache.clear() == 2 and cache.entries() == []
+
+
+def test_default_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path / "q"))
+    assert AutotuneCache().folder == tmp_path / "q" / "autotune"
+    monkeypatch.delenv("QCOMPILE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert AutotuneCache().folder == tmp_path / "xdg" / "qcompile" / "autotune"
+    assert os.sep not in device_tag(CPU) and device_tag(CPU).startswith("cpu-interpreter-torch")
+
+
+def test_warmup_launches_each_distinct_layer_shape_per_batch_size(cache, monkeypatch):
+    import qcompile
+    import qcompile.runtime.ops as ops
+    monkeypatch.setattr(ops, "TUNER", Tuner(cache))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 24), torch.nn.Linear(64, 24), torch.nn.Linear(24, 8))
+    qcompile.quantize(model, bits=4, group_size=8, config={"2": {"bits": 3}})
+    ops.launches.clear()
+    rows = qcompile.warmup(model, m=[1, 3], progress=False)
+    # layers 0 and 1 share a shape: 2 shapes x 2 batch sizes
+    assert [(r["N"], r["K"], r["bits"], r["M"], r["kernel"]) for r in rows] == [
+        (24, 64, 4, 1, "gemv"), (24, 64, 4, 3, "gemm"), (8, 24, 3, 1, "gemv"), (8, 24, 3, 3, "gemm")]
+    assert sum(ops.launches.values()) == 4 and all("BLOCK_N=" in r["config"] for r in rows)
+    assert len(cache.entries()) == 4 and ops.TUNER.stats["tuned"] == 4
+    with pytest.raises(ValueError, match="batch sizes"):
+        qcompile.warmup(model, m=[0])
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        qcompile.warmup(torch.nn.Linear(4, 4))
