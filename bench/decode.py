@@ -1,0 +1,99 @@
+"""python -m bench.decode: end-to-end greedy decode of a Llama-3-8B-shaped model with random
+weights, a static KV cache and mode="reduce-overhead" (CUDA graphs), in tokens per second:
+fp16 through plain torch.compile (Inductor) against qcompile W4 and W2 (affine, group 128,
+lm_head left in fp16), at batch 1 and 16. For each quantized model the compiled tokens are
+checked against the eager quantized model's for the first tokens.
+
+Its own decode loop (as gpt-fast does) rather than generate(): transformers' generate()
+compiles the forward itself and Inductor then skips CUDA graphs (see ../shared/DESIGN.md).
+``--tiny`` runs a 2-layer model on CPU under TRITON_INTERPRET=1 to check the script itself.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
+TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+
+
+def build(cfg, dtype, device, bits):
+    import transformers
+    import qcompile
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**cfg, max_position_embeddings=4096)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    if bits:
+        qcompile.quantize(model, bits=bits, group_size=128 if cfg is LLAMA3_8B else 32, skip=["lm_head"])
+    return model
+
+
+def decode(model, prompt, new_tokens, step_fn):
+    """Greedy tokens [B, new_tokens] and seconds per step after the first three (compiles)."""
+    from transformers import StaticCache
+    b, p = prompt.shape
+    cache = StaticCache(config=model.config, max_cache_len=p + new_tokens)
+    with torch.no_grad():
+        logits = model(prompt, past_key_values=cache, cache_position=torch.arange(p, device=prompt.device),
+                       use_cache=True).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        step = step_fn(lambda t, pos: model(t, past_key_values=cache, cache_position=pos,
+                                            use_cache=True).logits[:, -1].argmax(-1, keepdim=True))
+        out, times = [tok], []
+        for i in range(new_tokens - 1):
+            pos = torch.tensor([p + i], device=prompt.device)
+            start = time.perf_counter()
+            tok = step(tok, pos).clone()  # CUDA graph outputs are overwritten by the next replay
+            if prompt.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            out.append(tok)
+    warm = times[3:] or times
+    return torch.cat(out, 1), sum(warm) / len(warm)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU (interpreter)")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--bits", default="0,4,2", help="0 = fp16 through Inductor")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--check", type=int, default=8, help="leading tokens compared with eager")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    a = ap.parse_args()
+    if a.tiny:
+        assert "triton" not in sys.modules
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    cfg, device, dtype = (TINY, "cpu", torch.float32) if a.tiny else (LLAMA3_8B, "cuda", torch.float16)
+    mode = None if a.tiny else "reduce-overhead"
+    rows = []
+    for bits in map(int, a.bits.split(",")):
+        model = build(cfg, dtype, device, bits)
+        for batch in map(int, a.batches.split(",")):
+            torch._dynamo.reset()
+            prompt = torch.randint(0, cfg["vocab_size"], (batch, 16), device=device)
+            backend = "qcompile" if bits else "inductor"
+            tokens, sec = decode(model, prompt, a.tokens, lambda f: torch.compile(f, backend=backend, mode=mode))
+            row = {"bits": bits or 16, "batch": batch, "ms_per_step": sec * 1e3, "tokens_per_s": batch / sec}
+            if bits:
+                eager, _ = decode(model, prompt, a.check, lambda f: f)
+                row["first_tokens_equal_eager"] = bool(torch.equal(tokens[:, :a.check], eager))
+            rows.append(row)
+            print(row, flush=True)
+        del model
+    if not a.tiny:
+        path = os.path.join(a.out, f"{datetime.date.today()}-{torch.cuda.get_device_name().split()[1].lower()}-decode.json")
+        with open(path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
