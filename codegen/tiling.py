@@ -20,7 +20,7 @@ GEMV_MAX_M = 2
 DEQUANT_MIN_M = 256  # from here on: dequantize the weight, then torch.mm (wq_dequant.py)
 DEQUANT_TILE = {"BLOCK_N": 128, "BLOCK_KW": 4}  # BLOCK_KW in words of 32 codes' worth of K
 SPLIT_M_BUCKET = 64  # GEMM M buckets up to this one may split K
-MAX_SPLIT_K = {"gemv": 32, "gemm": 8}  # the partial-sum workspace holds this many [M, N] slices
+MAX_SPLIT_K = {"gemv": 64, "gemm": 8}  # the partial-sum workspace holds this many [M, N] slices
 
 BM, BN, BK, STAGES = sympy.symbols("BLOCK_M BLOCK_N BLOCK_K STAGES", positive=True, integer=True)
 X_BYTES, W_BYTES, S_BYTES, S_ROWS = sympy.symbols("x_bytes w_bytes s_bytes s_rows", positive=True)
@@ -78,11 +78,19 @@ def _gemm_grid():
     return out
 
 
+GEMV_BEST_GUESS = {"BLOCK_N": 64, "BLOCK_KW": 8, "SPLIT_K": 16}  # the H100 sweep's most frequent winner
+
+
 def _gemv_grid():
-    """Measured on the H100 (W4, M=1): narrow N tiles, 2 warps and 8-32 K splits win;
-    pipelining stages change nothing for this loop."""
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_KW": kw, "SPLIT_K": split}, num_warps=2, num_stages=1)
-            for bn, kw, split in itertools.product((64, 128), (2, 4, 8, 16, 32), (8, 16, 32))]
+    """Narrow tiles (up to 16 words, 2 warps): where the H100 sweep (W4, M=1) found its
+    winners, with 8-32 K splits; pipelining stages change nothing for this loop. Wide tiles
+    (32-64 words, 4 warps; not yet measured): each program loads its whole K range at once,
+    one memory round trip instead of several, which small layers need to reach bandwidth."""
+    cfg = lambda bn, kw, split, warps: triton.Config(  # noqa: E731
+        {"BLOCK_N": bn, "BLOCK_KW": kw, "SPLIT_K": split}, num_warps=warps, num_stages=1)
+    return ([cfg(bn, kw, split, 2) for bn, kw, split in itertools.product((64, 128), (2, 4, 8, 16), (8, 16, 32))]
+            + [cfg(bn, kw, split, 4) for bn, kw, split in itertools.product((64, 128), (32, 64), (8, 16, 32, 64))
+               if bn * kw <= 4096])
 
 
 SMALLEST = {"gemm": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_stages=1, num_warps=4),
@@ -124,12 +132,16 @@ def prune_gemm(configs, args):
 
 
 def prune_gemv(configs, args):
-    """Keep tiles that stay inside a group when some do (deferred dequantization), the two
-    widest of those up to 16 words (the H100's best), and splits that leave each program at
-    least one tile of K."""
+    """Narrow tiles: those inside one group when some are (the scale once per tile), the two
+    widest of them. Wide tiles: only when each word lies in one group (deferred per word) and
+    a program gets one or two tiles of K. Every program gets at least one tile. Best guess first."""
     bits, fmt, group, k = args["BITS"], args["FMT"], args["GROUP"], args["K"]
     per = 32 if fmt >= 2 else 32 // bits
-    fits = [c for c in configs if group % (c.kwargs["BLOCK_KW"] * per) == 0] or configs
-    widths = sorted({c.kwargs["BLOCK_KW"] for c in fits if c.kwargs["BLOCK_KW"] <= 16})[-2:]
-    fits = [c for c in fits if c.kwargs["BLOCK_KW"] in widths] or fits
-    return [c for c in fits if c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_KW"] * per <= k] or fits[:1]
+    span = lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_KW"] * per  # noqa: E731  K covered by one tile per program
+    narrow = [c for c in configs if c.kwargs["BLOCK_KW"] <= 16]
+    narrow = [c for c in narrow if group % (c.kwargs["BLOCK_KW"] * per) == 0] or narrow
+    widths = sorted({c.kwargs["BLOCK_KW"] for c in narrow})[-2:]
+    narrow = [c for c in narrow if c.kwargs["BLOCK_KW"] in widths and span(c) <= k] or narrow[:1]
+    wide = [c for c in configs if c.kwargs["BLOCK_KW"] > 16 and group % per == 0 and span(c) <= k < 2 * span(c)]
+    narrow.sort(key=lambda c: c.kwargs != GEMV_BEST_GUESS)
+    return narrow[:1] + wide + narrow[1:]  # the unmeasured wide tiles before the tuning budget runs out

@@ -8,8 +8,10 @@ same weight tile, from L2); axis 2 splits K so that every SM has weight bytes in
 the last program of a tile adding the partial sums (unpack.store_tile).
 
 Same constexprs and layout as wq_gemm.py; the float value of each weight is formed with the
-mantissa trick (unpack.magic_f32), and with deferred dequantization (a K tile inside one
-group) the scale is applied per word row, not per weight.
+mantissa trick (unpack.magic_f32). Deferred dequantization whenever a word lies inside one
+group (every width whose codes per word divide the group): the word's dot product is taken on
+the integer codes and its group's scale applied once per word (once per tile when the whole
+tile lies in one group), so wide tiles that span groups keep it too.
 """
 import triton
 import triton.language as tl
@@ -29,7 +31,8 @@ def wq_gemv_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     PER: tl.constexpr = 32 if FMT >= 2 else 32 // BITS
-    DEFER: tl.constexpr = GROUP % (BLOCK_KW * PER) == 0
+    DEFER: tl.constexpr = GROUP % PER == 0  # every word inside one group: scale once per word
+    TILE_IN_GROUP: tl.constexpr = GROUP % (BLOCK_KW * PER) == 0  # ... or once per tile
     KW = tl.cdiv(K, PER)
     kw_len = tl.cdiv(tl.cdiv(KW, BLOCK_KW), SPLIT_K) * BLOCK_KW
     kw_start = pid_k * kw_len
@@ -42,8 +45,12 @@ def wq_gemv_kernel(
         kvalid = (rj[None, :] < PER) & (rk < K)
         x = tl.load(x_ptr + pid_m * sxm + rk * sxk, mask=kvalid, other=0.0).to(tl.float32)[:, :, None]
         if DEFER:
-            soff = (kw0 * PER // GROUP) * ssg + rn * ssn  # one scale row per tile
-            smask = rn < N
+            if TILE_IN_GROUP:
+                grp = kw0 * PER // GROUP + tl.zeros((1,), dtype=tl.int32)
+            else:
+                grp = rw * PER // GROUP
+            soff = grp[:, None] * ssg + rn[None, :] * ssn  # [1 or BLOCK_KW, BLOCK_N]
+            smask = (grp[:, None] * GROUP < K) & (rn[None, :] < N)
         else:
             soff = (rk // GROUP)[:, :, None] * ssg + rn[None, None, :] * ssn
             smask = kvalid[:, :, None] & (rn[None, None, :] < N)
@@ -52,7 +59,7 @@ def wq_gemv_kernel(
                 t = x * (magic_f32(plane_code(w_ptr, p, rw, rj, rn, KW, N, swp, swk, swn)) - (F32_MAGIC + 1))
                 scale = tl.load(s_ptr + soff + p * ssp, mask=smask, other=0.0).to(tl.float32)
                 if DEFER:
-                    acc += tl.sum(t, 1) * scale[None, :]
+                    acc += tl.sum(t, 1) * scale
                 else:
                     acc += tl.sum(t * scale, 1)
         else:
@@ -60,11 +67,13 @@ def wq_gemv_kernel(
             scale = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
             if FMT == 0:
                 offset = tl.load(z_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+                if DEFER:
+                    offset = offset[:, None, :]
             else:
                 offset = static_offset(BITS, FMT)
             t = x * (magic_f32(u) - (F32_MAGIC + offset))
             if DEFER:
-                acc += tl.sum(t, 1) * scale[None, :]
+                acc += tl.sum(t, 1) * scale
             else:
                 acc += tl.sum(t * scale, 1)
     out = tl.sum(acc, 0)[None, :]

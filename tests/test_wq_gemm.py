@@ -81,3 +81,18 @@ def test_autotuned_config_fits_shared_memory_and_is_correct(m, kernel, monkeypat
     if kernel == "gemm":
         assert smem_bytes(best.kwargs, best.num_stages, 2, 4, 0, 2) <= max_shared_mem(0)
         assert best.kwargs["SPLIT_K"] == 1, "split-K only for small M"
+
+
+@pytest.mark.parametrize("name, bits, group, k", [("affine", 4, 16, 208), ("bcq", 3, 32, 320),
+                                                   ("symmetric", 8, 8, 200), ("bipolar", 2, 64, 448)])
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemv_tile_spanning_groups_scales_each_word(name, bits, group, k, split, device):
+    """A GEMV tile wider than the group (the wide one-round-trip tiles) keeps deferred
+    dequantization: each word's dot product is scaled by its own group's scale."""
+    import triton
+    from qcompile.runtime.ops import _run
+    torch.manual_seed(1)
+    q = QuantLinear.from_linear(torch.nn.Linear(k, 40).half(), FORMATS[name], bits, group).to(device)
+    x = torch.randn(1, k, dtype=torch.float16, device=device)
+    config = triton.Config({"BLOCK_N": 32, "BLOCK_KW": 8, "SPLIT_K": split}, num_stages=1, num_warps=4)
+    assert_close(_run(x, q.qweight, q.scale, q.zero, q.bias, name, bits, group, config, "gemv"), q(x), torch.float16)
