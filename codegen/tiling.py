@@ -1,8 +1,9 @@
 """Kernel choice and tile configurations for the W-only kernels.
 
-M decides the kernel: up to GEMV_MAX_M rows run the CUDA-core GEMV (wq_gemv.py), more run
-the tensor-core GEMM (wq_gemm.py), and from DEQUANT_MIN_M on the weight is dequantized for
-torch.mm (wq_dequant.py). GEMM configurations are filtered by a shared-memory
+M decides which kernels are candidates: up to GEMV_MAX_M rows the CUDA-core GEMV
+(wq_gemv.py); up to MULTIROW_MAX_M both the tensor-core GEMM (wq_gemm.py) and the GEMV with
+all rows in one program, which tuning chooses between; then the GEMM; from DEQUANT_MIN_M on
+the weight is dequantized for torch.mm (wq_dequant.py). GEMM configurations are filtered by a shared-memory
 model, a sympy expression of the bytes one launch asks for: each pipeline stage holds an
 activation tile, the packed weight tile and the scale (and zero) rows; the dequantized
 weight tile is staged once more as the dot's operand, and its int32 codes once for the
@@ -10,6 +11,7 @@ layout change after unpacking. Configurations over the device's ``max_shared_mem
 pruned before Triton compiles or times them.
 """
 import itertools
+from dataclasses import dataclass
 
 import sympy
 import triton
@@ -17,6 +19,7 @@ import triton
 from qcompile.runtime.device import interpreting, max_shared_mem
 
 GEMV_MAX_M = 2
+MULTIROW_MAX_M = 8  # up to here the GEMV with BLOCK_M = M's bucket competes with the GEMM
 DEQUANT_MIN_M = 256  # from here on: dequantize the weight, then torch.mm (wq_dequant.py)
 DEQUANT_TILE = {"BLOCK_N": 128, "BLOCK_KW": 4}  # BLOCK_KW in words of 32 codes' worth of K
 SPLIT_M_BUCKET = 64  # GEMM M buckets up to this one may split K
@@ -56,10 +59,29 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
-def kernel_for(m: int) -> str:
+def kernels_for(m: int) -> tuple:
+    """The kernels M may run, the best guess (what runs untuned) first."""
     if m <= GEMV_MAX_M:
-        return "gemv"
-    return "gemm" if m < DEQUANT_MIN_M else "dequant"
+        return ("gemv",)
+    if m <= MULTIROW_MAX_M:
+        return ("gemm", "gemv")  # the GEMM measured 0.78-0.87x of cuBLAS here; the GEMV is untimed
+    return ("gemm",) if m < DEQUANT_MIN_M else ("dequant",)
+
+
+@dataclass(frozen=True, eq=False)
+class Choice:
+    """A kernel and its launch configuration: what tuning picks per key."""
+    kernel: str
+    config: triton.Config
+
+    def to_json(self) -> dict:
+        c = self.config
+        return {"kernel": self.kernel, "kwargs": dict(c.kwargs), "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+    def __str__(self):
+        c = self.config
+        return " ".join([self.kernel, *(f"{k}={v}" for k, v in c.kwargs.items()), f"warps={c.num_warps}",
+                         f"stages={c.num_stages}"])
 
 
 def _gemm_grid():
@@ -78,23 +100,26 @@ def _gemm_grid():
     return out
 
 
-GEMV_BEST_GUESS = {"BLOCK_N": 64, "BLOCK_KW": 8, "SPLIT_K": 16}  # the H100 sweep's most frequent winner
+GEMV_BEST_GUESS = {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_KW": 8, "SPLIT_K": 16}  # the H100 sweep's most frequent winner
 
 
 def _gemv_grid():
-    """Narrow tiles (up to 16 words, 2 warps): where the H100 sweep (W4, M=1) found its
-    winners, with 8-32 K splits; pipelining stages change nothing for this loop. Wide tiles
-    (32-64 words, 4 warps; not yet measured): each program loads its whole K range at once,
-    one memory round trip instead of several, which small layers need to reach bandwidth."""
-    cfg = lambda bn, kw, split, warps: triton.Config(  # noqa: E731
-        {"BLOCK_N": bn, "BLOCK_KW": kw, "SPLIT_K": split}, num_warps=warps, num_stages=1)
-    return ([cfg(bn, kw, split, 2) for bn, kw, split in itertools.product((64, 128), (2, 4, 8, 16), (8, 16, 32))]
-            + [cfg(bn, kw, split, 4) for bn, kw, split in itertools.product((64, 128), (32, 64), (8, 16, 32, 64))
-               if bn * kw <= 4096])
+    """One row per program: narrow tiles (up to 16 words, 2 warps), where the H100 sweep (W4,
+    M=1) found its winners, with 8-32 K splits (pipelining stages change nothing for this
+    loop); wide tiles (32-64 words, 4 warps; not yet measured), each program loading its whole
+    K range at once, one memory round trip instead of several. Several rows per program
+    (BLOCK_M 2-8, narrow tiles; not yet measured): the tile is dequantized once for all rows."""
+    cfg = lambda bm, bn, kw, split, warps: triton.Config(  # noqa: E731
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": kw, "SPLIT_K": split}, num_warps=warps, num_stages=1)
+    product = itertools.product
+    return ([cfg(1, bn, kw, split, 2) for bn, kw, split in product((64, 128), (2, 4, 8, 16), (8, 16, 32))]
+            + [cfg(1, bn, kw, split, 4) for bn, kw, split in product((64, 128), (32, 64), (8, 16, 32, 64))
+               if bn * kw <= 4096]
+            + [cfg(bm, 64, kw, split, w) for bm, kw, split, w in product((2, 4, 8), (2, 4, 8), (8, 16, 32), (2, 4))])
 
 
 SMALLEST = {"gemm": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_stages=1, num_warps=4),
-            "gemv": triton.Config({"BLOCK_N": 32, "BLOCK_KW": 2, "SPLIT_K": 1}, num_stages=1, num_warps=4)}
+            "gemv": triton.Config({"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_KW": 2, "SPLIT_K": 1}, num_stages=1, num_warps=4)}
 
 
 # Under the interpreter every config costs a slow run: one small one, and a second with a
@@ -103,12 +128,18 @@ INTERPRETED = {kernel: [cfg, triton.Config({**cfg.kwargs, "BLOCK_N": 64}, num_st
                for kernel, cfg in SMALLEST.items()}
 
 
-def candidates(kernel: str, args: dict) -> list:
-    """The configs worth timing for one launch, best guess first. ``args``: x, s (the scale
-    tensor), M_BUCKET, K, and the BITS, GROUP, FMT, CODES constexprs."""
-    if interpreting():
-        return INTERPRETED[kernel]
-    return prune_gemm(_gemm_grid(), args) if kernel == "gemm" else prune_gemv(_gemv_grid(), args)
+def candidates(m: int, args: dict) -> list:
+    """The Choices worth timing for a launch with M rows, best guess first, the kernels'
+    lists interleaved so that a tuning budget cut still tries each kernel. ``args``: x, s (the
+    scale tensor), M_BUCKET, K, and the BITS, GROUP, FMT, CODES constexprs."""
+    lists = []
+    for kernel in kernels_for(m):
+        if interpreting():
+            configs = INTERPRETED[kernel]
+        else:
+            configs = prune_gemm(_gemm_grid(), args) if kernel == "gemm" else prune_gemv(_gemv_grid(), args)
+        lists.append([Choice(kernel, c) for c in configs])
+    return [c for group in itertools.zip_longest(*lists) for c in group if c is not None]
 
 
 def prune_gemm(configs, args):
@@ -132,12 +163,14 @@ def prune_gemm(configs, args):
 
 
 def prune_gemv(configs, args):
-    """Narrow tiles: those inside one group when some are (the scale once per tile), the two
+    """One row per program for M = 1 (and 2), all rows of M's bucket per program from 2 on.
+    Narrow tiles: those inside one group when some are (the scale once per tile), the two
     widest of them. Wide tiles: only when each word lies in one group (deferred per word) and
     a program gets one or two tiles of K. Every program gets at least one tile. Best guess first."""
-    bits, fmt, group, k = args["BITS"], args["FMT"], args["GROUP"], args["K"]
+    bits, fmt, group, k, mb = args["BITS"], args["FMT"], args["GROUP"], args["K"], args["M_BUCKET"]
     per = 32 if fmt >= 2 else 32 // bits
     span = lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_KW"] * per  # noqa: E731  K covered by one tile per program
+    configs = [c for c in configs if c.kwargs["BLOCK_M"] in {1: (1,), 2: (1, 2)}.get(mb, (mb,))]
     narrow = [c for c in configs if c.kwargs["BLOCK_KW"] <= 16]
     narrow = [c for c in narrow if group % (c.kwargs["BLOCK_KW"] * per) == 0] or narrow
     widths = sorted({c.kwargs["BLOCK_KW"] for c in narrow})[-2:]

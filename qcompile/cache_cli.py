@@ -3,7 +3,7 @@ machines (entries are per GPU model and torch/triton version, so an exported cac
 machines that match)."""
 import triton
 
-from qcompile.runtime.autotune import describe
+from qcompile.codegen.tiling import Choice
 from qcompile.runtime.autotune_cache import AutotuneCache
 
 
@@ -17,7 +17,8 @@ def main(action: str, file: str | None) -> None:
                 continue
             best = min(e["timings_us"].values(), default=None)
             cfg = e["config"]
-            cfg = describe(triton.Config(cfg["kwargs"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+            cfg = Choice(cfg["kernel"], triton.Config(cfg["kwargs"], num_warps=cfg["num_warps"],
+                                                      num_stages=cfg["num_stages"]))
             print(f"{e['device']}  {e['kernel']:<5} {' '.join(map(str, e['key'])):<36} {cfg}  "
                   f"{'-' if best is None else f'{best:.1f} us'}  {e['created']}")
         print(f"{len(entries)} entries in {cache.folder}")

@@ -70,16 +70,27 @@ def finish(folder: Path) -> Report:
 
 
 def _write_kernels(folder: Path) -> None:
-    """The templates W-only matches run (with their shared helpers), and the config each
-    kernel ran with, per tuning key."""
+    """The templates W-only matches run (with their shared helpers); per tuning key, the kernel
+    and config that ran and, for compiled Triton, its shared memory and its generated code
+    (kernels/<n>.ttgir and .ptx: the template specialised for that key)."""
     if "qcompile.runtime.ops" not in sys.modules:
         return
     from qcompile.codegen import tiling, unpack, wq_dequant, wq_gemm, wq_gemv
-    from qcompile.runtime.autotune import describe
-    from qcompile.runtime.ops import chosen
+    from qcompile.runtime.ops import chosen, compiled
     for module in (wq_gemv, wq_gemm, wq_dequant, unpack, tiling):
         (folder / f"{module.__name__.rsplit('.', 1)[1]}.py").write_text(inspect.getsource(module))
-    (folder / "kernels.json").write_text(json.dumps({str(k): describe(c) for k, c in chosen.items()}, indent=2))
+    table = {}
+    for i, (key, choice) in enumerate(chosen.items()):
+        row = table[str(key)] = {"choice": str(choice)}
+        binary = compiled.get(key)
+        if binary is not None:
+            (folder / "kernels").mkdir(exist_ok=True)
+            row["shared_bytes"] = getattr(binary.metadata, "shared", None)
+            for ir in ("ttgir", "ptx"):
+                if ir in binary.asm:
+                    (folder / "kernels" / f"{i:03d}-{choice.kernel}.{ir}").write_text(binary.asm[ir])
+                    row[ir] = f"kernels/{i:03d}-{choice.kernel}.{ir}"
+    (folder / "kernels.json").write_text(json.dumps(table, indent=2))
 
 
 def _layout(g):

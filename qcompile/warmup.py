@@ -32,8 +32,6 @@ def warmup(model: nn.Module, m=DEFAULT_M, dtype: torch.dtype | None = None, prog
     from tqdm import tqdm
 
     import qcompile.runtime.ops as ops
-    from qcompile.codegen import tiling
-    from qcompile.runtime.autotune import describe
 
     shapes = layer_shapes(model)
     if not shapes:
@@ -50,11 +48,9 @@ def warmup(model: nn.Module, m=DEFAULT_M, dtype: torch.dtype | None = None, prog
             torch.ops.qcompile.wq_linear(x, layer.qweight, layer.scale, layer.zero, layer.bias, fmt, bits, group)
             if x.is_cuda:
                 torch.cuda.synchronize()
-            kernel = tiling.kernel_for(mm)
-            g = k if group == -1 else group
-            cfg = ops.chosen.get((kernel, *ops.tuning_key(fmt, bits, g, mm, n, k, x.dtype)))
+            choice = ops.chosen.get(ops.tuning_key(fmt, bits, k if group == -1 else group, mm, n, k, x.dtype))
             rows.append({"format": fmt, "bits": bits, "group_size": group, "K": k, "N": n, "M": mm,
-                         "kernel": kernel, "config": describe(cfg) if cfg else "-",
+                         "kernel": choice.kernel if choice else "dequant", "config": str(choice or "-"),
                          "seconds": round(time.perf_counter() - start, 3)})
     return rows
 
@@ -82,10 +78,10 @@ def warmup_config(config_path: str, quant: dict, m, dtype_name: str = "fp16") ->
             layers.append(QuantLinear.from_linear(dense, fmt, bits, group))
     rows = warmup(layers, m, dtype)
     width = max(len(r["config"]) for r in rows)
-    print(f"{'layer':<28} {'M':>6}  {'kernel':<8} {'config':<{width}}  seconds")
+    print(f"{'layer':<28} {'M':>6}  {'kernel and config':<{width}}  seconds")
     for r in rows:
         layer = f"{r['format']} w{r['bits']} g{r['group_size']} {r['N']}x{r['K']}"
-        print(f"{layer:<28} {r['M']:>6}  {r['kernel']:<8} {r['config']:<{width}}  {r['seconds']:.2f}")
+        print(f"{layer:<28} {r['M']:>6}  {r['config']:<{width}}  {r['seconds']:.2f}")
     s = TUNER.stats
     print(f"qcompile warmup: {len(layers)} layer shapes x {len(m)} batch sizes; {s['tuned']} tuned, "
           f"{s['disk']} read from the cache at {TUNER.disk().folder}")

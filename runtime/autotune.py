@@ -30,12 +30,6 @@ SOURCE = hashlib.sha256("".join(inspect.getsource(m) for m in (tiling, unpack, w
                         ).hexdigest()[:16]
 
 
-def describe(cfg: triton.Config) -> str:
-    """A config in one short line: its constexprs, warps and stages."""
-    return " ".join([*(f"{k}={v}" for k, v in cfg.kwargs.items()), f"warps={cfg.num_warps}",
-                     f"stages={cfg.num_stages}"])
-
-
 def enabled() -> bool:
     return os.environ.get("QCOMPILE_AUTOTUNE", "1") != "0"
 
@@ -58,20 +52,23 @@ def time_us(run: Callable[[], None], device: torch.device) -> float:
 class Tuner:
     def __init__(self, cache: AutotuneCache | None = None):
         self.cache = cache
-        self.memory: dict = {}  # (kernel, key) -> triton.Config
+        self.memory: dict = {}  # (kernel, key, tuning on) -> the chosen candidate
         self.stats = {"memory": 0, "disk": 0, "tuned": 0}
 
     def disk(self) -> AutotuneCache:
         """The cache folder as the environment names it now (tests and the CLI change it)."""
         return self.cache or AutotuneCache()
 
-    def pick(self, kernel: str, key: tuple, candidates: list, run: Callable[[triton.Config], None],
-             device: torch.device) -> triton.Config:
-        """The configuration for ``key``; ``run(cfg)`` launches the kernel with one."""
-        hit = self.memory.get((kernel, key))
+    def pick(self, kernel: str, key: tuple, candidates: Callable[[], list], run: Callable, device: torch.device):
+        """The candidate for ``key`` (a tiling.Choice: kernel and config); ``candidates()``
+        lists them, best guess first (called on a miss only: pruning costs more than a
+        launch); ``run(c)`` launches one. ``kernel`` names the op being tuned."""
+        memo = (kernel, key, enabled())
+        hit = self.memory.get(memo)
         if hit is not None:
             self.stats["memory"] += 1
             return hit
+        candidates = candidates()
         if len(candidates) == 1 or not enabled():
             cfg = candidates[0]
         else:
@@ -83,7 +80,7 @@ class Tuner:
                 cfg, timings = self._tune(candidates, run, device)
                 disk.store(device, kernel, SOURCE, key, cfg, timings)
                 self.stats["tuned"] += 1
-        self.memory[kernel, key] = cfg
+        self.memory[memo] = cfg
         return cfg
 
     @staticmethod

@@ -47,10 +47,6 @@ def device_tag(device: torch.device) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{name}-torch{torch.__version__}-triton{triton.__version__}")
 
 
-def config_to_json(cfg: triton.Config) -> dict:
-    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-
-
 def _entry_name(kernel: str, source: str, key: list) -> str:
     digest = hashlib.sha256(json.dumps([kernel, source, key]).encode()).hexdigest()[:32]
     return f"{kernel}-{digest}.json"
@@ -68,7 +64,7 @@ def _check(entry, tag: str, name: str) -> str | None:
     if _entry_name(entry["kernel"], entry["source"], entry["key"]) != name:
         return "its contents do not match its file name"
     cfg = entry["config"]
-    if not (isinstance(cfg, dict) and isinstance(cfg.get("kwargs"), dict)
+    if not (isinstance(cfg, dict) and isinstance(cfg.get("kernel"), str) and isinstance(cfg.get("kwargs"), dict)
             and isinstance(cfg.get("num_warps"), int) and isinstance(cfg.get("num_stages"), int)):
         return "malformed config"
     return None
@@ -97,8 +93,9 @@ class AutotuneCache:
     def _path(self, tag: str, kernel: str, source: str, key: list) -> Path:
         return self.folder / tag / _entry_name(kernel, source, key)
 
-    def load(self, device, kernel: str, source: str, key: tuple, candidates: list) -> triton.Config | None:
-        """The cached choice among ``candidates``, or None (missing, invalid or stale: warned)."""
+    def load(self, device, kernel: str, source: str, key: tuple, candidates: list):
+        """The cached choice among ``candidates`` (objects with ``to_json()``), or None
+        (missing, invalid or stale: warned). ``kernel`` names the op the choice is for."""
         tag, key = device_tag(device), json.loads(json.dumps(list(key)))
         path = self._path(tag, kernel, source, key)
         try:
@@ -113,16 +110,16 @@ class AutotuneCache:
             why = "made for another key"
         if why is None:
             for cfg in candidates:
-                if config_to_json(cfg) == entry["config"]:
+                if cfg.to_json() == entry["config"]:
                     return cfg
             why = "its config is not among this shape's candidates"
         warnings.warn(f"qcompile: ignoring autotune cache entry {path} ({why}); tuning again")
         return None
 
-    def store(self, device, kernel: str, source: str, key: tuple, cfg: triton.Config, timings: dict) -> Path:
+    def store(self, device, kernel: str, source: str, key: tuple, cfg, timings: dict) -> Path:
         tag, key = device_tag(device), json.loads(json.dumps(list(key)))
         entry = {"format": FORMAT, "device": tag, "kernel": kernel, "source": source, "key": key,
-                 "config": config_to_json(cfg), "timings_us": timings,
+                 "config": cfg.to_json(), "timings_us": timings,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         path = self._path(tag, kernel, source, key)
         _write_atomic(path, json.dumps(entry, indent=1).encode())

@@ -20,7 +20,8 @@ from .device import interpreting, kernel_unavailable_reason
 KERNELS = {"gemm": wq_gemm_kernel, "gemv": wq_gemv_kernel}
 
 launches = Counter()  # kernel launches per (kernel, format, bits): tests assert which kernel ran
-chosen = {}  # (kernel, format, bits, group, M bucket, N, K, dtype) -> the triton.Config that ran
+chosen = {}  # tuning_key(...) -> the tiling.Choice (kernel and config) that ran
+compiled = {}  # tuning_key(...) -> its Triton CompiledKernel (IR in .asm, shared memory in .metadata)
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _locks = {}  # device -> int32 counters of split-K tiles; each launch leaves them at zero
@@ -39,52 +40,53 @@ def _tile_locks(device, count):
 
 
 def tuning_key(fmt, bits, group, m, n, k, dtype) -> tuple:
-    """What a kernel's best config depends on: format and shape, M's bucket, activation dtype.
-    ``chosen[(kernel, *tuning_key(...))]`` is the config that ran."""
+    """What the best kernel and config depend on: format and shape, M's bucket, activation
+    dtype. ``chosen[tuning_key(...)]`` is the tiling.Choice that ran."""
     return (fmt, bits, group, tiling.m_bucket(m), n, k, str(dtype).replace("torch.", ""))
 
 
-def _launch(kernel, x2, qweight, scale, zero, bias, fmt, bits, group, out, config=None):
-    """Launch with the tuner's config for this shape (runtime/autotune.py), or ``config``."""
+def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, choice=None):
+    """Launch the tuner's choice of kernel and config for this shape (runtime/autotune.py), or
+    ``choice`` (a tiling.Choice)."""
     m, k = x2.shape
     n = out.shape[1]
     w3 = qweight if qweight.dim() == 3 else qweight.unsqueeze(0)
     s3 = scale if scale.dim() == 3 else scale.unsqueeze(0)
-    launches[kernel, fmt, bits] += 1
     fmt_code = FMT_CODES[fmt]
+    kernels = (choice.kernel,) if choice else tiling.kernels_for(m)
     # split-K partial sums and one counter per output tile (sized for the smallest tiles)
-    split = kernel == "gemv" or tiling.m_bucket(m) <= tiling.SPLIT_M_BUCKET
-    ws = x2.new_empty(tiling.MAX_SPLIT_K[kernel] * m * n if split else 1, dtype=torch.float32)
+    split = "gemv" in kernels or tiling.m_bucket(m) <= tiling.SPLIT_M_BUCKET
+    ws = x2.new_empty(max(tiling.MAX_SPLIT_K[kn] for kn in kernels) * m * n if split else 1, dtype=torch.float32)
     locks = _tile_locks(x2.device, m * triton.cdiv(n, 32) if split else 1)
-    if kernel == "gemv":
-        grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        consts = {}
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
-                             meta["SPLIT_K"])
-        dot = _dot_dtype(x2.dtype)
-        consts = dict(DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32")
     args = (x2, w3, s3, zero if zero is not None else s3, bias if bias is not None else s3, out, ws, locks,
             m, n, k, tiling.m_bucket(m),
             x2.stride(0), x2.stride(1), w3.stride(0), w3.stride(1), w3.stride(2),
             s3.stride(0), s3.stride(1), s3.stride(2), out.stride(0), out.stride(1))
-    consts.update(BITS=bits, GROUP=group, FMT=fmt_code, HAS_BIAS=bias is not None,
+    consts = dict(BITS=bits, GROUP=group, FMT=fmt_code, HAS_BIAS=bias is not None,
                   CODES=tiling.codes_per_word_padded(bits, fmt_code >= 2))
+    dot = _dot_dtype(x2.dtype)
+    own = {"gemm": dict(DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32"), "gemv": {}}
 
-    def run(cfg):
-        KERNELS[kernel][grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    def run(c: tiling.Choice):
+        cfg = c.config.kwargs
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        return KERNELS[c.kernel][grid](*args, **consts, **own[c.kernel], **cfg, num_warps=c.config.num_warps,
+                                       num_stages=c.config.num_stages)
 
     key = tuning_key(fmt, bits, group, m, n, k, x2.dtype)
-    if config is None:
-        cands = tiling.candidates(kernel, dict(x=x2, s=s3, M_BUCKET=tiling.m_bucket(m), K=k, **consts))
-        config = TUNER.pick(kernel, key, cands, run, x2.device)
+    if choice is None:
+        args_of = dict(x=x2, s=s3, M_BUCKET=tiling.m_bucket(m), K=k, **consts)
+        choice = TUNER.pick("wq_linear", key, lambda: tiling.candidates(m, args_of), run, x2.device)
     try:
-        run(config)
+        binary = run(choice)
     except OutOfResources as e:  # the shared-memory model let an oversized tile through
         warnings.warn(f"qcompile: {e}; retrying with the smallest tile (please report the shape)")
-        config = tiling.SMALLEST[kernel]
-        run(config)
-    chosen[(kernel, *key)] = config
+        choice = tiling.Choice(choice.kernel, tiling.SMALLEST[choice.kernel])
+        binary = run(choice)
+    launches[choice.kernel, fmt, bits] += 1
+    chosen[key] = choice
+    if binary is not None:  # compiled Triton (the interpreter returns none)
+        compiled[key] = binary
 
 
 @torch.library.custom_op("qcompile::wq_linear", mutates_args=())
@@ -101,15 +103,16 @@ def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
                 None).reshape(*x.shape[:-1], n)
 
 
-def _run(x2, qweight, scale, zero, bias, fmt, bits, group, config, kernel=None):
-    """y in the activation dtype from the kernel M calls for (or ``kernel``, with ``config``)."""
+def _run(x2, qweight, scale, zero, bias, fmt, bits, group, config=None, kernel=None):
+    """y in the activation dtype from the kernel tuning picks for M (or ``kernel`` with
+    ``config``, a triton.Config: tests and benchmarks force one)."""
     m, n = x2.shape[0], qweight.shape[-1]
-    kernel = kernel or tiling.kernel_for(m)
+    kernel = kernel or tiling.kernels_for(m)[0]
     if kernel == "dequant":
         return _dequant_mm(x2, qweight, scale, zero, bias, fmt, bits, group)
     out = x2.new_empty(m, n)
     if out.numel():
-        _launch(kernel, x2, qweight, scale, zero, bias, fmt, bits, group, out, config)
+        _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, config and tiling.Choice(kernel, config))
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import triton
 
+from qcompile.codegen.tiling import Choice
 from qcompile.runtime.autotune import SOURCE, Tuner
 from qcompile.runtime.autotune_cache import AutotuneCache, device_tag
 from triton.runtime.errors import OutOfResources
@@ -19,19 +20,20 @@ from triton.runtime.errors import OutOfResources
 CPU = torch.device("cpu")
 KEY = ("affine", 4, 128, 1, 4096, 4096, "float16")
 # the "kernel" sleeps SLEEP_MS: the tuner must find the fastest by timing
-CANDIDATES = [triton.Config({"BLOCK_N": bn, "SLEEP_MS": ms}, num_warps=2, num_stages=1)
-              for bn, ms in ((32, 6), (64, 1), (128, 3))]
+CANDIDATES = [Choice(kernel, triton.Config({"BLOCK_N": bn, "SLEEP_MS": ms}, num_warps=2, num_stages=1))
+              for kernel, bn, ms in (("gemm", 32, 6), ("gemv", 64, 1), ("gemv", 128, 3))]
 
 
 class Kernel:
     def __init__(self, too_big=()):
         self.calls, self.too_big = [], too_big
 
-    def __call__(self, cfg):
-        if cfg.kwargs["BLOCK_N"] in self.too_big:
+    def __call__(self, choice):
+        cfg = choice.config.kwargs
+        if cfg["BLOCK_N"] in self.too_big:
             raise OutOfResources(300000, 232448, "shared memory")
-        self.calls.append(cfg.kwargs["BLOCK_N"])
-        time.sleep(cfg.kwargs["SLEEP_MS"] / 1e3)
+        self.calls.append(cfg["BLOCK_N"])
+        time.sleep(cfg["SLEEP_MS"] / 1e3)
 
 
 @pytest.fixture
@@ -48,24 +50,25 @@ def _entry_path(cache):
 
 def test_tunes_once_then_reads_the_disk_in_a_new_process(cache):
     kernel = Kernel()
-    assert Tuner(cache).pick("gemv", KEY, CANDIDATES, kernel, CPU) is CANDIDATES[1]
+    assert Tuner(cache).pick("gemv", KEY, lambda: CANDIDATES, kernel, CPU) is CANDIDATES[1]
     assert set(kernel.calls) == {32, 64, 128}
     entry = json.loads(_entry_path(cache).read_text())
     assert entry["device"] == device_tag(CPU) and entry["source"] == SOURCE and entry["key"] == list(KEY)
-    assert entry["config"] == {"kwargs": {"BLOCK_N": 64, "SLEEP_MS": 1}, "num_warps": 2, "num_stages": 1}
+    assert entry["config"] == {"kernel": "gemv", "kwargs": {"BLOCK_N": 64, "SLEEP_MS": 1}, "num_warps": 2,
+                               "num_stages": 1}
     assert len(entry["timings_us"]) == 3
 
     fresh, again = Tuner(cache), Kernel()  # a new process: empty memory, same folder
-    assert fresh.pick("gemv", KEY, CANDIDATES, again, CPU) is CANDIDATES[1]
+    assert fresh.pick("gemv", KEY, lambda: CANDIDATES, again, CPU) is CANDIDATES[1]
     assert again.calls == [] and fresh.stats == {"memory": 0, "disk": 1, "tuned": 0}
-    assert fresh.pick("gemv", KEY, CANDIDATES, again, CPU) is CANDIDATES[1]
+    assert fresh.pick("gemv", KEY, lambda: CANDIDATES, again, CPU) is CANDIDATES[1]
     assert fresh.stats["memory"] == 1
     assert not list(cache.folder.glob("*/.tmp-*")), "atomic writes leave no temporary file behind"
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other key", "other device", "stale config"])
 def test_a_bad_entry_is_ignored_with_a_warning_and_rebuilt(cache, damage):
-    Tuner(cache).pick("gemv", KEY, CANDIDATES, Kernel(), CPU)
+    Tuner(cache).pick("gemv", KEY, lambda: CANDIDATES, Kernel(), CPU)
     path = _entry_path(cache)
     entry = json.loads(path.read_text())
     if damage == "garbage":
@@ -80,7 +83,7 @@ def test_a_bad_entry_is_ignored_with_a_warning_and_rebuilt(cache, damage):
         path.write_text(json.dumps({**entry, "config": {**entry["config"], "num_warps": 16}}))
     kernel = Kernel()
     with pytest.warns(UserWarning, match="ignoring .*tuning again"):
-        assert Tuner(cache).pick("gemv", KEY, CANDIDATES, kernel, CPU) is CANDIDATES[1]
+        assert Tuner(cache).pick("gemv", KEY, lambda: CANDIDATES, kernel, CPU) is CANDIDATES[1]
     assert kernel.calls, "tuned again"
     assert json.loads(path.read_text())["config"]["kwargs"]["BLOCK_N"] == 64, "and the entry rewritten"
 
@@ -89,22 +92,22 @@ def test_budget_and_configs_that_do_not_fit(cache, monkeypatch):
     kernel = Kernel(too_big=(32,))
     monkeypatch.setenv("QCOMPILE_TUNE_BUDGET_S", "0")
     # 32 does not fit; 64 is timed; then the budget is spent and 128 never runs
-    assert Tuner(cache).pick("gemm", KEY, CANDIDATES, kernel, CPU) is CANDIDATES[1]
+    assert Tuner(cache).pick("gemm", KEY, lambda: CANDIDATES, kernel, CPU) is CANDIDATES[1]
     assert set(kernel.calls) == {64}
     with pytest.raises(OutOfResources):
-        Tuner(AutotuneCache(cache.root / "other")).pick("gemm", KEY, CANDIDATES, Kernel(too_big=(32, 64, 128)), CPU)
+        Tuner(AutotuneCache(cache.root / "other")).pick("gemm", KEY, lambda: CANDIDATES, Kernel(too_big=(32, 64, 128)), CPU)
 
 
 def test_untuned_mode_takes_the_first_candidate_and_leaves_the_cache_alone(cache, monkeypatch):
     monkeypatch.setenv("QCOMPILE_AUTOTUNE", "0")
     kernel = Kernel()
-    assert Tuner(cache).pick("gemm", KEY, CANDIDATES, kernel, CPU) is CANDIDATES[0]
+    assert Tuner(cache).pick("gemm", KEY, lambda: CANDIDATES, kernel, CPU) is CANDIDATES[0]
     assert kernel.calls == [] and not cache.entries()
 
 
 def test_export_import_and_hostile_archives(cache, tmp_path):
-    Tuner(cache).pick("gemv", KEY, CANDIDATES, Kernel(), CPU)
-    Tuner(cache).pick("gemm", KEY, CANDIDATES, Kernel(), CPU)
+    Tuner(cache).pick("gemv", KEY, lambda: CANDIDATES, Kernel(), CPU)
+    Tuner(cache).pick("gemm", KEY, lambda: CANDIDATES, Kernel(), CPU)
     archive = tmp_path / "cache.tar.gz"
     assert cache.export(archive) == 2
     other = AutotuneCache(tmp_path / "elsewhere")
@@ -129,7 +132,7 @@ def test_export_import_and_hostile_archives(cache, tmp_path):
 
 
 def test_ls_reports_invalid_files_and_clear_removes_everything(cache):
-    Tuner(cache).pick("gemv", KEY, CANDIDATES, Kernel(), CPU)
+    Tuner(cache).pick("gemv", KEY, lambda: CANDIDATES, Kernel(), CPU)
     (_entry_path(cache).parent / f"gemm-{'2' * 32}.json").write_text("[]")
     entries = cache.entries()
     assert sorted("error" in e for e in entries) == [False, True]

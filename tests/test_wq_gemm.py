@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, assert_close
-from qcompile.codegen.tiling import DEQUANT_MIN_M, GEMV_MAX_M, smem_bytes
+from qcompile.codegen.tiling import DEQUANT_MIN_M, GEMV_MAX_M, m_bucket, smem_bytes
 from qcompile.formats import FORMATS, QuantLinear
 from qcompile.runtime.ops import launches
 
@@ -44,7 +44,8 @@ def test_shared_memory_model_counts_every_operand():
     assert smem_bytes(cfg, 1, 2, 3, 1, 2) == 4096 + 128 // 16 * 64 * 4 + 128 + 16384 + 32768
 
 
-SPLIT_CONFIGS = {"gemm": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, "gemv": {"BLOCK_N": 32, "BLOCK_KW": 2}}
+SPLIT_CONFIGS = {"gemm": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32},
+                 "gemv": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_KW": 2}}
 
 
 @pytest.mark.parametrize("kernel", SPLIT_CONFIGS)
@@ -70,14 +71,17 @@ def test_split_k_sums_every_k_range_once(name, group, split, kernel, device):
 @pytest.mark.parametrize("m, kernel", [(1, "gemv"), (200, "gemm")])
 def test_autotuned_config_fits_shared_memory_and_is_correct(m, kernel, monkeypatch, tmp_path):
     from qcompile.runtime.device import max_shared_mem
-    from qcompile.runtime.ops import chosen
+    from qcompile.runtime.ops import chosen, compiled
     monkeypatch.setenv("QCOMPILE_AUTOTUNE", "1")
     monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
     launches.clear()
     out, ref = reference_and_op("affine", 4, 128, torch.float16, "cuda", k=1024, n=512, m=m)
     assert_close(out, ref, torch.float16)
     assert launches == {(kernel, "affine", 4): 1}
-    (best,) = [cfg for key, cfg in chosen.items() if key[0] == kernel and key[-3:] == (512, 1024, "float16")]
+    (key,) = [key for key in chosen if key[-3:] == (512, 1024, "float16") and key[3] == m_bucket(m)]
+    assert chosen[key].kernel == kernel
+    best = chosen[key].config
+    assert compiled[key].metadata.shared <= max_shared_mem(0), "Triton's own count of the shared memory used"
     if kernel == "gemm":
         assert smem_bytes(best.kwargs, best.num_stages, 2, 4, 0, 2) <= max_shared_mem(0)
         assert best.kwargs["SPLIT_K"] == 1, "split-K only for small M"
@@ -94,5 +98,28 @@ def test_gemv_tile_spanning_groups_scales_each_word(name, bits, group, k, split,
     torch.manual_seed(1)
     q = QuantLinear.from_linear(torch.nn.Linear(k, 40).half(), FORMATS[name], bits, group).to(device)
     x = torch.randn(1, k, dtype=torch.float16, device=device)
-    config = triton.Config({"BLOCK_N": 32, "BLOCK_KW": 8, "SPLIT_K": split}, num_stages=1, num_warps=4)
+    config = triton.Config({"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_KW": 8, "SPLIT_K": split}, num_stages=1, num_warps=4)
     assert_close(_run(x, q.qweight, q.scale, q.zero, q.bias, name, bits, group, config, "gemv"), q(x), torch.float16)
+
+
+@pytest.mark.parametrize("m, block_m", [(3, 4), (5, 4), (8, 8), (2, 2)])
+@pytest.mark.parametrize("name, bits, group", [("affine", 4, 16), ("bcq", 2, 32), ("symmetric", 3, -1)])
+def test_gemv_with_several_rows_per_program(name, bits, group, m, block_m, device):
+    """The small-batch GEMV dequantizes each tile once for BLOCK_M rows (rows past M masked)."""
+    import triton
+    from qcompile.runtime.ops import _run
+    torch.manual_seed(2)
+    q = QuantLinear.from_linear(torch.nn.Linear(160, 24).half(), FORMATS[name], bits, group).to(device)
+    x = torch.randn(m, 160, dtype=torch.float16, device=device)
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_KW": 2, "SPLIT_K": 2}, num_stages=1, num_warps=2)
+    g = 160 if group == -1 else group
+    assert_close(_run(x, q.qweight, q.scale, q.zero, q.bias, name, bits, g, config, "gemv"), q(x), torch.float16)
+
+
+def test_small_batches_tune_between_gemm_and_gemv_alternately():
+    from qcompile.codegen.tiling import candidates
+    args = dict(x=torch.empty(5, 64, dtype=torch.float16), s=torch.empty(1, 2, 8, dtype=torch.float16),
+                M_BUCKET=8, K=64, BITS=4, GROUP=32, FMT=0, CODES=8)
+    kinds = [c.kernel for c in candidates(5, args)]
+    assert kinds[:4] == ["gemm", "gemv", "gemm", "gemv"] and set(kinds) == {"gemm", "gemv"}
+    assert {c.kernel for c in candidates(2, args)} == {"gemv"} and {c.kernel for c in candidates(9, args)} == {"gemm"}
