@@ -1,22 +1,21 @@
-"""quantize(): replace a model's nn.Linear layers by QuantLinear, in place."""
+"""quantize(): replace a model's nn.Linear layers by quantized ones, in place."""
 from fnmatch import fnmatchcase
 
 from torch import nn
 
-from .formats import QuantLinear, check_args, get_format
+from .formats import ACTIVATION_FORMATS, FORMATS, QuantLinear, check_args
+
+ALL_FORMATS = (*FORMATS, *ACTIVATION_FORMATS)
+WEIGHT_ONLY_DEFAULTS = {"bits": 4, "group_size": 128}
 
 
-def _settings(base: dict, override) -> dict:
-    if not isinstance(override, dict) or not set(override) <= set(base):
-        raise ValueError(f"config values must be None (skip) or a dict with keys among {sorted(base)}, "
-                         f"got {override!r}")
-    return {**base, **override}
-
-
-def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, format: str = "affine",
+def quantize(model: nn.Module, bits: int | None = None, group_size: int | None = None, format: str = "affine",
              skip=(), config: dict | None = None) -> nn.Module:
     """Quantize every nn.Linear of ``model`` in place and return ``model``.
 
+    format: a weight-only format ("affine", "symmetric", "bipolar", "bcq"; bits 1-8, default 4;
+        group_size a divisor of in_features or -1, default 128) or "w8a8" (int8 weights per
+        channel and int8 activations per token: bits 8, group_size -1).
     skip: names (fnmatch patterns) of layers to leave in float, e.g. ``["lm_head"]``.
     config: per-layer settings, {name pattern: {"bits", "group_size", "format"} or None to
         skip}; the first matching pattern wins, unmatched layers use the arguments.
@@ -26,19 +25,37 @@ def quantize(model: nn.Module, bits: int = 4, group_size: int = 128, format: str
     modules = dict(model.named_modules())
     for name, (fmt, b, g) in plan(model, bits, group_size, format, skip, config).items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantLinear.from_linear(modules[name], fmt, b, g))
+        layer = (ACTIVATION_FORMATS[fmt].from_linear(modules[name]) if fmt in ACTIVATION_FORMATS
+                 else QuantLinear.from_linear(modules[name], FORMATS[fmt], b, g))
+        setattr(model.get_submodule(parent), child, layer)
     return model
 
 
-def plan(model: nn.Module, bits: int = 4, group_size: int = 128, format: str = "affine",
+def _settings(base: dict, override) -> dict:
+    if not isinstance(override, dict) or not set(override) <= set(base):
+        raise ValueError(f"config values must be None (skip) or a dict with keys among {sorted(base)}, "
+                         f"got {override!r}")
+    s = {**base, **override}
+    if s["format"] not in ALL_FORMATS:
+        raise ValueError(f"format={s['format']!r}: allowed values are {', '.join(map(repr, ALL_FORMATS))}")
+    if s["format"] in ACTIVATION_FORMATS:  # fixed by the format; naming them alongside it is allowed
+        named = override if "format" in override else s  # a per-layer format does not inherit bits
+        for arg, value in (("bits", 8), ("group_size", -1)):
+            if named.get(arg) not in (None, value):
+                raise ValueError(f"{arg}={s[arg]!r} with format={s['format']!r}: the allowed value is {value}")
+        return {**s, "bits": 8, "group_size": -1}
+    return {**s, **{k: v for k, v in WEIGHT_ONLY_DEFAULTS.items() if s[k] is None}}
+
+
+def plan(model: nn.Module, bits: int | None = None, group_size: int | None = None, format: str = "affine",
          skip=(), config: dict | None = None) -> dict:
-    """{layer name: (format, bits, group_size)} that ``quantize`` would apply, checked; reads
-    only the layers' shapes and dtypes, so a model on the meta device works too."""
+    """{layer name: (format name, bits, group_size)} that ``quantize`` would apply, checked;
+    reads only the layers' shapes and dtypes, so a model on the meta device works too."""
     if not isinstance(model, nn.Module) or isinstance(model, nn.Linear):
         raise ValueError(f"model must be an nn.Module containing nn.Linear layers (quantize replaces them "
                          f"in place), got {type(model).__name__}; wrap a single nn.Linear in a module")
     base = {"bits": bits, "group_size": group_size, "format": format}
-    get_format(format)
+    _settings(base, {})
     config = dict(config or {})
     modules = dict(model.named_modules())
     for pattern in [*skip, *config]:
@@ -58,12 +75,11 @@ def plan(model: nn.Module, bits: int = 4, group_size: int = 128, format: str = "
         if override is None:
             continue
         s = _settings(base, override)
-        fmt = get_format(s["format"])
         try:
             check_args(module.weight, s["bits"], s["group_size"])
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
-        layers[name] = (fmt, s["bits"], s["group_size"])
+        layers[name] = (s["format"], s["bits"], s["group_size"])
     if not layers:
         raise ValueError(f"model has no nn.Linear layer to quantize ({type(model).__name__}, skip={list(skip)})")
     return layers

@@ -9,20 +9,34 @@ import time
 import torch
 from torch import nn
 
-from .formats import QuantLinear
+from .formats import FORMATS, QuantLinear, W8A8Linear
 
 DEFAULT_M = (1, 16, 128, 1024)
 
 
 def layer_shapes(model: nn.Module) -> dict:
-    """{(format, bits, group_size, K, N, has_bias): the first QuantLinear of that shape}."""
+    """{(format, bits, group_size, K, N, has_bias): the first quantized layer of that shape}."""
     shapes = {}
     for module in model.modules():
-        if isinstance(module, QuantLinear):
-            key = (module.fmt.name, module.bits, module.group_size, module.in_features, module.out_features,
+        if isinstance(module, (QuantLinear, W8A8Linear)):
+            name = module.fmt.name if isinstance(module, QuantLinear) else module.format_name
+            key = (name, module.bits, module.group_size, module.in_features, module.out_features,
                    module.bias is not None)
             shapes.setdefault(key, module)
     return shapes
+
+
+def _launch(layer, fmt, bits, group, mm, k, dtype):
+    """One call of the op the compiled layer runs; its tuning key."""
+    import qcompile.runtime.ops as ops
+    device = layer.qweight.device
+    if isinstance(layer, W8A8Linear):
+        xq = torch.randint(-127, 128, (mm, k), dtype=torch.int8, device=device)
+        torch.ops.qcompile.int8_mm(xq, layer.qweight.t(), torch.rand(mm, device=device), layer.scale)
+        return ops.int8_key(mm, layer.out_features, k)
+    x = torch.randn(mm, k, dtype=dtype or layer.scale.dtype, device=device)
+    torch.ops.qcompile.wq_linear(x, layer.qweight, layer.scale, layer.zero, layer.bias, fmt, bits, group)
+    return ops.tuning_key(fmt, bits, k if group == -1 else group, mm, layer.out_features, k, x.dtype)
 
 
 def warmup(model: nn.Module, m=DEFAULT_M, dtype: torch.dtype | None = None, progress: bool = True) -> list:
@@ -35,7 +49,7 @@ def warmup(model: nn.Module, m=DEFAULT_M, dtype: torch.dtype | None = None, prog
 
     shapes = layer_shapes(model)
     if not shapes:
-        raise ValueError("model has no QuantLinear layer: call qcompile.quantize(model, ...) first")
+        raise ValueError("model has no quantized layer: call qcompile.quantize(model, ...) first")
     if any(not isinstance(x, int) or x < 1 for x in m):
         raise ValueError(f"m={m!r}: batch sizes must be positive integers")
     rows = []
@@ -43,12 +57,11 @@ def warmup(model: nn.Module, m=DEFAULT_M, dtype: torch.dtype | None = None, prog
     with torch.no_grad(), tqdm(work, desc="qcompile warmup", unit="kernel", disable=not progress) as bar:
         for (fmt, bits, group, k, n, _), layer, mm in bar:
             bar.set_postfix_str(f"{fmt} w{bits} g{group} {n}x{k} M={mm}")
-            x = torch.randn(mm, k, dtype=dtype or layer.scale.dtype, device=layer.qweight.device)
             start = time.perf_counter()
-            torch.ops.qcompile.wq_linear(x, layer.qweight, layer.scale, layer.zero, layer.bias, fmt, bits, group)
-            if x.is_cuda:
+            key = _launch(layer, fmt, bits, group, mm, k, dtype)
+            if layer.qweight.is_cuda:
                 torch.cuda.synchronize()
-            choice = ops.chosen.get(ops.tuning_key(fmt, bits, k if group == -1 else group, mm, n, k, x.dtype))
+            choice = ops.chosen.get(key)
             rows.append({"format": fmt, "bits": bits, "group_size": group, "K": k, "N": n, "M": mm,
                          "kernel": choice.kernel if choice else "dequant", "config": str(choice or "-"),
                          "seconds": round(time.perf_counter() - start, 3)})
@@ -71,11 +84,12 @@ def warmup_config(config_path: str, quant: dict, m, dtype_name: str = "fp16") ->
     layers, seen = nn.ModuleList(), set()
     for name, (fmt, bits, group) in plan(meta, **quant).items():
         lin = modules[name]
-        key = (fmt.name, bits, group, lin.in_features, lin.out_features, lin.bias is not None)
+        key = (fmt, bits, group, lin.in_features, lin.out_features, lin.bias is not None)
         if key not in seen:
             seen.add(key)
             dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=device, dtype=dtype)
-            layers.append(QuantLinear.from_linear(dense, fmt, bits, group))
+            layers.append(QuantLinear.from_linear(dense, FORMATS[fmt], bits, group) if fmt in FORMATS
+                          else W8A8Linear.from_linear(dense))
     rows = warmup(layers, m, dtype)
     width = max(len(r["config"]) for r in rows)
     print(f"{'layer':<28} {'M':>6}  {'kernel and config':<{width}}  seconds")

@@ -153,15 +153,17 @@ def test_warmup_launches_each_distinct_layer_shape_per_batch_size(cache, monkeyp
     import qcompile.runtime.ops as ops
     monkeypatch.setattr(ops, "TUNER", Tuner(cache))
     model = torch.nn.Sequential(torch.nn.Linear(64, 24), torch.nn.Linear(64, 24), torch.nn.Linear(24, 8))
-    qcompile.quantize(model, bits=4, group_size=8, config={"2": {"bits": 3}})
+    model.append(torch.nn.Linear(8, 16))
+    qcompile.quantize(model, bits=4, group_size=8, config={"2": {"bits": 3}, "3": {"format": "w8a8"}})
     ops.launches.clear()
     rows = qcompile.warmup(model, m=[1, 3], progress=False)
-    # layers 0 and 1 share a shape: 2 shapes x 2 batch sizes
-    assert [(r["N"], r["K"], r["bits"], r["M"], r["kernel"]) for r in rows] == [
-        (24, 64, 4, 1, "gemv"), (24, 64, 4, 3, "gemm"), (8, 24, 3, 1, "gemv"), (8, 24, 3, 3, "gemm")]
-    assert sum(ops.launches.values()) == 4 and all("BLOCK_N=" in r["config"] for r in rows)
-    assert len(cache.entries()) == 4 and ops.TUNER.stats["tuned"] == 4
+    # layers 0 and 1 share a shape: 3 shapes x 2 batch sizes
+    assert [(r["N"], r["K"], r["format"], r["bits"], r["M"], r["kernel"]) for r in rows] == [
+        (24, 64, "affine", 4, 1, "gemv"), (24, 64, "affine", 4, 3, "gemm"), (8, 24, "affine", 3, 1, "gemv"),
+        (8, 24, "affine", 3, 3, "gemm"), (16, 8, "w8a8", 8, 1, "int8"), (16, 8, "w8a8", 8, 3, "int8")]
+    assert sum(ops.launches.values()) == 6 and all("BLOCK_N=" in r["config"] for r in rows)
+    assert len(cache.entries()) == 6 and ops.TUNER.stats["tuned"] == 6
     with pytest.raises(ValueError, match="batch sizes"):
         qcompile.warmup(model, m=[0])
-    with pytest.raises(ValueError, match="no QuantLinear"):
+    with pytest.raises(ValueError, match="no quantized layer"):
         qcompile.warmup(torch.nn.Linear(4, 4))

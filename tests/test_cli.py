@@ -42,16 +42,16 @@ def test_dump_runs_a_script_and_names_the_matches(tmp_path):
     assert "2 matched, 0 fallbacks" in stdout and str(out) in stdout
     (graph,) = out.glob("graph_*")
     assert {p.name for p in graph.iterdir()} == {
-        "00_before.txt", "01_after_wonly_linear.txt", "01_rewrites_wonly_linear.json",
-        "01_rewrites_wonly_linear.svg", "summary.json"}
+        "00_before.txt", "01_after_int8_linear.txt", "01_rewrites_int8_linear.json", "02_after_wonly_linear.txt",
+        "02_rewrites_wonly_linear.json", "02_rewrites_wonly_linear.svg", "summary.json"}
     summary = json.loads((graph / "summary.json").read_text())
     assert [(m["format"], m["bits"], m["group_size"]) for m in summary["matched"]] == [("affine", 3, 8)] * 2
-    region = json.loads((graph / "01_rewrites_wonly_linear.json").read_text())
+    region = json.loads((graph / "02_rewrites_wonly_linear.json").read_text())
     roles = [n["role"] for n in region["after"]["nodes"]]
     assert roles.count("added") == 2, "one wq_linear per matched layer (biases folded in)"
     assert {n["op"] for n in region["after"]["nodes"] if n["role"] == "added"} == {"wq_linear"}
     assert {"mm", "addmm"} & {n["op"] for n in region["before"]["nodes"] if n["role"] == "removed"}
-    assert "<svg" in (graph / "01_rewrites_wonly_linear.svg").read_text()
+    assert "<svg" in (graph / "02_rewrites_wonly_linear.svg").read_text()
     assert "wq_gemm_kernel" in (out / "wq_gemm.py").read_text() and (out / "wq_gemv.py").exists()
     kernels = json.loads((out / "kernels.json").read_text())
     assert kernels and all("BLOCK_N=" in k["choice"] for k in kernels.values()), "the config each kernel ran with"
@@ -64,7 +64,7 @@ def test_dump_model_config_shows_what_would_match(tmp_path):
     out = tmp_path / "dump"
     stdout = qcompile_cli("dump", "--model", config, "--group-size", 32, "--skip", "lm_head", "--out", out)
     assert "14 matched, 0 fallbacks, 1 graphs, 0 graph breaks" in stdout  # 7 linears x 2 layers
-    assert len(list(out.glob("graph_*/01_rewrites_wonly_linear.svg"))) == 1
+    assert len(list(out.glob("graph_*/02_rewrites_wonly_linear.svg"))) == 1
 
 
 def test_dump_rejects_script_and_model_together(tmp_path):

@@ -1,0 +1,120 @@
+"""The int8 linear pass: a float32 matmul of two int8 tensors, and the per-row and per-column
+scaling after it, become ``qcompile::int8_mm`` (integer tensor cores, scales in the epilogue).
+
+That is the shape of every activation-quantized linear (w8a8's reference, LLM.int8()'s
+vector-wise product, SmoothQuant-style code): ``(x_q.float() @ w_q.float().t()) * s_x * s_w``.
+The activation quantization before the matmul stays in the graph, for Inductor to fuse into
+the op that produces x; so does anything after the scaling (bias, the cast back).
+"""
+import torch
+from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from qcompile.formats import FLOAT_DTYPES
+from qcompile.report import Fallback, Matched, Report
+from qcompile.runtime.device import match_blocked_reason
+import qcompile.runtime.ops  # noqa: F401  registers qcompile::int8_mm
+
+from .wonly_linear import _call, _val
+
+aten, prims = torch.ops.aten, torch.ops.prims
+OP = torch.ops.qcompile.int8_mm.default
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _is_transpose(node) -> bool:
+    return isinstance(node, Node) and (node.target == aten.t.default or (
+        node.target == aten.permute.default and list(node.args[1]) == [1, 0]))
+
+
+def int8_source(node: Node):
+    """(the int8 tensor, how to make the matmul operand of it) for a float matmul operand that
+    converts an int8 tensor, looking through one transpose (the weight) or one flattening view
+    (3-D activations) before or after the conversion; None if it is not one."""
+    steps, seen_convert = [], False
+    while isinstance(node, Node) and len(steps) < 3:
+        if node.target == prims.convert_element_type.default and not seen_convert:
+            seen_convert = True
+        elif _is_transpose(node) and "t" not in steps:
+            steps.append("t")
+        elif node.target in _VIEWS and "view" not in steps and _val(node).dim() == 2:
+            steps.append("view")
+        else:
+            break
+        node = node.args[0]
+    if not seen_convert or _val(node).dtype != torch.int8 or steps not in ([], ["t"], ["view"]):
+        return None
+    return node, steps[0] if steps else None
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _scale_of(mul: Node, chain: Node, shape) -> tuple[str, Node] | None:
+    """("row" | "col", the scale tensor) if ``mul`` multiplies ``chain`` (shape ``shape``) by a
+    float tensor that holds one value per row ([..., 1]) or per column ([N])."""
+    if mul.target != aten.mul.Tensor or len(mul.args) != 2 or chain not in mul.args:
+        return None
+    other = mul.args[1] if mul.args[0] is chain else mul.args[0]
+    if not isinstance(other, Node) or _val(other).dtype not in FLOAT_DTYPES:
+        return None
+    s = tuple(_val(other).shape)
+    if _same(s, (*shape[:-1], 1)):
+        return "row", other
+    if _same(s[-1:], shape[-1:]) and all(statically_known_true(d == 1) for d in s[:-1]):
+        return "col", other
+    return None
+
+
+def _epilogue(mm: Node):
+    """The views and scaling muls that follow ``mm`` one user at a time: (views, scales, last)."""
+    views, scales, node = [], {}, mm
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.target in _VIEWS:
+            views.append(user)
+        else:
+            found = _scale_of(user, node, tuple(_val(node).shape))
+            if found is None or found[0] in scales:
+                break
+            scales[found[0]] = found[1]
+        node = user
+    return views, scales, node
+
+
+def rewrite_int8_linears(graph: Graph, report: Report, inference: bool = True) -> None:
+    for mm in list(graph.nodes):
+        if mm.op != "call_function" or mm.target != aten.mm.default:
+            continue
+        a, b = int8_source(mm.args[0]), int8_source(mm.args[1])
+        if a is None or b is None:
+            continue
+        m, n = _val(mm).shape
+        k = _val(mm.args[0]).shape[1]
+        shapes = {"M": m if isinstance(m, int) else str(m), "K": int(k), "N": int(n), "dtype": "int8"}
+        reason = (None if _val(mm).dtype == torch.float32 else
+                  f"int8 operands converted to {_val(mm).dtype}; the int8 GEMM replaces float32 matmuls of int8 tensors")
+        reason = reason or match_blocked_reason(_val(mm).device) or (
+            None if inference else "graph needs autograd; qcompile kernels are inference-only")
+        if reason:
+            report.fallbacks.append(Fallback("int8_linear", reason, shapes, mm.name))
+            continue
+        views, scales, last = _epilogue(mm)
+        with graph.inserting_before(last):
+            ops = []
+            for src, step in (a, b):
+                if step == "t":
+                    src = _call(graph, aten.permute.default, (src, [1, 0]))
+                elif step == "view":
+                    src = _call(graph, aten.reshape.default, (src, [-1, k]))
+                ops.append(src)
+            vec = {kind: _call(graph, aten.reshape.default, (node, [-1])) for kind, node in scales.items()}
+            out = _call(graph, OP, (*ops, vec.get("row"), vec.get("col")))
+            for v in views:
+                out = _call(graph, v.target, (out, *v.args[1:]))
+        last.replace_all_uses_with(out)  # mm and its epilogue go with the dead code
+        report.matched.append(Matched("int8_linear", "w8a8", 8, -1, shapes,
+                                      f"int8_mm[{','.join(sorted(scales)) or 'unscaled'}]", mm.name))
+    graph.eliminate_dead_code()
+
