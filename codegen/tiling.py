@@ -32,8 +32,8 @@ CODE_BYTES = 4  # unpacked int32 codes, converted to the dot's layout through sh
 SMEM_BYTES = (STAGES * (BM * BK * X_BYTES + BK * BN * W_BYTES + S_ROWS * BN * S_BYTES)
               + BK * BN * (X_BYTES + CODE_BYTES))
 _smem = sympy.lambdify((BM, BN, BK, STAGES, X_BYTES, W_BYTES, S_BYTES, S_ROWS), SMEM_BYTES)
-SMEM_INT8 = STAGES * (BM * BK + BK * BN)  # int8_gemm: one int8 tile of each operand per stage
-_smem_int8 = sympy.lambdify((BM, BN, BK, STAGES), SMEM_INT8)
+SMEM_SCALED = STAGES * (BM * BK + BK * BN)  # scaled_gemm: one 8-bit tile of each operand per stage
+_smem_scaled = sympy.lambdify((BM, BN, BK, STAGES), SMEM_SCALED)
 
 
 def codes_per_word_padded(bits: int, planes: bool) -> int:
@@ -120,7 +120,7 @@ def _gemv_grid():
             + [cfg(bm, 64, kw, split, w) for bm, kw, split, w in product((2, 4, 8), (2, 4, 8), (8, 16, 32), (2, 4))])
 
 
-SMALLEST = {"int8": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4),
+SMALLEST = {"scaled": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4),
             "gemm": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_stages=1, num_warps=4),
             "gemv": triton.Config({"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_KW": 2, "SPLIT_K": 1}, num_stages=1, num_warps=4)}
 
@@ -145,21 +145,21 @@ def candidates(m: int, args: dict) -> list:
     return [c for group in itertools.zip_longest(*lists) for c in group if c is not None]
 
 
-def _int8_grid():
+def _scaled_grid():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in itertools.product((16, 32, 64, 128), (64, 128, 256), (64, 128), (3, 4), (4, 8))
             if not (bm <= 32 and w == 8)]
 
 
-def int8_candidates(m: int, device) -> list:
-    """int8_gemm configs for M rows: the M tile fits M's bucket (64 or 128 from 128 rows on),
+def scaled_candidates(m: int, device) -> list:
+    """scaled_gemm configs for M rows: the M tile fits M's bucket (64 or 128 from 128 rows on),
     the stages fit shared memory."""
     if interpreting():
-        return [Choice("int8", c) for c in INTERPRETED["int8"]]
+        return [Choice("scaled", c) for c in INTERPRETED["scaled"]]
     limit, mb = max_shared_mem(device.index or 0), m_bucket(m)
     wanted = (64, 128) if mb >= 128 else (max(16, mb),)
-    return [Choice("int8", c) for c in _int8_grid() if c.kwargs["BLOCK_M"] in wanted
-            and _smem_int8(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) <= limit]
+    return [Choice("scaled", c) for c in _scaled_grid() if c.kwargs["BLOCK_M"] in wanted
+            and _smem_scaled(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) <= limit]
 
 
 def prune_gemm(configs, args):

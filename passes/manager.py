@@ -11,15 +11,15 @@ from torch.fx import Graph
 
 from qcompile.report import Report
 
-from .int8_linear import rewrite_int8_linears
+from .scaled_linear import rewrite_scaled_linears
 from .wonly_linear import rewrite_linears
 
 _SOURCES = tuple(sorted(str(p) for d in (Path(__file__).parent, Path(__file__).parent.parent / "qcompile" / "formats")
                         for p in d.glob("*.py")))
 _counter = itertools.count()
 
-# int8 first: the weight-only pass would report these matmuls as int8 inputs it cannot match
-PASSES = [("int8_linear", rewrite_int8_linears), ("wonly_linear", rewrite_linears)]
+# scaled first: the weight-only pass would report its int8 matmuls as inputs it cannot match
+PASSES = [("scaled_linear", rewrite_scaled_linears), ("wonly_linear", rewrite_linears)]
 
 
 class QCompilePass(CustomGraphPass):

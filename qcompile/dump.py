@@ -75,9 +75,9 @@ def _write_kernels(folder: Path) -> None:
     (kernels/<n>.ttgir and .ptx: the template specialised for that key)."""
     if "qcompile.runtime.ops" not in sys.modules:
         return
-    from qcompile.codegen import int8_gemm, tiling, unpack, wq_dequant, wq_gemm, wq_gemv
+    from qcompile.codegen import scaled_gemm, tiling, unpack, wq_dequant, wq_gemm, wq_gemv
     from qcompile.runtime.ops import chosen, compiled
-    for module in (wq_gemv, wq_gemm, wq_dequant, unpack, int8_gemm, tiling):
+    for module in (wq_gemv, wq_gemm, wq_dequant, unpack, scaled_gemm, tiling):
         (folder / f"{module.__name__.rsplit('.', 1)[1]}.py").write_text(inspect.getsource(module))
     table = {}
     for i, (key, choice) in enumerate(chosen.items()):

@@ -14,8 +14,9 @@ def quantize(model: nn.Module, bits: int | None = None, group_size: int | None =
     """Quantize every nn.Linear of ``model`` in place and return ``model``.
 
     format: a weight-only format ("affine", "symmetric", "bipolar", "bcq"; bits 1-8, default 4;
-        group_size a divisor of in_features or -1, default 128) or "w8a8" (int8 weights per
-        channel and int8 activations per token: bits 8, group_size -1).
+        group_size a divisor of in_features or -1, default 128), or an activation-quantized one
+        ("w8a8": int8, "fp8": float8 e4m3; weights per channel, activations per token; bits 8,
+        group_size -1).
     skip: names (fnmatch patterns) of layers to leave in float, e.g. ``["lm_head"]``.
     config: per-layer settings, {name pattern: {"bits", "group_size", "format"} or None to
         skip}; the first matching pattern wins, unmatched layers use the arguments.

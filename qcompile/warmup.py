@@ -9,7 +9,7 @@ import time
 import torch
 from torch import nn
 
-from .formats import FORMATS, QuantLinear, W8A8Linear
+from .formats import ACTIVATION_FORMATS, FORMATS, QuantLinear, ScaledLinear
 
 DEFAULT_M = (1, 16, 128, 1024)
 
@@ -18,7 +18,7 @@ def layer_shapes(model: nn.Module) -> dict:
     """{(format, bits, group_size, K, N, has_bias): the first quantized layer of that shape}."""
     shapes = {}
     for module in model.modules():
-        if isinstance(module, (QuantLinear, W8A8Linear)):
+        if isinstance(module, (QuantLinear, ScaledLinear)):
             name = module.fmt.name if isinstance(module, QuantLinear) else module.format_name
             key = (name, module.bits, module.group_size, module.in_features, module.out_features,
                    module.bias is not None)
@@ -30,10 +30,10 @@ def _launch(layer, fmt, bits, group, mm, k, dtype):
     """One call of the op the compiled layer runs; its tuning key."""
     import qcompile.runtime.ops as ops
     device = layer.qweight.device
-    if isinstance(layer, W8A8Linear):
-        xq = torch.randint(-127, 128, (mm, k), dtype=torch.int8, device=device)
-        torch.ops.qcompile.int8_mm(xq, layer.qweight.t(), torch.rand(mm, device=device), layer.scale)
-        return ops.int8_key(mm, layer.out_features, k)
+    if isinstance(layer, ScaledLinear):
+        xq = torch.randn(mm, k, device=device).mul(20).clamp(-127, 127).to(layer.code_dtype)
+        torch.ops.qcompile.scaled_mm(xq, layer.qweight.t(), torch.rand(mm, device=device), layer.scale)
+        return ops.scaled_key(xq.dtype, mm, layer.out_features, k)
     x = torch.randn(mm, k, dtype=dtype or layer.scale.dtype, device=device)
     torch.ops.qcompile.wq_linear(x, layer.qweight, layer.scale, layer.zero, layer.bias, fmt, bits, group)
     return ops.tuning_key(fmt, bits, k if group == -1 else group, mm, layer.out_features, k, x.dtype)
@@ -89,7 +89,7 @@ def warmup_config(config_path: str, quant: dict, m, dtype_name: str = "fp16") ->
             seen.add(key)
             dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=device, dtype=dtype)
             layers.append(QuantLinear.from_linear(dense, FORMATS[fmt], bits, group) if fmt in FORMATS
-                          else W8A8Linear.from_linear(dense))
+                          else ACTIVATION_FORMATS[fmt].from_linear(dense))
     rows = warmup(layers, m, dtype)
     width = max(len(r["config"]) for r in rows)
     print(f"{'layer':<28} {'M':>6}  {'kernel and config':<{width}}  seconds")

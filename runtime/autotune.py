@@ -21,12 +21,12 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from qcompile.codegen import int8_gemm, tiling, unpack, wq_gemm, wq_gemv
+from qcompile.codegen import scaled_gemm, tiling, unpack, wq_gemm, wq_gemv
 
 from .autotune_cache import AutotuneCache
 
 # A tuned choice is only valid for the code it was timed on.
-SOURCE = hashlib.sha256("".join(inspect.getsource(m) for m in (tiling, unpack, wq_gemm, wq_gemv, int8_gemm)).encode()
+SOURCE = hashlib.sha256("".join(inspect.getsource(m) for m in (tiling, unpack, wq_gemm, wq_gemv, scaled_gemm)).encode()
                         ).hexdigest()[:16]
 
 

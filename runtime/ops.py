@@ -9,7 +9,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from qcompile.codegen import tiling
-from qcompile.codegen.int8_gemm import int8_gemm_kernel
+from qcompile.codegen.scaled_gemm import scaled_gemm_kernel
 from qcompile.codegen.wq_gemm import FMT_CODES, wq_gemm_kernel
 from qcompile.codegen.wq_dequant import wq_dequant_kernel
 from qcompile.codegen.wq_gemv import wq_gemv_kernel
@@ -18,7 +18,8 @@ from qcompile.formats import Packed, get_format
 from .autotune import TUNER
 from .device import interpreting, kernel_unavailable_reason
 
-KERNELS = {"gemm": wq_gemm_kernel, "gemv": wq_gemv_kernel, "int8": int8_gemm_kernel}
+KERNELS = {"gemm": wq_gemm_kernel, "gemv": wq_gemv_kernel, "scaled": scaled_gemm_kernel}
+SCALED_FORMATS = {torch.int8: ("w8a8", tl.int32), torch.float8_e4m3fn: ("fp8", tl.float32)}  # name, accumulator
 
 launches = Counter()  # kernel launches per (kernel, format, bits): tests assert which kernel ran
 chosen = {}  # tuning_key(...) -> the tiling.Choice (kernel and config) that ran
@@ -141,16 +142,17 @@ def _(x, qweight, scale, zero, bias, fmt, bits, group_size):
     return x.new_empty(*x.shape[:-1], qweight.shape[-1])
 
 
-def int8_key(m, n, k) -> tuple:
-    """int8_mm's tuning key; ``chosen[int8_key(...)]`` is the Choice that ran."""
-    return ("int8", tiling.m_bucket(m), n, k)
+def scaled_key(dtype, m, n, k) -> tuple:
+    """scaled_mm's tuning key; ``chosen[scaled_key(...)]`` is the Choice that ran."""
+    return ("scaled", str(dtype).replace("torch.", ""), tiling.m_bucket(m), n, k)
 
 
-@torch.library.custom_op("qcompile::int8_mm", mutates_args=())
-def int8_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None,
+@torch.library.custom_op("qcompile::scaled_mm", mutates_args=())
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None,
             col_scale: torch.Tensor | None) -> torch.Tensor:
-    """float32 (a @ b) * row_scale[:, None] * col_scale[None, :] for int8 a [M, K] and b [K, N]
-    (any strides: the weight arrives as its transposed [N, K] storage), int32 accumulation."""
+    """float32 (a @ b) * row_scale[:, None] * col_scale[None, :] for 8-bit a [M, K] and b [K, N]
+    of one dtype, int8 or float8_e4m3fn (any strides: the weight arrives as its transposed
+    [N, K] storage)."""
     m, n = a.shape[0], b.shape[1]
     if kernel_unavailable_reason(a.device) is not None:
         y = a.float() @ b.float()
@@ -163,23 +165,24 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None,
     args = (a, b, scales if row_scale is None else row_scale, scales if col_scale is None else col_scale, out,
             m, n, a.shape[1], tiling.m_bucket(m), a.stride(0), a.stride(1), b.stride(1), b.stride(0),
             out.stride(0), out.stride(1))
-    consts = dict(HAS_ROW=row_scale is not None, HAS_COL=col_scale is not None)
+    fmt, acc = SCALED_FORMATS[a.dtype]
+    consts = dict(ACC=acc, HAS_ROW=row_scale is not None, HAS_COL=col_scale is not None)
 
     def run(c: tiling.Choice):
         cfg = c.config.kwargs
-        return int8_gemm_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))](
+        return scaled_gemm_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))](
             *args, **consts, **cfg, num_warps=c.config.num_warps, num_stages=c.config.num_stages)
 
-    key = int8_key(m, n, a.shape[1])
-    choice = TUNER.pick("int8_mm", key, lambda: tiling.int8_candidates(m, a.device), run, a.device)
+    key = scaled_key(a.dtype, m, n, a.shape[1])
+    choice = TUNER.pick("scaled_mm", key, lambda: tiling.scaled_candidates(m, a.device), run, a.device)
     binary = run(choice)
-    launches["int8", "w8a8", 8] += 1
+    launches["scaled", fmt, 8] += 1
     chosen[key] = choice
     if binary is not None:
         compiled[key] = binary
     return out
 
 
-@int8_mm.register_fake
+@scaled_mm.register_fake
 def _(a, b, row_scale, col_scale):
     return a.new_empty(a.shape[0], b.shape[1], dtype=torch.float32)

@@ -160,7 +160,7 @@ def test_warmup_launches_each_distinct_layer_shape_per_batch_size(cache, monkeyp
     # layers 0 and 1 share a shape: 3 shapes x 2 batch sizes
     assert [(r["N"], r["K"], r["format"], r["bits"], r["M"], r["kernel"]) for r in rows] == [
         (24, 64, "affine", 4, 1, "gemv"), (24, 64, "affine", 4, 3, "gemm"), (8, 24, "affine", 3, 1, "gemv"),
-        (8, 24, "affine", 3, 3, "gemm"), (16, 8, "w8a8", 8, 1, "int8"), (16, 8, "w8a8", 8, 3, "int8")]
+        (8, 24, "affine", 3, 3, "gemm"), (16, 8, "w8a8", 8, 1, "scaled"), (16, 8, "w8a8", 8, 3, "scaled")]
     assert sum(ops.launches.values()) == 6 and all("BLOCK_N=" in r["config"] for r in rows)
     assert len(cache.entries()) == 6 and ops.TUNER.stats["tuned"] == 6
     with pytest.raises(ValueError, match="batch sizes"):

@@ -42,7 +42,7 @@ def test_dump_runs_a_script_and_names_the_matches(tmp_path):
     assert "2 matched, 0 fallbacks" in stdout and str(out) in stdout
     (graph,) = out.glob("graph_*")
     assert {p.name for p in graph.iterdir()} == {
-        "00_before.txt", "01_after_int8_linear.txt", "01_rewrites_int8_linear.json", "02_after_wonly_linear.txt",
+        "00_before.txt", "01_after_scaled_linear.txt", "01_rewrites_scaled_linear.json", "02_after_wonly_linear.txt",
         "02_rewrites_wonly_linear.json", "02_rewrites_wonly_linear.svg", "summary.json"}
     summary = json.loads((graph / "summary.json").read_text())
     assert [(m["format"], m["bits"], m["group_size"]) for m in summary["matched"]] == [("affine", 3, 8)] * 2

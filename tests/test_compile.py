@@ -132,12 +132,12 @@ def test_debug_dir_dumps_graphs_and_summary(tmp_path, device, monkeypatch):
         qcompile.explain(model, torch.randn(2, 4, 64, device=device))
     (folder,) = tmp_path.iterdir()
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["00_before.txt", "01_after_int8_linear.txt", "01_rewrites_int8_linear.json",
+    assert files == ["00_before.txt", "01_after_scaled_linear.txt", "01_rewrites_scaled_linear.json",
                      "02_after_wonly_linear.txt", "02_rewrites_wonly_linear.json", "summary.json"]
     after = (folder / "02_after_wonly_linear.txt").read_text()
     assert "qcompile.wq_linear" in after and "aten.mm" not in after
     assert "aten.add" not in after, "the bias add is folded into the kernel"
-    assert not json.loads((folder / "01_rewrites_int8_linear.json").read_text())["after"]["nodes"]
+    assert not json.loads((folder / "01_rewrites_scaled_linear.json").read_text())["after"]["nodes"]
     region = json.loads((folder / "02_rewrites_wonly_linear.json").read_text())
     removed = {n["op"] for n in region["before"]["nodes"] if n["role"] == "removed"}
     assert {"mm", "add", "bitwise_and"} <= removed  # the dequantization, the matmul and the bias add

@@ -5,11 +5,11 @@ from .bcq import BCQ
 from .bipolar import Bipolar
 from .linear import QuantLinear
 from .symmetric import Symmetric
-from .w8a8 import W8A8Linear
+from .scaled import FP8Linear, ScaledLinear, W8A8Linear
 
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Affine(), Symmetric(), Bipolar(), BCQ())}
 # formats that also quantize the activations: the module whose forward is the specification
-ACTIVATION_FORMATS = {"w8a8": W8A8Linear}
+ACTIVATION_FORMATS = {cls.format_name: cls for cls in (W8A8Linear, FP8Linear)}
 
 
 def get_format(name) -> WeightFormat:
@@ -19,5 +19,5 @@ def get_format(name) -> WeightFormat:
     return FORMATS[name]
 
 
-__all__ = ["ACTIVATION_FORMATS", "FORMATS", "FLOAT_DTYPES", "Packed", "QuantLinear", "W8A8Linear", "WeightFormat",
-           "check_args", "get_format"]
+__all__ = ["ACTIVATION_FORMATS", "FORMATS", "FLOAT_DTYPES", "FP8Linear", "Packed", "QuantLinear", "ScaledLinear",
+           "W8A8Linear", "WeightFormat", "check_args", "get_format"]

@@ -1,8 +1,10 @@
-"""The int8 linear pass: a float32 matmul of two int8 tensors, and the per-row and per-column
-scaling after it, become ``qcompile::int8_mm`` (integer tensor cores, scales in the epilogue).
+"""The scaled linear pass: a float32 matmul of two 8-bit tensors (int8 or float8 e4m3), and the
+per-row and per-column scaling after it, become ``qcompile::scaled_mm`` (8-bit tensor cores,
+scales in the epilogue).
 
-That is the shape of every activation-quantized linear (w8a8's reference, LLM.int8()'s
-vector-wise product, SmoothQuant-style code): ``(x_q.float() @ w_q.float().t()) * s_x * s_w``.
+That is the shape of every activation-quantized linear (w8a8's and fp8's references,
+LLM.int8()'s vector-wise product, SmoothQuant-style code):
+``(x_q.float() @ w_q.float().t()) * s_x * s_w``.
 The activation quantization before the matmul stays in the graph, for Inductor to fuse into
 the op that produces x; so does anything after the scaling (bias, the cast back).
 """
@@ -13,12 +15,12 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from qcompile.formats import FLOAT_DTYPES
 from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import match_blocked_reason
-import qcompile.runtime.ops  # noqa: F401  registers qcompile::int8_mm
+from qcompile.runtime.ops import SCALED_FORMATS  # registers qcompile::scaled_mm too
 
 from .wonly_linear import _call, _val
 
 aten, prims = torch.ops.aten, torch.ops.prims
-OP = torch.ops.qcompile.int8_mm.default
+OP = torch.ops.qcompile.scaled_mm.default
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
@@ -27,10 +29,10 @@ def _is_transpose(node) -> bool:
         node.target == aten.permute.default and list(node.args[1]) == [1, 0]))
 
 
-def int8_source(node: Node):
-    """(the int8 tensor, how to make the matmul operand of it) for a float matmul operand that
-    converts an int8 tensor, looking through one transpose (the weight) or one flattening view
-    (3-D activations) before or after the conversion; None if it is not one."""
+def lowp_source(node: Node):
+    """(the 8-bit tensor, how to make the matmul operand of it) for a float matmul operand that
+    converts an int8 or float8 tensor, looking through one transpose (the weight) or one
+    flattening view (3-D activations) before or after the conversion; None if it is not one."""
     steps, seen_convert = [], False
     while isinstance(node, Node) and len(steps) < 3:
         if node.target == prims.convert_element_type.default and not seen_convert:
@@ -42,7 +44,7 @@ def int8_source(node: Node):
         else:
             break
         node = node.args[0]
-    if not seen_convert or _val(node).dtype != torch.int8 or steps not in ([], ["t"], ["view"]):
+    if not seen_convert or _val(node).dtype not in SCALED_FORMATS or steps not in ([], ["t"], ["view"]):
         return None
     return node, steps[0] if steps else None
 
@@ -83,22 +85,24 @@ def _epilogue(mm: Node):
     return views, scales, node
 
 
-def rewrite_int8_linears(graph: Graph, report: Report, inference: bool = True) -> None:
+def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True) -> None:
     for mm in list(graph.nodes):
         if mm.op != "call_function" or mm.target != aten.mm.default:
             continue
-        a, b = int8_source(mm.args[0]), int8_source(mm.args[1])
-        if a is None or b is None:
+        a, b = lowp_source(mm.args[0]), lowp_source(mm.args[1])
+        if a is None or b is None or _val(a[0]).dtype != _val(b[0]).dtype:
             continue
+        fmt = SCALED_FORMATS[_val(a[0]).dtype][0]
         m, n = _val(mm).shape
         k = _val(mm.args[0]).shape[1]
-        shapes = {"M": m if isinstance(m, int) else str(m), "K": int(k), "N": int(n), "dtype": "int8"}
+        shapes = {"M": m if isinstance(m, int) else str(m), "K": int(k), "N": int(n),
+                  "dtype": str(_val(a[0]).dtype).replace("torch.", "")}
         reason = (None if _val(mm).dtype == torch.float32 else
-                  f"int8 operands converted to {_val(mm).dtype}; the int8 GEMM replaces float32 matmuls of int8 tensors")
+                  f"8-bit operands converted to {_val(mm).dtype}; the scaled GEMM replaces float32 matmuls")
         reason = reason or match_blocked_reason(_val(mm).device) or (
             None if inference else "graph needs autograd; qcompile kernels are inference-only")
         if reason:
-            report.fallbacks.append(Fallback("int8_linear", reason, shapes, mm.name))
+            report.fallbacks.append(Fallback("scaled_linear", reason, shapes, mm.name))
             continue
         views, scales, last = _epilogue(mm)
         with graph.inserting_before(last):
@@ -114,7 +118,7 @@ def rewrite_int8_linears(graph: Graph, report: Report, inference: bool = True) -
             for v in views:
                 out = _call(graph, v.target, (out, *v.args[1:]))
         last.replace_all_uses_with(out)  # mm and its epilogue go with the dead code
-        report.matched.append(Matched("int8_linear", "w8a8", 8, -1, shapes,
-                                      f"int8_mm[{','.join(sorted(scales)) or 'unscaled'}]", mm.name))
+        report.matched.append(Matched("scaled_linear", fmt, 8, -1, shapes,
+                                      f"scaled_mm[{','.join(sorted(scales)) or 'unscaled'}]", mm.name))
     graph.eliminate_dead_code()
 

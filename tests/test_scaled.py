@@ -1,0 +1,93 @@
+"""Activation-quantized formats (w8a8: int8, fp8: float8 e4m3): the scaled GEMM op against the
+float reference, and torch.compile of their modules (the specification) against eager."""
+import pytest
+import torch
+from torch import nn
+
+import qcompile
+from conftest import DTYPES, assert_close
+from qcompile.formats import ACTIVATION_FORMATS
+from qcompile.formats.scaled import quantize_rows
+from qcompile.runtime.ops import launches
+
+CODES = {"w8a8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+def random_codes(shape, dtype, device):
+    return torch.randn(shape, device=device).mul(40).clamp(-127, 127).to(dtype)
+
+
+@pytest.mark.parametrize("fmt", CODES)
+@pytest.mark.parametrize("m, k, n", [(1, 40, 24), (3, 100, 33), (37, 64, 17)])
+@pytest.mark.parametrize("scales", ["row,col", "row", "none"])
+def test_scaled_mm_against_the_float_product(fmt, m, k, n, scales, device):
+    torch.manual_seed(m)
+    a, w = random_codes((m, k), CODES[fmt], device), random_codes((n, k), CODES[fmt], device)  # w: [N, K]
+    row = torch.rand(m, device=device) if "row" in scales else None
+    col = torch.rand(n, device=device) if "col" in scales else None
+    launches.clear()
+    out = torch.ops.qcompile.scaled_mm(a, w.t(), row, col)
+    ref = a.double() @ w.double().t() * (1 if row is None else row.double()[:, None]) * (1 if col is None else col.double())
+    assert out.dtype == torch.float32 and torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-2)
+    assert launches == {("scaled", fmt, 8): 1}
+
+
+@pytest.mark.parametrize("fmt", CODES)
+def test_quantize_checks_the_fixed_arguments_and_rounds_within_half_a_step(fmt):
+    model = nn.Sequential(nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=f"bits=4 with format='{fmt}': the allowed value is 8"):
+        qcompile.quantize(model, bits=4, format=fmt)
+    with pytest.raises(ValueError, match=f"group_size=32 with format='{fmt}': the allowed value is -1"):
+        qcompile.quantize(model, group_size=32, format=fmt)
+    with pytest.raises(ValueError, match="allowed values are 'affine', 'symmetric', 'bipolar', 'bcq', 'w8a8', 'fp8'"):
+        qcompile.quantize(model, format="int4")
+    lin = model[0]
+    qcompile.quantize(model, format=fmt, bits=8, group_size=-1)
+    q = model[0]
+    assert isinstance(q, ACTIVATION_FORMATS[fmt]) and q.qweight.dtype == CODES[fmt] and q.scale.shape == (8,)
+    err = (q.dequantize() - lin.weight).abs() / lin.weight.abs().amax(1, keepdim=True)
+    assert err.max() <= (0.5 / 127 if fmt == "w8a8" else 2 ** -4) * 1.01  # e4m3: 3 mantissa bits
+    codes, scale = quantize_rows(torch.tensor([[0.0, 1.0, -2.0]]), CODES[fmt])
+    assert codes.float().abs().max() == (127 if fmt == "w8a8" else 448) and scale.item() > 0
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, fmt, dtype, device):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(96, 40), nn.Linear(40, 24, bias=False)
+        self.to(dtype)
+        qcompile.quantize(self, format=fmt)
+        self.to(device)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("fmt", CODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compiled_matches_eager_with_one_scaled_gemm_per_layer(fmt, dtype, device):
+    model = TwoLayers(fmt, dtype, device)
+    compiled = torch.compile(model, backend="qcompile")
+    for shape in [(3, 96), (1, 96), (2, 5, 96)]:
+        x = torch.randn(shape, dtype=dtype, device=device)
+        with torch.no_grad():
+            if shape == (3, 96):
+                report = qcompile.explain(model, x)
+                assert [(m.kind, m.format) for m in report.matched] == [("scaled_linear", fmt)] * 2, str(report)
+                assert not report.fallbacks and all(m.kernel == "scaled_mm[col,row]" for m in report.matched)
+            launches.clear()
+            out, ref = compiled(x), model(x)
+        assert launches == {("scaled", fmt, 8): 2}
+        assert_close(out, ref, dtype)
+
+
+def test_8bit_operands_cast_to_half_fall_back_with_a_reason(device):
+    w = torch.randint(-127, 128, (8, 32), dtype=torch.int8, device=device)
+
+    def f(x):
+        return x.to(torch.int8).half() @ w.half().t()
+    x = torch.randint(-5, 5, (4, 32), device=device).half()
+    report = qcompile.explain(f, x)
+    assert not report.matched and "converted to torch.float16" in report.fallbacks[0].reason
+    assert torch.equal(torch.compile(f, backend="qcompile")(x), f(x))
