@@ -1,10 +1,10 @@
 """The scaled 8-bit GEMM template (int8 or fp8 tensor cores) for activation-quantized
-linears: y[M, N] = (a[M, K] . b[K, N]) * row_scale[M] * col_scale[N].
+linears: y[M, N] = (a[M, K] . b[K, N]) * row_scale[M] * col_scale[N] + bias[N].
 
 a holds the per-token 8-bit activations, b the 8-bit weight (as nn.Linear stores it, [N, K],
 read through strides as K x N tiles); ACC is the accumulator: int32 for int8, float32 for
-fp8. The scales are float32 and optional (HAS_ROW, HAS_COL), applied once per output in the
-epilogue. Output float32, the dtype of the matmul the pass replaces.
+fp8. The scales and the bias are optional (HAS_ROW, HAS_COL, HAS_BIAS), applied in float32
+once per output in the epilogue, which stores y's dtype.
 """
 import triton
 import triton.language as tl
@@ -12,9 +12,9 @@ import triton.language as tl
 
 @triton.jit
 def scaled_gemm_kernel(
-    a_ptr, b_ptr, row_ptr, col_ptr, y_ptr, M, N, K, M_BUCKET,
+    a_ptr, b_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
     sam, sak, sbn, sbk, sym, syn,
-    ACC: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
+    ACC: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -30,7 +30,10 @@ def scaled_gemm_kernel(
         acc = tl.dot(a, b, acc)
     y = acc.to(tl.float32)
     if HAS_ROW:
-        y *= tl.load(row_ptr + rm, mask=rm < M, other=0.0)[:, None]
+        y *= tl.load(row_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)[:, None]
     if HAS_COL:
-        y *= tl.load(col_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, y, mask=(rm[:, None] < M) & (rn[None, :] < N))
+        y *= tl.load(col_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, y.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))

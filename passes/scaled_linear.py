@@ -1,12 +1,12 @@
 """The scaled linear pass: a float32 matmul of two 8-bit tensors (int8 or float8 e4m3), and the
-per-row and per-column scaling after it, become ``qcompile::scaled_mm`` (8-bit tensor cores,
-scales in the epilogue).
+per-row and per-column scaling, the bias add and the cast after it, become
+``qcompile::scaled_mm`` (8-bit tensor cores, all of that in the epilogue).
 
 That is the shape of every activation-quantized linear (w8a8's and fp8's references,
 LLM.int8()'s vector-wise product, SmoothQuant-style code):
 ``(x_q.float() @ w_q.float().t()) * s_x * s_w``.
 The activation quantization before the matmul stays in the graph, for Inductor to fuse into
-the op that produces x; so does anything after the scaling (bias, the cast back).
+the op that produces x.
 """
 import torch
 from torch.fx import Graph, Node
@@ -53,36 +53,42 @@ def _same(a, b) -> bool:
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
-def _scale_of(mul: Node, chain: Node, shape) -> tuple[str, Node] | None:
-    """("row" | "col", the scale tensor) if ``mul`` multiplies ``chain`` (shape ``shape``) by a
-    float tensor that holds one value per row ([..., 1]) or per column ([N])."""
-    if mul.target != aten.mul.Tensor or len(mul.args) != 2 or chain not in mul.args:
+def _operand_of(op: Node, chain: Node, shape) -> tuple[str, Node] | None:
+    """What ``op`` does to ``chain`` (shape ``shape``) that the kernel's epilogue can take:
+    ("row" | "col", scale) for a multiplication by one float per row ([..., 1]) or per column
+    ([N]); ("bias", b) for an addition of one float per column."""
+    kinds = {aten.mul.Tensor: ("row", "col"), aten.add.Tensor: ("bias",)}.get(op.target)
+    if kinds is None or len(op.args) != 2 or op.kwargs or chain not in op.args:
         return None
-    other = mul.args[1] if mul.args[0] is chain else mul.args[0]
+    other = op.args[1] if op.args[0] is chain else op.args[0]
     if not isinstance(other, Node) or _val(other).dtype not in FLOAT_DTYPES:
         return None
     s = tuple(_val(other).shape)
-    if _same(s, (*shape[:-1], 1)):
+    per_col = _same(s[-1:], shape[-1:]) and all(statically_known_true(d == 1) for d in s[:-1])
+    if "row" in kinds and _same(s, (*shape[:-1], 1)):
         return "row", other
-    if _same(s[-1:], shape[-1:]) and all(statically_known_true(d == 1) for d in s[:-1]):
-        return "col", other
+    if per_col:
+        return kinds[-1], other
     return None
 
 
 def _epilogue(mm: Node):
-    """The views and scaling muls that follow ``mm`` one user at a time: (views, scales, last)."""
-    views, scales, node = [], {}, mm
-    while len(node.users) == 1:
+    """What follows ``mm`` one user at a time and the kernel can do instead: views, the row
+    and column scales, then a bias, then a cast. Returns (views, {kind: node or dtype}, last)."""
+    views, epi, node = [], {}, mm
+    while len(node.users) == 1 and "dtype" not in epi:
         user = next(iter(node.users))
         if user.target in _VIEWS:
             views.append(user)
+        elif user.target == prims.convert_element_type.default and user.args[1] in FLOAT_DTYPES:
+            epi["dtype"] = user.args[1]
         else:
-            found = _scale_of(user, node, tuple(_val(node).shape))
-            if found is None or found[0] in scales:
+            found = _operand_of(user, node, tuple(_val(node).shape))
+            if found is None or found[0] in epi or "bias" in epi:  # nothing scales the bias
                 break
-            scales[found[0]] = found[1]
+            epi[found[0]] = found[1]
         node = user
-    return views, scales, node
+    return views, epi, node
 
 
 def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True) -> None:
@@ -104,7 +110,7 @@ def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True)
         if reason:
             report.fallbacks.append(Fallback("scaled_linear", reason, shapes, mm.name))
             continue
-        views, scales, last = _epilogue(mm)
+        views, epi, last = _epilogue(mm)
         with graph.inserting_before(last):
             ops = []
             for src, step in (a, b):
@@ -113,12 +119,17 @@ def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True)
                 elif step == "view":
                     src = _call(graph, aten.reshape.default, (src, [-1, k]))
                 ops.append(src)
-            vec = {kind: _call(graph, aten.reshape.default, (node, [-1])) for kind, node in scales.items()}
-            out = _call(graph, OP, (*ops, vec.get("row"), vec.get("col")))
+            vec = {kind: _call(graph, aten.reshape.default, (epi[kind], [-1]))
+                   for kind in ("row", "col", "bias") if kind in epi}
+            out = _call(graph, OP, (*ops, vec.get("row"), vec.get("col"), vec.get("bias"),
+                                    epi.get("dtype", torch.float32)))
             for v in views:
                 out = _call(graph, v.target, (out, *v.args[1:]))
         last.replace_all_uses_with(out)  # mm and its epilogue go with the dead code
+        folded = [kind for kind in ("row", "col", "bias") if kind in epi]
+        if "dtype" in epi:
+            folded.append(str(epi["dtype"]).replace("torch.", ""))
         report.matched.append(Matched("scaled_linear", fmt, 8, -1, shapes,
-                                      f"scaled_mm[{','.join(sorted(scales)) or 'unscaled'}]", mm.name))
+                                      f"scaled_mm[{','.join(folded) or 'unscaled'}]", mm.name))
     graph.eliminate_dead_code()
 

@@ -32,22 +32,25 @@ def _launch(layer, fmt, bits, group, mm, k, dtype):
     device = layer.qweight.device
     if isinstance(layer, ScaledLinear):
         xq = torch.randn(mm, k, device=device).mul(20).clamp(-127, 127).to(layer.code_dtype)
-        torch.ops.qcompile.scaled_mm(xq, layer.qweight.t(), torch.rand(mm, device=device), layer.scale)
+        torch.ops.qcompile.scaled_mm(xq, layer.qweight.t(), torch.rand(mm, device=device), layer.scale,
+                                     layer.bias, dtype)
         return ops.scaled_key(xq.dtype, mm, layer.out_features, k)
-    x = torch.randn(mm, k, dtype=dtype or layer.scale.dtype, device=device)
+    x = torch.randn(mm, k, dtype=dtype, device=device)
     torch.ops.qcompile.wq_linear(x, layer.qweight, layer.scale, layer.zero, layer.bias, fmt, bits, group)
     return ops.tuning_key(fmt, bits, k if group == -1 else group, mm, layer.out_features, k, x.dtype)
 
 
 def warmup(model: nn.Module, m=DEFAULT_M, dtype: torch.dtype | None = None, progress: bool = True) -> list:
     """Launch every distinct quantized layer of ``model`` once per batch size in ``m`` (rows of
-    the activation: batch x sequence). ``dtype``: the activations' (default: the layer's).
+    the activation: batch x sequence). ``dtype``: the activations' (default: the weight-only
+    layer's scale dtype; for 8-bit activation formats, the model's first float parameter's).
     Returns one row per launch: shape, M, kernel, chosen config and seconds spent."""
     from tqdm import tqdm
 
     import qcompile.runtime.ops as ops
 
     shapes = layer_shapes(model)
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if not shapes:
         raise ValueError("model has no quantized layer: call qcompile.quantize(model, ...) first")
     if any(not isinstance(x, int) or x < 1 for x in m):
@@ -58,7 +61,8 @@ def warmup(model: nn.Module, m=DEFAULT_M, dtype: torch.dtype | None = None, prog
         for (fmt, bits, group, k, n, _), layer, mm in bar:
             bar.set_postfix_str(f"{fmt} w{bits} g{group} {n}x{k} M={mm}")
             start = time.perf_counter()
-            key = _launch(layer, fmt, bits, group, mm, k, dtype)
+            key = _launch(layer, fmt, bits, group, mm, k,
+                          dtype or (model_dtype if isinstance(layer, ScaledLinear) else layer.scale.dtype))
             if layer.qweight.is_cuda:
                 torch.cuda.synchronize()
             choice = ops.chosen.get(key)

@@ -148,25 +148,25 @@ def scaled_key(dtype, m, n, k) -> tuple:
 
 
 @torch.library.custom_op("qcompile::scaled_mm", mutates_args=())
-def scaled_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None,
-            col_scale: torch.Tensor | None) -> torch.Tensor:
-    """float32 (a @ b) * row_scale[:, None] * col_scale[None, :] for 8-bit a [M, K] and b [K, N]
-    of one dtype, int8 or float8_e4m3fn (any strides: the weight arrives as its transposed
-    [N, K] storage)."""
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None, col_scale: torch.Tensor | None,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """((a @ b) * row_scale[:, None] * col_scale[None, :] + bias), computed in float32 and
+    returned in ``out_dtype``, for 8-bit a [M, K] and b [K, N] of one dtype, int8 or
+    float8_e4m3fn (any strides: the weight arrives as its transposed [N, K] storage)."""
     m, n = a.shape[0], b.shape[1]
     if kernel_unavailable_reason(a.device) is not None:
         y = a.float() @ b.float()
-        y = y if row_scale is None else y * row_scale[:, None]
-        return y if col_scale is None else y * col_scale
-    out = torch.empty(m, n, dtype=torch.float32, device=a.device)
+        for v, shape in ((row_scale, (-1, 1)), (col_scale, (1, -1))):
+            y = y if v is None else y * v.float().view(shape)
+        return (y if bias is None else y + bias.float()).to(out_dtype)
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if not out.numel():
         return out
-    scales = row_scale if row_scale is not None else (col_scale if col_scale is not None else out)
-    args = (a, b, scales if row_scale is None else row_scale, scales if col_scale is None else col_scale, out,
+    args = (a, b, *(out if v is None else v for v in (row_scale, col_scale, bias)), out,
             m, n, a.shape[1], tiling.m_bucket(m), a.stride(0), a.stride(1), b.stride(1), b.stride(0),
             out.stride(0), out.stride(1))
     fmt, acc = SCALED_FORMATS[a.dtype]
-    consts = dict(ACC=acc, HAS_ROW=row_scale is not None, HAS_COL=col_scale is not None)
+    consts = dict(ACC=acc, HAS_ROW=row_scale is not None, HAS_COL=col_scale is not None, HAS_BIAS=bias is not None)
 
     def run(c: tiling.Choice):
         cfg = c.config.kwargs
@@ -184,5 +184,5 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None,
 
 
 @scaled_mm.register_fake
-def _(a, b, row_scale, col_scale):
-    return a.new_empty(a.shape[0], b.shape[1], dtype=torch.float32)
+def _(a, b, row_scale, col_scale, bias, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)

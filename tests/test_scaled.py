@@ -19,16 +19,21 @@ def random_codes(shape, dtype, device):
 
 @pytest.mark.parametrize("fmt", CODES)
 @pytest.mark.parametrize("m, k, n", [(1, 40, 24), (3, 100, 33), (37, 64, 17)])
-@pytest.mark.parametrize("scales", ["row,col", "row", "none"])
-def test_scaled_mm_against_the_float_product(fmt, m, k, n, scales, device):
+@pytest.mark.parametrize("scales, out_dtype", [("row,col", torch.float32), ("row,col,bias", torch.float16),
+                                               ("row", torch.bfloat16), ("none", torch.float32)])
+def test_scaled_mm_against_the_float_product(fmt, m, k, n, scales, out_dtype, device):
     torch.manual_seed(m)
     a, w = random_codes((m, k), CODES[fmt], device), random_codes((n, k), CODES[fmt], device)  # w: [N, K]
     row = torch.rand(m, device=device) if "row" in scales else None
     col = torch.rand(n, device=device) if "col" in scales else None
     launches.clear()
-    out = torch.ops.qcompile.scaled_mm(a, w.t(), row, col)
+    bias = torch.randn(n, device=device) if "bias" in scales else None
+    out = torch.ops.qcompile.scaled_mm(a, w.t(), row, col, bias, out_dtype)
     ref = a.double() @ w.double().t() * (1 if row is None else row.double()[:, None]) * (1 if col is None else col.double())
-    assert out.dtype == torch.float32 and torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-2)
+    ref = ref if bias is None else ref + bias.double()
+    assert out.dtype == out_dtype
+    assert torch.allclose(out.double(), ref.to(out_dtype).double(), rtol=1e-5 if out_dtype == torch.float32 else 1e-2,
+                          atol=1e-2)
     assert launches == {("scaled", fmt, 8): 1}
 
 
@@ -75,7 +80,10 @@ def test_compiled_matches_eager_with_one_scaled_gemm_per_layer(fmt, dtype, devic
             if shape == (3, 96):
                 report = qcompile.explain(model, x)
                 assert [(m.kind, m.format) for m in report.matched] == [("scaled_linear", fmt)] * 2, str(report)
-                assert not report.fallbacks and all(m.kernel == "scaled_mm[col,row]" for m in report.matched)
+                assert not report.fallbacks, str(report)
+                kernels = [m.kernel for m in report.matched]  # the bias, where there is one, and the cast folded in
+                cast = "" if dtype == torch.float32 else "," + str(dtype).replace("torch.", "")  # fp32: no cast
+                assert kernels == [f"scaled_mm[row,col,bias{cast}]", f"scaled_mm[row,col{cast}]"], kernels
             launches.clear()
             out, ref = compiled(x), model(x)
         assert launches == {("scaled", fmt, 8): 2}
