@@ -1,0 +1,103 @@
+"""python -m bench.scaled: activation-quantized linears (w8a8, fp8) on the GPU, end to end
+(the activation quantization included), against fp16 cuBLAS and the peers, in one run.
+
+Each implementation is a function of (x, weight tensors) timed inside one CUDA graph with the
+weights rotated past L2 (bench/linear.py's method). Peers: cuBLAS fp16 (``F.linear``);
+``torch._int_mm`` with the quantization and dequantization around it compiled by Inductor (what
+torchao's int8 dynamic quantization does); ``torch._scaled_mm`` with row-wise scales for fp8;
+plain torch.compile (Inductor) of the format's reference forward. Every qcompile row is checked
+against the eager reference in the same run. Rows use bench/linear.py's JSON layout, so
+``python -m bench.plot`` draws them.
+"""
+import argparse
+import datetime
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from bench.linear import SHAPES, _copies, _nbytes, copy_bandwidth, time_rotated
+from qcompile.formats.scaled import quantize_rows
+
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192]
+CODES = {"w8a8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+def reference(code_dtype):
+    """The format's forward (qcompile/formats/scaled.py) as a function of its tensors."""
+    def fn(x, qw, s):
+        xq, xs = quantize_rows(x, code_dtype)
+        return ((xq.float() @ qw.float().t()) * xs * s).to(x.dtype)
+    return fn
+
+
+def quantized(w, code_dtype):
+    """(codes [N, K], scale [N]) as the format stores a weight."""
+    codes, scale = quantize_rows(w, code_dtype)
+    return codes, scale.squeeze(1)
+
+
+def int_mm(x, qw, s):
+    xq, xs = quantize_rows(x, torch.int8)
+    return (torch._int_mm(xq, qw.t()).float() * xs * s).to(x.dtype)
+
+
+def scaled_mm(x, qw, s):
+    xq, xs = quantize_rows(x, torch.float8_e4m3fn)
+    return torch._scaled_mm(xq, qw.t(), scale_a=xs, scale_b=s.view(1, -1), out_dtype=x.dtype)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="all", help="NxK,... or all")
+    p.add_argument("--m", default=",".join(map(str, MS)))
+    p.add_argument("--formats", default="w8a8,fp8")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    a = p.parse_args()
+    shapes = SHAPES if a.shapes == "all" else [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
+    bw = copy_bandwidth()
+    rows = []
+    gpu = torch.cuda.get_device_name().split()[1].lower()
+    path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-scaled.json")
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw": bw, "rows": rows}
+    for n, k in shapes:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, dtype=torch.float16, device="cuda") / k**0.5
+        dense = _copies((w,))
+        weights = {f: _copies(quantized(w, CODES[f])) for f in a.formats.split(",")}
+        impls = {}
+        for f in weights:
+            impls[f"qcompile {f}"] = torch.compile(reference(CODES[f]), backend="qcompile")
+            impls[f"inductor {f}"] = torch.compile(reference(CODES[f]))
+        peers = {"w8a8": ("torch._int_mm w8a8", torch.compile(int_mm)), "fp8": ("torch._scaled_mm fp8", scaled_mm)}
+        for m in map(int, a.m.split(",")):
+            x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+            t_dense = time_rotated(lambda wi: F.linear(x, wi), dense)
+            io = (m * k + m * n) * 2
+            row = {"N": n, "K": k, "M": m, "dtype": "fp16", "cublas_us": t_dense,
+                   "cublas_roofline": (n * k * 2 + io) / (t_dense * 1e-6) / bw, "impl": {}}
+            for f, copies in weights.items():
+                nbytes = _nbytes(copies[0])
+                ref = reference(CODES[f])(x, *copies[0])
+                for name, fn in ((f"qcompile {f}", impls[f"qcompile {f}"]), (f"inductor {f}", impls[f"inductor {f}"]),
+                                 peers[f]):
+                    try:
+                        out = fn(x, *copies[0])  # compiles outside the graph capture
+                        t = time_rotated(lambda *ws: fn(x, *ws), copies)
+                    except Exception as e:  # noqa: BLE001  a peer that cannot take this shape
+                        row.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:200]}"
+                        continue
+                    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                    row["impl"][name] = {"us": t, "speedup": t_dense / t, "rel_err": err,
+                                         "roofline": (nbytes + io) / (t * 1e-6) / bw}
+            rows.append(row)
+            with open(path, "w") as fh:
+                json.dump(res, fh, indent=1)
+            print(f"{n}x{k} M={m:5d} cuBLAS {t_dense:8.1f}us " + "  ".join(
+                f"{name} {v['speedup']:.2f}x ({v['roofline']:.0%})" for name, v in row["impl"].items()), flush=True)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
