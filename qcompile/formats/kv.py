@@ -1,0 +1,57 @@
+"""Quantized KV cache entries (issue 5, first part): K or V of shape [B, H, T, D] stored as
+8- or 4-bit codes with a scale and a zero point per token, head and group of ``group``
+channels along D (the whole head, 32 or 64), as QServe's KV4 does.
+
+Codes are unsigned (affine, min-max per group): 8-bit codes are one byte each, [B, H, T, D];
+4-bit codes are two per byte, [B, H, T, D // 2], channel 2i in the low nibble and 2i + 1 in the
+high one. ``dequantize_kv`` and ``decode_attention_reference`` are the specification that the
+attention kernel (codegen/kv_attention.py) is tested against.
+"""
+import torch
+import torch.nn.functional as F
+
+KV_BITS = (4, 8)
+
+
+def check_kv_args(head_dim: int, bits, group) -> None:
+    if bits not in KV_BITS:
+        raise ValueError(f"bits={bits!r}: allowed values for a KV cache are 4 and 8")
+    if not isinstance(group, int) or group <= 0 or head_dim % group or group % 2:
+        raise ValueError(f"group={group!r}: allowed values are even divisors of head_dim={head_dim} "
+                         f"(the whole head, 32 or 64 are usual)")
+
+
+def quantize_kv(x: torch.Tensor, bits: int, group: int):
+    """x [B, H, T, D] -> (codes uint8, scale, zero) with scale and zero [B, H, T, D // group]
+    in x's dtype."""
+    check_kv_args(x.shape[-1], bits, group)
+    qmax = 2**bits - 1
+    g = x.float().unflatten(-1, (-1, group))  # [B, H, T, G, group]
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / qmax).clamp(min=1e-8).to(x.dtype).float()
+    zero = (-lo / scale).round().clamp(0, qmax)
+    codes = (g / scale + zero).round().clamp(0, qmax).to(torch.uint8).flatten(-2)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, scale.squeeze(-1).to(x.dtype), zero.squeeze(-1).to(x.dtype)
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The [B, H, T, D] tensor in the scale's dtype."""
+    if bits == 4:
+        codes = torch.stack((codes & 15, codes >> 4), -1).flatten(-2)
+    g = codes.to(scale.dtype).unflatten(-1, (scale.shape[-1], -1))
+    return ((g - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).flatten(-2)
+
+
+def decode_attention_reference(q, k, v, bits: int, length: int) -> torch.Tensor:
+    """Attention of the queries q [B, Hq, S, D], the last S of ``length`` tokens already in the
+    cache (S = 1 for decoding, a few for speculative decoding; query s sees the tokens up to
+    its own), over the cache's k and v, each a (codes, scale, zero) triple with Hkv heads
+    dividing Hq (grouped-query attention)."""
+    k, v = (dequantize_kv(*t, bits)[:, :, :length] for t in (k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q.shape[2]
+    mask = torch.arange(length, device=q.device) <= torch.arange(length - s, length, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)

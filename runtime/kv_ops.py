@@ -1,0 +1,57 @@
+"""``qcompile::kv_decode_attention``: decode attention reading a quantized KV cache
+(codegen/kv_attention.py); where no kernel can run, the reference (qcompile/formats/kv.py)."""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.codegen.kv_attention import kv_combine_kernel, kv_decode_kernel
+from qcompile.formats.kv import decode_attention_reference
+
+from .device import interpreting, kernel_unavailable_reason
+
+_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _splits(b: int, hkv: int, length: int, block_t: int, device) -> int:
+    """Enough programs to cover every SM twice, each with at least one tile of the cache (the
+    interpreter counts 8 SMs, so that tests on CPU split and combine too)."""
+    sms = 8 if device.type == "cpu" else torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, b * hkv), triton.cdiv(length, block_t), 64))
+
+
+@torch.library.custom_op("qcompile::kv_decode_attention", mutates_args=())
+def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                        v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, length: int,
+                        bits: int) -> torch.Tensor:
+    """Attention of q [B, Hq, S, D] (the last S of ``length`` cached tokens) over the cache's
+    first ``length`` tokens; K and V as (codes, scale, zero) of formats.kv.quantize_kv."""
+    if kernel_unavailable_reason(q.device) is not None:
+        return decode_attention_reference(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), bits, length)
+    b, hq, s, d = q.shape
+    hkv = k_codes.shape[1]
+    group = d // k_scale.shape[-1]
+    if v_codes.stride() != k_codes.stride():
+        k_codes, v_codes = k_codes.contiguous(), v_codes.contiguous()
+    if not (k_scale.stride() == v_scale.stride() == k_zero.stride() == v_zero.stride()):
+        k_scale, v_scale, k_zero, v_zero = (t.contiguous() for t in (k_scale, v_scale, k_zero, v_zero))
+    rows = max(16, triton.next_power_of_2(hq // hkv * s))
+    block_t = 16 if interpreting() else 64
+    splits = _splits(b, hkv, length, block_t, q.device)
+    acc = torch.empty(b * hkv * splits * rows * d, dtype=torch.float32, device=q.device)
+    stat = torch.empty(b * hkv * splits * rows * 2, dtype=torch.float32, device=q.device)
+    dot = tl.float32 if interpreting() or q.dtype == torch.float32 else _DOT[q.dtype]
+    consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d)
+    kv_decode_kernel[(b, hkv, splits)](
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, acc, stat, length, 1 / math.sqrt(d),
+        *q.stride(), *k_codes.stride(), *k_scale.stride(),
+        **consts, BITS=bits, GROUP=group, DOT=dot, BLOCK_T=block_t, SPLITS=splits)
+    out = torch.empty_like(q)
+    kv_combine_kernel[(b, hkv)](acc, stat, out, *out.stride(), **consts, SPLITS=splits)
+    return out
+
+
+@kv_decode_attention.register_fake
+def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, bits):
+    return torch.empty_like(q)

@@ -1,0 +1,46 @@
+"""Quantized KV cache (int8/int4 codes, scale and zero per token and channel group) and the
+split-KV decode attention kernel that reads it, against the dequantize + SDPA reference."""
+import pytest
+import torch
+
+from conftest import DTYPES, assert_close
+from qcompile.formats.kv import decode_attention_reference, dequantize_kv, quantize_kv
+import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_decode_attention
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64])
+def test_kv_round_trip_within_half_a_step(bits, group):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 64) * torch.linspace(0.1, 4, 64)  # channels of different ranges
+    codes, scale, zero = quantize_kv(x, bits, group)
+    assert codes.dtype == torch.uint8 and codes.shape == (2, 3, 5, 64 if bits == 8 else 32)
+    assert scale.shape == zero.shape == (2, 3, 5, 64 // group)
+    err = (dequantize_kv(codes, scale, zero, bits) - x).abs().unflatten(-1, (-1, group)).amax(-1)
+    assert (err <= scale * 0.5 + 1e-5 + scale.abs() * 1e-3).all()
+
+
+def test_kv_arguments_are_checked():
+    x = torch.randn(1, 1, 2, 64)
+    with pytest.raises(ValueError, match="bits=3: allowed values for a KV cache are 4 and 8"):
+        quantize_kv(x, 3, 32)
+    with pytest.raises(ValueError, match="group=48: allowed values are even divisors of head_dim=64"):
+        quantize_kv(x, 8, 48)
+
+
+def cache(b, hkv, t, d, bits, group, dtype, device):
+    k, v = (torch.randn(b, hkv, t, d, dtype=dtype, device=device) for _ in range(2))
+    return quantize_kv(k, bits, group), quantize_kv(v, bits, group)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits, group", [(8, 64), (4, 32)])
+@pytest.mark.parametrize("s, length", [(1, 1), (1, 37), (3, 80)])
+def test_decode_attention_kernel_matches_the_reference(dtype, bits, group, s, length, device):
+    """GQA (8 query heads on 2 KV heads), a cache longer than what is filled, several splits of
+    the cache combined (some empty), and S > 1 new tokens each seeing up to itself."""
+    torch.manual_seed(length)
+    k, v = cache(2, 2, 80, 64, bits, group, dtype, device)
+    q = torch.randn(2, 8, s, 64, dtype=dtype, device=device)
+    out = torch.ops.qcompile.kv_decode_attention(q, *k, *v, length, bits)
+    assert_close(out, decode_attention_reference(q, k, v, bits, length), dtype)
