@@ -59,7 +59,7 @@ def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, choice=None):
     # split-K partial sums and one counter per output tile (sized for the smallest tiles)
     split = "gemv" in kernels or tiling.m_bucket(m) <= tiling.SPLIT_M_BUCKET
     ws = x2.new_empty(max(tiling.MAX_SPLIT_K[kn] for kn in kernels) * m * n if split else 1, dtype=torch.float32)
-    locks = _tile_locks(x2.device, m * triton.cdiv(n, 32) if split else 1)
+    locks = _tile_locks(x2.device, m * triton.cdiv(n, 16) if split else 1)
     args = (x2, w3, s3, zero if zero is not None else s3, bias if bias is not None else s3, out, ws, locks,
             m, n, k, tiling.m_bucket(m),
             x2.stride(0), x2.stride(1), w3.stride(0), w3.stride(1), w3.stride(2),
