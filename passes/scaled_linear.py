@@ -17,7 +17,7 @@ from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import match_blocked_reason
 from qcompile.runtime.ops import SCALED_FORMATS  # registers qcompile::scaled_mm too
 
-from .wonly_linear import _call, _val
+from .wonly_linear import EXPLAINED, _call, _val
 
 aten, prims = torch.ops.aten, torch.ops.prims
 OP = torch.ops.qcompile.scaled_mm.default
@@ -109,6 +109,7 @@ def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True)
             None if inference else "graph needs autograd; qcompile kernels are inference-only")
         if reason:
             report.fallbacks.append(Fallback("scaled_linear", reason, shapes, mm.name))
+            mm.meta[EXPLAINED] = True  # one reason per matmul: the later passes skip it
             continue
         views, epi, last = _epilogue(mm)
         with graph.inserting_before(last):

@@ -17,6 +17,7 @@ from .specs import FormatSpec, find
 
 aten, prims = torch.ops.aten, torch.ops.prims
 OP = torch.ops.qcompile.wq_linear.default
+EXPLAINED = "qcompile_fallback_recorded"  # node.meta key: an earlier pass gave this matmul's reason
 
 
 def _val(node):
@@ -98,7 +99,7 @@ def _fold_bias(op: Node, graph: Graph) -> None:
 
 def rewrite_linears(graph: Graph, report: Report, inference: bool = True) -> None:
     for mm in list(graph.nodes):
-        operands = mm.op == "call_function" and _operands(mm)
+        operands = mm.op == "call_function" and not mm.meta.get(EXPLAINED) and _operands(mm)
         if not operands:
             continue
         x, weight, bias = operands
