@@ -106,7 +106,7 @@ def run(shapes, ms, configs, dtype_names, inductor, tinygemm, path):
                     err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
                     t = time_rotated(lambda qw, s, z: torch.ops.qcompile.wq_linear(x, qw, s, z, None, fmt, bits, group), copies)
                     record(f"qcompile {fmt} w{bits} g{group}", t, nbytes, rel_err=err,
-                           config=str(ops.chosen.get(ops.tuning_key(fmt, bits, g, m, n, k, dtype), "dequant")))
+                           config=str(ops.chosen[ops.tuning_key(fmt, bits, g, m, n, k, dtype)]))
                     if (fmt, bits, group) in compiled:
                         f = compiled[fmt, bits, group]
                         f(x, *copies[0])  # compile outside the graph capture

@@ -145,6 +145,13 @@ def candidates(m: int, args: dict) -> list:
     return [c for group in itertools.zip_longest(*lists) for c in group if c is not None]
 
 
+def m_tiles(mb: int) -> tuple:
+    """The M tiles worth timing for M's bucket: the bucket itself (16 at least), or 64-256
+    from 128 rows on."""
+    target = min(max(16, mb), 128)
+    return {128: (64, 128, 256)}.get(target, (target,))
+
+
 def _scaled_grid():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in itertools.product((16, 32, 64, 128), (64, 128, 256), (64, 128), (3, 4), (4, 8))
@@ -156,8 +163,7 @@ def scaled_candidates(m: int, device) -> list:
     the stages fit shared memory."""
     if interpreting():
         return [Choice("scaled", c) for c in INTERPRETED["scaled"]]
-    limit, mb = max_shared_mem(device.index or 0), m_bucket(m)
-    wanted = (64, 128) if mb >= 128 else (max(16, mb),)
+    limit, wanted = max_shared_mem(device.index or 0), m_tiles(m_bucket(m))
     return [Choice("scaled", c) for c in _scaled_grid() if c.kwargs["BLOCK_M"] in wanted
             and _smem_scaled(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) <= limit]
 
@@ -173,9 +179,7 @@ def prune_gemm(configs, args):
     sizes = [smem_bytes(c.kwargs, c.num_stages, x.element_size(), bits, fmt, args["s"].element_size())
              for c in configs]
     fits = [c for c, size in zip(configs, sizes) if size <= limit] or [configs[sizes.index(min(sizes))]]
-    target = min(max(16, mb), 128)
-    wanted = {128: (64, 128, 256)}.get(target, (target,))
-    fits = [c for c in fits if c.kwargs["BLOCK_M"] in wanted] or fits
+    fits = [c for c in fits if c.kwargs["BLOCK_M"] in m_tiles(mb)] or fits
     fits = [c for c in fits if group % (c.kwargs["BLOCK_K"] // codes * per) == 0] or fits
     if mb > SPLIT_M_BUCKET:
         fits = [c for c in fits if c.kwargs["SPLIT_K"] == 1] or fits

@@ -17,11 +17,11 @@ from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import match_blocked_reason
 from qcompile.runtime.ops import SCALED_FORMATS  # registers qcompile::scaled_mm too
 
+from .subgraph import _VIEWS
 from .wonly_linear import EXPLAINED, _call, _val
 
 aten, prims = torch.ops.aten, torch.ops.prims
 OP = torch.ops.qcompile.scaled_mm.default
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
 def _is_transpose(node) -> bool:
@@ -133,4 +133,3 @@ def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True)
         report.matched.append(Matched("scaled_linear", fmt, 8, -1, shapes,
                                       f"scaled_mm[{','.join(folded) or 'unscaled'}]", mm.name))
     graph.eliminate_dead_code()
-

@@ -10,7 +10,7 @@ def _quant_args(p):
                    "the model is built with random weights")
     p.add_argument("--bits", type=int, help="default: 4 for weight-only formats")
     p.add_argument("--group-size", type=int, help="default: 128 for weight-only formats")
-    p.add_argument("--format", default="affine", help="affine, symmetric, bipolar, bcq or w8a8")
+    p.add_argument("--format", default="affine", help="affine, symmetric, bipolar, bcq, w8a8 or fp8")
     p.add_argument("--skip", default="", help="comma-separated layer name patterns left in float, e.g. lm_head")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="activation dtype")
 

@@ -38,15 +38,14 @@ def run_model(config_path: str, folder: Path, quant: dict, layers: int | None, b
     import torch
 
     import qcompile
-    from .hfmodel import build, load_config
+    from .hfmodel import DTYPES, build, load_config
 
     gpu = torch.cuda.is_available()
     if not gpu:
         os.environ["QCOMPILE_DRY_RUN"] = "1"
     _dumps_on(folder)
     config = load_config(config_path, layers)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    model = build(config, "cuda" if gpu else "cpu", dtype)
+    model = build(config, "cuda" if gpu else "cpu", DTYPES[dtype_name])
     qcompile.quantize(model, **quant)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=model.device)
     with torch.no_grad():
@@ -123,7 +122,7 @@ def regions(before, after) -> list:
         if mix in seen:
             continue
         seen.add(mix)
-        new = {n for n in _neighbours(after, _neighbours(before, core) - removed) & added}
+        new = _neighbours(after, _neighbours(before, core) - removed) & added
         new |= nx.ancestors(after.subgraph(added), next(iter(new))) if new else set()
         out.append((core | _neighbours(before, core), new | _neighbours(after, new)))
     return out

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the CLI's --dtype names
+
 
 def load_config(path: str, layers: int | None = None):
     """A transformers config from CONFIG.json (a ``config.json`` as the Hub ships it, or a

@@ -67,7 +67,7 @@ def warmup(model: nn.Module, m=DEFAULT_M, dtype: torch.dtype | None = None, prog
                 torch.cuda.synchronize()
             choice = ops.chosen.get(key)
             rows.append({"format": fmt, "bits": bits, "group_size": group, "K": k, "N": n, "M": mm,
-                         "kernel": choice.kernel if choice else "dequant", "config": str(choice or "-"),
+                         "kernel": choice.kernel, "config": str(choice),
                          "seconds": round(time.perf_counter() - start, 3)})
     return rows
 
@@ -78,10 +78,10 @@ def warmup_config(config_path: str, quant: dict, m, dtype_name: str = "fp16") ->
     random layer per shape, warmed up; prints the launches and the cache folder."""
     from qcompile.runtime.autotune import TUNER
 
-    from .hfmodel import build, load_config
+    from .hfmodel import DTYPES, build, load_config
     from .quantize import plan
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    dtype = DTYPES[dtype_name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = build(load_config(config_path), "meta", dtype)
     modules = dict(meta.named_modules())

@@ -75,20 +75,27 @@ def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, choice=None):
         return KERNELS[c.kernel][grid](*args, **consts, **own[c.kernel], **cfg, num_warps=c.config.num_warps,
                                        num_stages=c.config.num_stages)
 
-    key = tuning_key(fmt, bits, group, m, n, k, x2.dtype)
+    args_of = dict(x=x2, s=s3, M_BUCKET=tiling.m_bucket(m), K=k, **consts)
+    choice = _run_tuned("wq_linear", tuning_key(fmt, bits, group, m, n, k, x2.dtype),
+                        lambda: tiling.candidates(m, args_of), run, x2.device, choice)
+    launches[choice.kernel, fmt, bits] += 1
+
+
+def _run_tuned(op, key, candidates, run, device, choice=None) -> tiling.Choice:
+    """Launch the tuner's choice for ``key`` (or ``choice``) through ``run`` and record what
+    ran in ``chosen`` and ``compiled``; returns it."""
     if choice is None:
-        args_of = dict(x=x2, s=s3, M_BUCKET=tiling.m_bucket(m), K=k, **consts)
-        choice = TUNER.pick("wq_linear", key, lambda: tiling.candidates(m, args_of), run, x2.device)
+        choice = TUNER.pick(op, key, candidates, run, device)
     try:
         binary = run(choice)
     except OutOfResources as e:  # the shared-memory model let an oversized tile through
         warnings.warn(f"qcompile: {e}; retrying with the smallest tile (please report the shape)")
         choice = tiling.Choice(choice.kernel, tiling.SMALLEST[choice.kernel])
         binary = run(choice)
-    launches[choice.kernel, fmt, bits] += 1
     chosen[key] = choice
     if binary is not None:  # compiled Triton (the interpreter returns none)
         compiled[key] = binary
+    return choice
 
 
 @torch.library.custom_op("qcompile::wq_linear", mutates_args=())
@@ -125,15 +132,17 @@ def _dequant_mm(x2, qweight, scale, zero, bias, fmt, bits, group):
     s3 = scale if scale.dim() == 3 else scale.unsqueeze(0)
     w = x2.new_empty(k, n)
     fmt_code = FMT_CODES[fmt]
-    cfg = tiling.DEQUANT_TILE
     codes = tiling.codes_per_word_padded(bits, fmt_code >= 2)
     per = 32 if fmt_code >= 2 else 32 // bits
+    cfg = {"BLOCK_N": tiling.DEQUANT_TILE["BLOCK_N"], "BLOCK_KW": tiling.DEQUANT_TILE["BLOCK_KW"] * 32 // codes}
     launches["dequant", fmt, bits] += 1
-    grid = (triton.cdiv(triton.cdiv(k, per), cfg["BLOCK_KW"] * 32 // codes), triton.cdiv(n, cfg["BLOCK_N"]))
+    chosen[tuning_key(fmt, bits, group, x2.shape[0], n, k, x2.dtype)] = tiling.Choice(
+        "dequant", triton.Config(cfg, num_warps=4))
+    grid = (triton.cdiv(triton.cdiv(k, per), cfg["BLOCK_KW"]), triton.cdiv(n, cfg["BLOCK_N"]))
     wq_dequant_kernel[grid](w3, s3, zero if zero is not None else s3, w, n, k,
                             w3.stride(0), w3.stride(1), w3.stride(2), s3.stride(0), s3.stride(1), s3.stride(2),
                             w.stride(0), w.stride(1), BITS=bits, GROUP=group, FMT=fmt_code, CODES=codes,
-                            BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=cfg["BLOCK_KW"] * 32 // codes, num_warps=4)
+                            **cfg, num_warps=4)
     return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
 
 
@@ -173,13 +182,9 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None, 
         return scaled_gemm_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))](
             *args, **consts, **cfg, num_warps=c.config.num_warps, num_stages=c.config.num_stages)
 
-    key = scaled_key(a.dtype, m, n, a.shape[1])
-    choice = TUNER.pick("scaled_mm", key, lambda: tiling.scaled_candidates(m, a.device), run, a.device)
-    binary = run(choice)
+    _run_tuned("scaled_mm", scaled_key(a.dtype, m, n, a.shape[1]), lambda: tiling.scaled_candidates(m, a.device),
+               run, a.device)
     launches["scaled", fmt, 8] += 1
-    chosen[key] = choice
-    if binary is not None:
-        compiled[key] = binary
     return out
 
 
