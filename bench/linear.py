@@ -24,6 +24,10 @@ import qcompile
 import qcompile.runtime.ops as ops  # registers the qcompile:: ops
 from qcompile.formats import Packed, get_format
 
+# Every bench compiles one reference function per shape, M and backend: dynamo's default limit of
+# 8 recompiles per code object would silently send the rest to eager.
+torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 4096
+
 L2_BYTES = 50e6
 SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]

@@ -9,7 +9,8 @@ the token at position length - S + s and sees the cache up to it.
 
 BITS 8: one byte per code; 4: two per byte, channel 2i low nibble. Per token and group of
 GROUP channels: value = (code - zero) * scale. DOT is the dtype of the dots' operands (the
-query's; float32 under the interpreter, whose bf16 dot is wrong).
+query's; float32 under the interpreter, whose bf16 dot is wrong); PRECISION "ieee" keeps float32
+dots exact, which the GPU would otherwise round to tf32.
 """
 import triton
 import triton.language as tl
@@ -35,7 +36,7 @@ def kv_decode_kernel(
     length, sm_scale,
     sqb, sqh, sqs, sqd, scb, sch, sct, scd, ssb, ssh, sst, ssg,
     REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    GROUP: tl.constexpr, DOT: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
+    GROUP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
 ):
     b, hkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, ROWS)  # row r: query head hkv * REP + r // S, new token r % S
@@ -57,14 +58,14 @@ def kv_decode_kernel(
         rt = t0 + tl.arange(0, BLOCK_T)
         tmask = rt < length
         k = _dequant(kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, rt, rd, tmask, sct, scd, sst, ssg, BITS, GROUP)
-        qk = tl.dot(q, tl.trans(k.to(DOT)))
+        qk = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION)
         qk = tl.where(rt[None, :] <= last[:, None], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         p = tl.exp(qk - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         v = _dequant(vc_ptr + kv, vs_ptr + sv, vz_ptr + sv, rt, rd, tmask, sct, scd, sst, ssg, BITS, GROUP)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
         l = l * alpha + tl.sum(p, 1)
         m = m_new
     part = ((b * tl.num_programs(1) + hkv) * SPLITS + split) * ROWS + r

@@ -27,7 +27,7 @@ def scaled_gemm_kernel(
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         b = tl.load(b_ptr + kk[:, None] * sbk + rn[None, :] * sbn,
                     mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=ACC)  # triton 3.6 defaults out_dtype to float32
     y = acc.to(tl.float32)
     if HAS_ROW:
         y *= tl.load(row_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)[:, None]

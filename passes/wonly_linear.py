@@ -11,7 +11,7 @@ from torch.fx import Graph, Node
 from qcompile.formats import FLOAT_DTYPES
 from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import match_blocked_reason
-import qcompile.runtime.ops  # noqa: F401  registers qcompile::wq_linear
+from qcompile.runtime.ops import reserve_tile_locks  # importing it registers qcompile::wq_linear
 
 from .specs import FormatSpec, find
 
@@ -130,6 +130,7 @@ def rewrite_linears(graph: Graph, report: Report, inference: bool = True) -> Non
                 op = _call(graph, prims.convert_element_type.default, (op, _val(mm).dtype))
         mm.replace_all_uses_with(op)
         graph.erase_node(mm)
+        reserve_tile_locks(_val(x).device, int(n))
         if bias is None:
             _fold_bias(op, graph)
         report.matched.append(Matched("linear", cand.spec.name, cand.bits, cand.group_size, shapes,

@@ -102,5 +102,5 @@ def warmup_config(config_path: str, quant: dict, m, dtype_name: str = "fp16") ->
         print(f"{layer:<28} {r['M']:>6}  {r['config']:<{width}}  {r['seconds']:.2f}")
     s = TUNER.stats
     print(f"qcompile warmup: {len(layers)} layer shapes x {len(m)} batch sizes; {s['tuned']} tuned, "
-          f"{s['disk']} read from the cache at {TUNER.disk().folder}")
+          f"{s['disk']} read from the cache, {s['untuned']} with one candidate; cache at {TUNER.disk().folder}")
     return rows

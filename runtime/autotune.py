@@ -53,7 +53,7 @@ class Tuner:
     def __init__(self, cache: AutotuneCache | None = None):
         self.cache = cache
         self.memory: dict = {}  # (kernel, key, tuning on) -> the chosen candidate
-        self.stats = {"memory": 0, "disk": 0, "tuned": 0}
+        self.stats = {"memory": 0, "disk": 0, "tuned": 0, "untuned": 0}
 
     def disk(self) -> AutotuneCache:
         """The cache folder as the environment names it now (tests and the CLI change it)."""
@@ -69,8 +69,9 @@ class Tuner:
             self.stats["memory"] += 1
             return hit
         candidates = candidates()
-        if len(candidates) == 1 or not enabled():
+        if len(candidates) == 1 or not enabled():  # nothing to time, nothing to cache
             cfg = candidates[0]
+            self.stats["untuned"] += 1
         else:
             disk = self.disk()
             cfg = disk.load(device, kernel, SOURCE, key, candidates)

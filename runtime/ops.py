@@ -34,6 +34,14 @@ def _dot_dtype(dtype):
     return tl.float32 if dtype == torch.bfloat16 and interpreting() else _DOT[dtype]
 
 
+def reserve_tile_locks(device: torch.device, n: int) -> None:
+    """Allocate, at compile time, the split-K tile counters a layer of N columns may need (M up
+    to the largest split bucket). Allocated first inside a launch under mode="reduce-overhead",
+    they would land in the CUDA-graph pool, where a tensor that outlives the graph is an error."""
+    if device.type == "cuda":
+        _tile_locks(device, max(tiling.SPLIT_M_BUCKET, tiling.MULTIROW_MAX_M) * triton.cdiv(n, 16))
+
+
 def _tile_locks(device, count):
     locks = _locks.get(device)
     if locks is None or locks.numel() < count:

@@ -148,12 +148,13 @@ def test_default_folder_follows_the_environment(monkeypatch, tmp_path):
     assert os.sep not in device_tag(CPU) and device_tag(CPU).startswith("cpu-interpreter-torch")
 
 
-def test_warmup_launches_each_distinct_layer_shape_per_batch_size(cache, monkeypatch):
+def test_warmup_launches_each_distinct_layer_shape_per_batch_size(cache, monkeypatch, device):
     import qcompile
     import qcompile.runtime.ops as ops
     monkeypatch.setattr(ops, "TUNER", Tuner(cache))
     model = torch.nn.Sequential(torch.nn.Linear(64, 24), torch.nn.Linear(64, 24), torch.nn.Linear(24, 8))
     model.append(torch.nn.Linear(8, 16))
+    model.to(device)
     qcompile.quantize(model, bits=4, group_size=8, config={"2": {"bits": 3}, "3": {"format": "w8a8"}})
     ops.launches.clear()
     rows = qcompile.warmup(model, m=[1, 3], progress=False)
@@ -162,7 +163,8 @@ def test_warmup_launches_each_distinct_layer_shape_per_batch_size(cache, monkeyp
         (24, 64, "affine", 4, 1, "gemv"), (24, 64, "affine", 4, 3, "gemm"), (8, 24, "affine", 3, 1, "gemv"),
         (8, 24, "affine", 3, 3, "gemm"), (16, 8, "w8a8", 8, 1, "scaled"), (16, 8, "w8a8", 8, 3, "scaled")]
     assert sum(ops.launches.values()) == 6 and all("BLOCK_N=" in r["config"] for r in rows)
-    assert len(cache.entries()) == 6 and ops.TUNER.stats["tuned"] == 6
+    # a launch with a single candidate (on a GPU, these small K leave one GEMV tile) is not cached
+    assert len(cache.entries()) == ops.TUNER.stats["tuned"] == 6 - ops.TUNER.stats["untuned"]
     with pytest.raises(ValueError, match="batch sizes"):
         qcompile.warmup(model, m=[0])
     with pytest.raises(ValueError, match="no quantized layer"):

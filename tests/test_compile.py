@@ -199,3 +199,19 @@ def test_a_matcher_error_falls_back_instead_of_failing_the_compile(monkeypatch, 
     assert all("matcher error: RuntimeError: boom" in f.reason for f in report.fallbacks)
     for out, ref in zip(outs, refs):
         assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (mode='reduce-overhead') need a CUDA device")
+def test_reduce_overhead_cuda_graphs_replay_the_split_k_kernels(monkeypatch):
+    """Split-K kernels keep tile counters across launches: allocated inside the first launch,
+    they would sit in the CUDA-graph pool and cudagraph trees would refuse the replay."""
+    import qcompile.runtime.ops as ops
+    monkeypatch.setattr(ops, "_locks", {})  # none left by earlier tests
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(512, 384), nn.Linear(384, 256)).half().cuda()
+    qcompile.quantize(model, bits=4, group_size=128)
+    compiled = torch.compile(model, backend="qcompile", mode="reduce-overhead")
+    with torch.no_grad():
+        for m in (1, 1, 1, 4, 4, 4):  # warm-up, record, replay; the GEMV and the multi-row kernels
+            x = torch.randn(m, 512, dtype=torch.float16, device="cuda")
+            assert_close(compiled(x).clone(), model(x), torch.float16)

@@ -11,6 +11,11 @@ from qcompile.formats.scaled import quantize_rows
 from qcompile.runtime.ops import launches
 
 CODES = {"w8a8": torch.int8, "fp8": torch.float8_e4m3fn}
+# Error relative to the output's range. int8 accumulates exactly in int32, so only the output's
+# rounding (half a unit in its last place) shows; Hopper's fp8 tensor cores add their products
+# with fewer mantissa bits than float32 (H100: 7.5e-5 seen at K=17), hence FP8_MMA on a GPU.
+TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+FP8_MMA = 3e-4
 
 
 def random_codes(shape, dtype, device):
@@ -32,8 +37,8 @@ def test_scaled_mm_against_the_float_product(fmt, m, k, n, scales, out_dtype, de
     ref = a.double() @ w.double().t() * (1 if row is None else row.double()[:, None]) * (1 if col is None else col.double())
     ref = ref if bias is None else ref + bias.double()
     assert out.dtype == out_dtype
-    assert torch.allclose(out.double(), ref.to(out_dtype).double(), rtol=1e-5 if out_dtype == torch.float32 else 1e-2,
-                          atol=1e-2)
+    err = (out.double() - ref.to(out_dtype).double()).abs().max() / ref.abs().max()
+    assert err <= TOL[out_dtype] + (FP8_MMA if fmt == "fp8" and device == "cuda" else 0)
     assert launches == {("scaled", fmt, 8): 1}
 
 

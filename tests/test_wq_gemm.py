@@ -118,8 +118,9 @@ def test_gemv_with_several_rows_per_program(name, bits, group, m, block_m, devic
 
 def test_small_batches_tune_between_gemm_and_gemv_alternately():
     from qcompile.codegen.tiling import candidates
-    args = dict(x=torch.empty(5, 64, dtype=torch.float16), s=torch.empty(1, 2, 8, dtype=torch.float16),
-                M_BUCKET=8, K=64, BITS=4, GROUP=32, FMT=0, CODES=8)
+    # K wide enough for several GEMV tiles on a GPU too
+    args = dict(x=torch.empty(5, 1024, dtype=torch.float16), s=torch.empty(1, 32, 8, dtype=torch.float16),
+                M_BUCKET=8, K=1024, BITS=4, GROUP=32, FMT=0, CODES=8)
     kinds = [c.kernel for c in candidates(5, args)]
     assert kinds[:4] == ["gemm", "gemv", "gemm", "gemv"] and set(kinds) == {"gemm", "gemv"}
     assert {c.kernel for c in candidates(2, args)} == {"gemv"} and {c.kernel for c in candidates(9, args)} == {"gemm"}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# bench/gpu.sh STAGE[:SECONDS] ...: one device-machine call of the GPU work, each stage under its
+# own time limit, logs and results under $OUT/r, packed into $OUT/results.tgz at the end (the
+# device tool returns at most 8 files). Stages: tests, linear-m1, linear, linear-spot,
+# compile_time, decode, scaled, attention, profile (Nsight Compute of the tuned W4 kernels).
+#   device run: bash bench/gpu.sh tests:300 linear-m1:200     (carry .whl: the wheels below)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; R=$OUT/r; mkdir -p "$R"
+export TRITON_CACHE_DIR=/tmp/qc-triton QCOMPILE_CACHE_DIR=/tmp/qc-cache QCOMPILE_TUNE_BUDGET_S=${QCOMPILE_TUNE_BUDGET_S:-4}
+# carried wheels: pytest-xdist and execnet, and a setuptools new enough for the package-dir
+# mapping in editable installs (the machine's own maps only qcompile/, not qcompile.runtime)
+PIP="pip --python $(command -v python)"  # the PATH's pip may belong to another Python
+$PIP install -q --no-deps .whl/*.whl >"$R/install.log" 2>&1
+$PIP install -q --no-deps --no-build-isolation -e . >>"$R/install.log" 2>&1 || cat "$R/install.log"
+python -c "import qcompile.runtime, torch, triton; print(torch.__version__, triton.__version__)" || exit 1
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$R/gpu.txt"
+
+stage() {
+  case $1 in
+    tests) python -m pytest -v -n 16 --tb=short -rfEs -p no:cacheprovider --durations=20 ;;
+    failed) python -m pytest -n 16 --tb=short -q -p no:cacheprovider $(cat .whl/failed.txt) ;;
+    linear-m1) python -m bench.linear --m 1,16 --configs affine:4:128 --dtypes fp16 --inductor "" --no-tinygemm --name linear-m1 --out "$R" ;;
+    linear) python -m bench.linear --out "$R" && python -m bench.plot "$R"/*-linear.json ;;
+    linear-spot) python -m bench.linear --shapes 4096x4096,28672x8192 --m 1,16,128,1024 --dtypes fp16 --inductor "" --no-tinygemm \
+        --configs affine:2:128,affine:3:128,affine:8:128,bipolar:2:128,bipolar:3:128,affine:4:-1,affine:1:128,affine:5:128,affine:6:128,affine:7:128,bcq:3:128 \
+        --name linear-spot --out "$R" ;;
+    compile_time) python -m bench.compile_time --out "$R" ;;
+    decode) python -m bench.decode --out "$R" ;;
+    scaled) python -m bench.scaled --out "$R" ;;
+    attention) python -m bench.attention --out "$R" ;;
+    profile) for case in "4096x4096 1" "28672x8192 1" "4096x4096 16" "14336x4096 16"; do
+        python -m bench.profile $case >/dev/null  # tunes and fills the autotune cache
+        ncu -k regex:wq_ --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          --section LaunchStats --section Occupancy --section WarpStateStats python -m bench.profile $case
+      done ;;
+    *) echo "unknown stage $1"; return 2 ;;
+  esac
+}
+
+for s in "$@"; do
+  name=${s%%:*}; limit=${s#*:}; [ "$limit" = "$s" ] && limit=540
+  start=$(date +%s)
+  set -m  # the stage gets its own process group, so the time limit stops all of it
+  ( stage "$name" ) >"$R/$name.log" 2>&1 &
+  pid=$!
+  ( sleep "$limit"; kill -TERM -- -$pid; sleep 10; kill -KILL -- -$pid ) 2>/dev/null &
+  killer=$!
+  set +m
+  wait $pid; rc=$?
+  kill -- -$killer 2>/dev/null
+  echo "== $name rc=$rc $(( $(date +%s) - start ))s"; tail -n 15 "$R/$name.log"
+done
+tar czf "$OUT/results.tgz" -C "$R" .
