@@ -21,13 +21,14 @@ stage() {
     tests) python -m pytest -v -n 16 --tb=short -rfEs -p no:cacheprovider --durations=20 ;;
     failed) python -m pytest -n 16 --tb=short -q -p no:cacheprovider $(cat .whl/failed.txt) ;;
     linear-m1) python -m bench.linear --m 1,16 --configs affine:4:128 --dtypes fp16 --inductor "" --no-tinygemm --name linear-m1 --out "$R" ;;
-    linear) python -m bench.linear --out "$R" && python -m bench.plot "$R"/*-linear.json ;;
+    linear) python -m bench.linear --out "$R"; python -m bench.plot "$R"/*-linear.json ;;
     linear-spot) python -m bench.linear --shapes 4096x4096,28672x8192 --m 1,16,128,1024 --dtypes fp16 --inductor "" --no-tinygemm \
         --configs affine:2:128,affine:3:128,affine:8:128,bipolar:2:128,bipolar:3:128,affine:4:-1,affine:1:128,affine:5:128,affine:6:128,affine:7:128,bcq:3:128 \
         --name linear-spot --out "$R" ;;
     compile_time) python -m bench.compile_time --out "$R" ;;
     decode) python -m bench.decode --out "$R" ;;
     scaled) python -m bench.scaled --out "$R" ;;
+    scaled-quick) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,128,1024,4096,8192 --out "$R" ;;
     attention) python -m bench.attention --out "$R" ;;
     profile) for case in "4096x4096 1" "28672x8192 1" "4096x4096 16" "14336x4096 16"; do
         python -m bench.profile $case >/dev/null  # tunes and fills the autotune cache

@@ -19,9 +19,10 @@ from triton.runtime.errors import OutOfResources
 
 CPU = torch.device("cpu")
 KEY = ("affine", 4, 128, 1, 4096, 4096, "float16")
-# the "kernel" sleeps SLEEP_MS: the tuner must find the fastest by timing
+# the "kernel" sleeps SLEEP_MS: the tuner must find the fastest by timing (one wall-clock sample
+# each, so the sleeps differ by more than a loaded machine's oversleep)
 CANDIDATES = [Choice(kernel, triton.Config({"BLOCK_N": bn, "SLEEP_MS": ms}, num_warps=2, num_stages=1))
-              for kernel, bn, ms in (("gemm", 32, 6), ("gemv", 64, 1), ("gemv", 128, 3))]
+              for kernel, bn, ms in (("gemm", 32, 40), ("gemv", 64, 2), ("gemv", 128, 15))]
 
 
 class Kernel:
@@ -54,13 +55,13 @@ def test_tunes_once_then_reads_the_disk_in_a_new_process(cache):
     assert set(kernel.calls) == {32, 64, 128}
     entry = json.loads(_entry_path(cache).read_text())
     assert entry["device"] == device_tag(CPU) and entry["source"] == SOURCE and entry["key"] == list(KEY)
-    assert entry["config"] == {"kernel": "gemv", "kwargs": {"BLOCK_N": 64, "SLEEP_MS": 1}, "num_warps": 2,
+    assert entry["config"] == {"kernel": "gemv", "kwargs": {"BLOCK_N": 64, "SLEEP_MS": 2}, "num_warps": 2,
                                "num_stages": 1}
     assert len(entry["timings_us"]) == 3
 
     fresh, again = Tuner(cache), Kernel()  # a new process: empty memory, same folder
     assert fresh.pick("gemv", KEY, lambda: CANDIDATES, again, CPU) is CANDIDATES[1]
-    assert again.calls == [] and fresh.stats == {"memory": 0, "disk": 1, "tuned": 0}
+    assert again.calls == [] and fresh.stats == {"memory": 0, "disk": 1, "tuned": 0, "untuned": 0}
     assert fresh.pick("gemv", KEY, lambda: CANDIDATES, again, CPU) is CANDIDATES[1]
     assert fresh.stats["memory"] == 1
     assert not list(cache.folder.glob("*/.tmp-*")), "atomic writes leave no temporary file behind"
@@ -159,9 +160,12 @@ def test_warmup_launches_each_distinct_layer_shape_per_batch_size(cache, monkeyp
     ops.launches.clear()
     rows = qcompile.warmup(model, m=[1, 3], progress=False)
     # layers 0 and 1 share a shape: 3 shapes x 2 batch sizes
-    assert [(r["N"], r["K"], r["format"], r["bits"], r["M"], r["kernel"]) for r in rows] == [
-        (24, 64, "affine", 4, 1, "gemv"), (24, 64, "affine", 4, 3, "gemm"), (8, 24, "affine", 3, 1, "gemv"),
-        (8, 24, "affine", 3, 3, "gemm"), (16, 8, "w8a8", 8, 1, "scaled"), (16, 8, "w8a8", 8, 3, "scaled")]
+    assert [(r["N"], r["K"], r["format"], r["bits"], r["M"]) for r in rows] == [
+        (24, 64, "affine", 4, 1), (24, 64, "affine", 4, 3), (8, 24, "affine", 3, 1),
+        (8, 24, "affine", 3, 3), (16, 8, "w8a8", 8, 1), (16, 8, "w8a8", 8, 3)]
+    # M = 3: the GEMM or the multi-row GEMV, whichever timed faster
+    assert [r["kernel"] for r in rows] == ["gemv", rows[1]["kernel"], "gemv", rows[3]["kernel"], "scaled", "scaled"]
+    assert {rows[1]["kernel"], rows[3]["kernel"]} <= {"gemm", "gemv"}
     assert sum(ops.launches.values()) == 6 and all("BLOCK_N=" in r["config"] for r in rows)
     # a launch with a single candidate (on a GPU, these small K leave one GEMV tile) is not cached
     assert len(cache.entries()) == ops.TUNER.stats["tuned"] == 6 - ops.TUNER.stats["untuned"]

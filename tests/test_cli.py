@@ -88,7 +88,7 @@ def test_warmup_fills_the_cache_that_the_next_process_reads(tmp_path):
     # A shape with one candidate (on a GPU, small K leaves one GEMV tile) is neither timed nor cached.
     tuned = first["tuned"]
     assert first["shapes"] == 5 and first["read"] == 0 and tuned + first["single"] == 10 and tuned >= 5
-    assert "gemv" in first["text"] and "gemm" in first["text"]
+    assert "gemv" in first["text"]  # M = 1; M = 5 runs the GEMM or the multi-row GEMV, as timed
     assert counts(qcompile_cli(*args, **env))["read"] == tuned
 
     assert f"{tuned} entries in" in qcompile_cli("cache", "ls", "--cache-dir", cache)
