@@ -6,7 +6,7 @@
 #   device run: bash bench/gpu.sh tests:300 linear-m1:200     (carry .whl: the wheels below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}; R=$OUT/r; mkdir -p "$R"
+OUT=${OUT:-/tmp/out}; R=$OUT/r; mkdir -p "$R/w2"
 export TRITON_CACHE_DIR=/tmp/qc-triton QCOMPILE_CACHE_DIR=/tmp/qc-cache QCOMPILE_TUNE_BUDGET_S=${QCOMPILE_TUNE_BUDGET_S:-4}
 # carried wheels: pytest-xdist and execnet, and a setuptools new enough for the package-dir
 # mapping in editable installs (the machine's own maps only qcompile/, not qcompile.runtime)
@@ -27,6 +27,9 @@ stage() {
         --name linear-spot --out "$R" ;;
     compile_time) python -m bench.compile_time --out "$R" ;;
     decode) python -m bench.decode --out "$R" ;;
+    decode-w2) python -m bench.decode --bits 2 --batches 1 --tokens 32 --out "$R/w2" ;;
+    tests-gpu) python -m pytest -v -n 16 --tb=short -rfEs -p no:cacheprovider tests/test_compile.py tests/test_autotune_cache.py \
+        tests/test_cli.py tests/test_scaled.py tests/test_kv_attention.py tests/test_wq_gemm.py::test_small_batches_tune_between_gemm_and_gemv_alternately ;;
     scaled) python -m bench.scaled --out "$R" ;;
     scaled-quick) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,128,1024,4096,8192 --out "$R" ;;
     attention) python -m bench.attention --out "$R" ;;
