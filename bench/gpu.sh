@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | t
 
 stage() {
   case $1 in
-    tests) python -m pytest -v -n 16 --tb=short -rfEs -p no:cacheprovider --durations=20 ;;
+    tests) python -m pytest -v -n 16 --dist loadgroup --tb=short -rfEs -p no:cacheprovider --durations=20 ;;
     failed) python -m pytest -n 16 --tb=short -q -p no:cacheprovider $(cat .whl/failed.txt) ;;
     linear-m1) python -m bench.linear --m 1,16 --configs affine:4:128 --dtypes fp16 --inductor "" --no-tinygemm --name linear-m1 --out "$R" ;;
     linear) python -m bench.linear --out "$R"; python -m bench.plot "$R"/*-linear.json ;;
@@ -28,7 +28,7 @@ stage() {
     compile_time) python -m bench.compile_time --out "$R" ;;
     decode) python -m bench.decode --out "$R" ;;
     decode-w2) python -m bench.decode --bits 2 --batches 1 --tokens 32 --out "$R/w2" ;;
-    tests-gpu) python -m pytest -v -n 16 --tb=short -rfEs -p no:cacheprovider tests/test_compile.py tests/test_autotune_cache.py \
+    tests-gpu) python -m pytest -v -n 16 --dist loadgroup --tb=short -rfEs -p no:cacheprovider tests/test_compile.py tests/test_autotune_cache.py \
         tests/test_cli.py tests/test_scaled.py tests/test_kv_attention.py tests/test_wq_gemm.py::test_small_batches_tune_between_gemm_and_gemv_alternately ;;
     scaled) python -m bench.scaled --out "$R" ;;
     scaled-quick) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,128,1024,4096,8192 --out "$R" ;;

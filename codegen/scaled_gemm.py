@@ -4,7 +4,8 @@ linears: y[M, N] = (a[M, K] . b[K, N]) * row_scale[M] * col_scale[N] + bias[N].
 a holds the per-token 8-bit activations, b the 8-bit weight (as nn.Linear stores it, [N, K],
 read through strides as K x N tiles); ACC is the accumulator: int32 for int8, float32 for
 fp8. The scales and the bias are optional (HAS_ROW, HAS_COL, HAS_BIAS), applied in float32
-once per output in the epilogue, which stores y's dtype.
+once per output in the epilogue, which stores y's dtype. Their strides are 0 for a single value
+broadcast to every row or column (a per-tensor scale).
 """
 import triton
 import triton.language as tl
@@ -13,7 +14,7 @@ import triton.language as tl
 @triton.jit
 def scaled_gemm_kernel(
     a_ptr, b_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
-    sam, sak, sbn, sbk, sym, syn,
+    sam, sak, sbn, sbk, sym, syn, srow, scol, sbias,
     ACC: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -30,10 +31,10 @@ def scaled_gemm_kernel(
         acc = tl.dot(a, b, acc, out_dtype=ACC)  # triton 3.6 defaults out_dtype to float32
     y = acc.to(tl.float32)
     if HAS_ROW:
-        y *= tl.load(row_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)[:, None]
+        y *= tl.load(row_ptr + rm * srow, mask=rm < M, other=0.0).to(tl.float32)[:, None]
     if HAS_COL:
-        y *= tl.load(col_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        y *= tl.load(col_ptr + rn * scol, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(bias_ptr + rn * sbias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, y.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))

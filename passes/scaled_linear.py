@@ -55,8 +55,9 @@ def _same(a, b) -> bool:
 
 def _operand_of(op: Node, chain: Node, shape) -> tuple[str, Node] | None:
     """What ``op`` does to ``chain`` (shape ``shape``) that the kernel's epilogue can take:
-    ("row" | "col", scale) for a multiplication by one float per row ([..., 1]) or per column
-    ([N]); ("bias", b) for an addition of one float per column."""
+    ("row" | "col", scale) for a multiplication by one float per row ([..., 1]), per column
+    ([N]) or for all (a per-tensor scale, as "col"); ("bias", b) for an addition of one float
+    per column."""
     kinds = {aten.mul.Tensor: ("row", "col"), aten.add.Tensor: ("bias",)}.get(op.target)
     if kinds is None or len(op.args) != 2 or op.kwargs or chain not in op.args:
         return None
@@ -67,7 +68,7 @@ def _operand_of(op: Node, chain: Node, shape) -> tuple[str, Node] | None:
     per_col = _same(s[-1:], shape[-1:]) and all(statically_known_true(d == 1) for d in s[:-1])
     if "row" in kinds and _same(s, (*shape[:-1], 1)):
         return "row", other
-    if per_col:
+    if per_col or all(statically_known_true(d == 1) for d in s):  # one value for all: a per-tensor scale
         return kinds[-1], other
     return None
 

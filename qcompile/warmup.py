@@ -9,7 +9,7 @@ import time
 import torch
 from torch import nn
 
-from .formats import ACTIVATION_FORMATS, FORMATS, QuantLinear, ScaledLinear
+from .formats import QuantLinear, ScaledLinear
 
 DEFAULT_M = (1, 16, 128, 1024)
 
@@ -86,14 +86,13 @@ def warmup_config(config_path: str, quant: dict, m, dtype_name: str = "fp16") ->
     meta = build(load_config(config_path), "meta", dtype)
     modules = dict(meta.named_modules())
     layers, seen = nn.ModuleList(), set()
-    for name, (fmt, bits, group) in plan(meta, **quant).items():
+    for name, setting in plan(meta, **quant).items():
         lin = modules[name]
-        key = (fmt, bits, group, lin.in_features, lin.out_features, lin.bias is not None)
+        key = (*setting, lin.in_features, lin.out_features, lin.bias is not None)
         if key not in seen:
             seen.add(key)
             dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=device, dtype=dtype)
-            layers.append(QuantLinear.from_linear(dense, FORMATS[fmt], bits, group) if fmt in FORMATS
-                          else ACTIVATION_FORMATS[fmt].from_linear(dense))
+            layers.append(setting.make(dense))
     rows = warmup(layers, m, dtype)
     width = max(len(r["config"]) for r in rows)
     print(f"{'layer':<28} {'M':>6}  {'kernel and config':<{width}}  seconds")

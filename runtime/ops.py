@@ -169,8 +169,12 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None, 
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """((a @ b) * row_scale[:, None] * col_scale[None, :] + bias), computed in float32 and
     returned in ``out_dtype``, for 8-bit a [M, K] and b [K, N] of one dtype, int8 or
-    float8_e4m3fn (any strides: the weight arrives as its transposed [N, K] storage)."""
+    float8_e4m3fn (any strides: the weight arrives as its transposed [N, K] storage).
+    row_scale: [M] or [1]; col_scale and bias: [N] or [1] (one value for all)."""
     m, n = a.shape[0], b.shape[1]
+    for name, v, size in (("row_scale", row_scale, m), ("col_scale", col_scale, n), ("bias", bias, n)):
+        if v is not None and (v.dim() != 1 or v.numel() not in (1, size)):
+            raise ValueError(f"{name} must have shape [{size}] or [1], got {list(v.shape)}")
     if kernel_unavailable_reason(a.device) is not None:
         y = a.float() @ b.float()
         for v, shape in ((row_scale, (-1, 1)), (col_scale, (1, -1))):
@@ -179,9 +183,9 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None, 
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if not out.numel():
         return out
-    args = (a, b, *(out if v is None else v for v in (row_scale, col_scale, bias)), out,
-            m, n, a.shape[1], tiling.m_bucket(m), a.stride(0), a.stride(1), b.stride(1), b.stride(0),
-            out.stride(0), out.stride(1))
+    vectors = [out if v is None else v for v in (row_scale, col_scale, bias)]
+    args = (a, b, *vectors, out, m, n, a.shape[1], tiling.m_bucket(m), a.stride(0), a.stride(1), b.stride(1),
+            b.stride(0), out.stride(0), out.stride(1), *(0 if v.numel() == 1 else v.stride(0) for v in vectors))
     fmt, acc = SCALED_FORMATS[a.dtype]
     consts = dict(ACC=acc, HAS_ROW=row_scale is not None, HAS_COL=col_scale is not None, HAS_BIAS=bias is not None)
 

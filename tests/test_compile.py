@@ -45,7 +45,10 @@ INPUTS = {  # name -> (shape maker); automatic dynamic shapes let the 2-D inputs
 }
 
 
-@pytest.fixture(scope="module", params=DTYPES, ids=str)
+# One xdist worker per dtype under `pytest -n N --dist loadgroup` (bench/gpu.sh): each worker
+# that meets a zoo compiles it, minutes of Triton compiles on a GPU.
+@pytest.fixture(scope="module", params=[pytest.param(d, marks=pytest.mark.xdist_group(str(d))) for d in DTYPES],
+                ids=str)
 def zoo(request, device):
     model = Zoo(request.param, device)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import qcompile
-from conftest import DTYPES, assert_close
+from conftest import DTYPES, TOL as TOL_MODEL
 from qcompile.formats import ACTIVATION_FORMATS
 from qcompile.formats.scaled import quantize_rows
 from qcompile.runtime.ops import launches
@@ -25,12 +25,13 @@ def random_codes(shape, dtype, device):
 @pytest.mark.parametrize("fmt", CODES)
 @pytest.mark.parametrize("m, k, n", [(1, 40, 24), (3, 100, 33), (37, 64, 17)])
 @pytest.mark.parametrize("scales, out_dtype", [("row,col", torch.float32), ("row,col,bias", torch.float16),
-                                               ("row", torch.bfloat16), ("none", torch.float32)])
+                                               ("row", torch.bfloat16), ("none", torch.float32),
+                                               ("row,tensor", torch.float16)])
 def test_scaled_mm_against_the_float_product(fmt, m, k, n, scales, out_dtype, device):
     torch.manual_seed(m)
     a, w = random_codes((m, k), CODES[fmt], device), random_codes((n, k), CODES[fmt], device)  # w: [N, K]
     row = torch.rand(m, device=device) if "row" in scales else None
-    col = torch.rand(n, device=device) if "col" in scales else None
+    col = torch.rand(n, device=device) if "col" in scales else torch.rand(1, device=device) if "tensor" in scales else None
     launches.clear()
     bias = torch.randn(n, device=device) if "bias" in scales else None
     out = torch.ops.qcompile.scaled_mm(a, w.t(), row, col, bias, out_dtype)
@@ -61,23 +62,38 @@ def test_quantize_checks_the_fixed_arguments_and_rounds_within_half_a_step(fmt):
     assert codes.float().abs().max() == (127 if fmt == "w8a8" else 448) and scale.item() > 0
 
 
+def test_weight_scale_per_tensor_is_one_value_and_checked():
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 8))
+    lin = model[0]
+    with pytest.raises(ValueError, match="weight_scale='row': allowed values are 'channel', 'tensor'"):
+        qcompile.quantize(model, format="fp8", weight_scale="row")
+    with pytest.raises(ValueError, match="weight_scale='tensor' with format='affine'.*'w8a8', 'fp8' only"):
+        qcompile.quantize(model, weight_scale="tensor")
+    qcompile.quantize(model, format="fp8", weight_scale="tensor", config={"1": {"format": "affine", "group_size": 8}})
+    q = model[0]
+    assert q.scale.shape == (1,) and isinstance(model[1], qcompile.QuantLinear)
+    assert q.qweight.float().abs().max() == 448  # the largest weight takes e4m3's largest value
+    err = (q.dequantize() - lin.weight).abs().max() / lin.weight.abs().max()
+    assert err <= 2 ** -4 * 1.01
+
+
 class TwoLayers(nn.Module):
-    def __init__(self, fmt, dtype, device):
+    def __init__(self, fmt, dtype, device, weight_scale="channel"):
         super().__init__()
         torch.manual_seed(0)
         self.a, self.b = nn.Linear(96, 40), nn.Linear(40, 24, bias=False)
         self.to(dtype)
-        qcompile.quantize(self, format=fmt)
+        qcompile.quantize(self, format=fmt, weight_scale=weight_scale)
         self.to(device)
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
 
 
-@pytest.mark.parametrize("fmt", CODES)
+@pytest.mark.parametrize("fmt, weight_scale", [("w8a8", "channel"), ("fp8", "channel"), ("fp8", "tensor")])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_compiled_matches_eager_with_one_scaled_gemm_per_layer(fmt, dtype, device):
-    model = TwoLayers(fmt, dtype, device)
+def test_compiled_matches_eager_with_one_scaled_gemm_per_layer(fmt, weight_scale, dtype, device):
+    model = TwoLayers(fmt, dtype, device, weight_scale)
     compiled = torch.compile(model, backend="qcompile")
     for shape in [(3, 96), (1, 96), (2, 5, 96)]:
         x = torch.randn(shape, dtype=dtype, device=device)
@@ -92,7 +108,11 @@ def test_compiled_matches_eager_with_one_scaled_gemm_per_layer(fmt, dtype, devic
             launches.clear()
             out, ref = compiled(x), model(x)
         assert launches == {("scaled", fmt, 8): 2}
-        assert_close(out, ref, dtype)
+        # Layer a's output may differ from eager's by one bf16 unit (the kernel's float32 sum is
+        # not torch's); layer b's e4m3 activation quantization can turn that into a code step
+        # (1/8 relative), so fp8 in bf16 is held to 6e-2 instead of 3e-2.
+        err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
+        assert err <= (6e-2 if (fmt, dtype) == ("fp8", torch.bfloat16) else TOL_MODEL[dtype]), err
 
 
 def test_8bit_operands_cast_to_half_fall_back_with_a_reason(device):

@@ -1,4 +1,5 @@
-"""Activation-quantized formats: 8-bit weights with a float32 scale per output channel, and
+"""Activation-quantized formats: 8-bit weights with a float32 scale per output channel (or one
+for the whole tensor: ``weight_scale="tensor"``), and
 8-bit activations quantized per token at run time (dynamic, symmetric), so that the matmul runs
 on 8-bit tensor cores.
 
@@ -19,6 +20,7 @@ from torch import nn
 from .base import check_args
 
 LEVELS = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+WEIGHT_SCALES = ("channel", "tensor")
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +34,7 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 class ScaledLinear(nn.Module):
-    """8-bit weight [out_features, in_features], per-channel scale [out_features] (float32)."""
+    """8-bit weight [out_features, in_features], float32 scale [out_features] or [1]."""
     format_name: str
     code_dtype: torch.dtype
     bits, group_size = 8, -1
@@ -45,11 +47,16 @@ class ScaledLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "ScaledLinear":
+    def from_linear(cls, linear: nn.Linear, weight_scale: str = "channel") -> "ScaledLinear":
+        """``weight_scale``: "channel" (a scale per output channel, [out_features]) or "tensor"
+        (one scale, [1]: what per-tensor fp8 checkpoints store)."""
         w = linear.weight.detach()
         check_args(w, 8, -1)
-        codes, scale = quantize_rows(w, cls.code_dtype)
-        return cls(codes, scale.squeeze(1), linear.bias)
+        if weight_scale not in WEIGHT_SCALES:
+            raise ValueError(f"weight_scale={weight_scale!r}: allowed values are {', '.join(map(repr, WEIGHT_SCALES))}")
+        rows = w if weight_scale == "channel" else w.reshape(1, -1)
+        codes, scale = quantize_rows(rows, cls.code_dtype)
+        return cls(codes.view_as(w), scale.reshape(-1), linear.bias)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight as nn.Linear stores it, [out_features, in_features]."""
@@ -63,7 +70,8 @@ class ScaledLinear(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_name}"
+        scale = "" if self.scale.numel() == self.out_features else ", weight_scale=tensor"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_name}{scale}"
 
 
 class W8A8Linear(ScaledLinear):
