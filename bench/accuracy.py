@@ -34,6 +34,7 @@ TEXT = (
 CONFIGS = {  # name -> quantize() arguments (None: unquantized)
     "float": None,
     "w8a8": {"format": "w8a8"},
+    "w8a8 outliers": {"format": "w8a8", "outlier_threshold": 6.0},
     "fp8": {"format": "fp8"},
     "affine w4 g32": {"format": "affine", "bits": 4, "group_size": 32},
 }

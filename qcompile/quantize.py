@@ -5,7 +5,7 @@ from typing import NamedTuple
 from torch import nn
 
 from .formats import ACTIVATION_FORMATS, FORMATS, QuantLinear, check_args
-from .formats.scaled import WEIGHT_SCALES
+from .formats.scaled import check_scaled_args
 
 ALL_FORMATS = (*FORMATS, *ACTIVATION_FORMATS)
 WEIGHT_ONLY_DEFAULTS = {"bits": 4, "group_size": 128}
@@ -17,15 +17,17 @@ class Setting(NamedTuple):
     bits: int
     group_size: int
     weight_scale: str = "channel"  # 8-bit activation formats only: "channel" or "tensor"
+    outlier_threshold: float | None = None  # w8a8 only: LLM.int8()'s split
 
     def make(self, linear: nn.Linear) -> nn.Module:
         if self.format in ACTIVATION_FORMATS:
-            return ACTIVATION_FORMATS[self.format].from_linear(linear, self.weight_scale)
+            return ACTIVATION_FORMATS[self.format].from_linear(linear, self.weight_scale, self.outlier_threshold)
         return QuantLinear.from_linear(linear, FORMATS[self.format], self.bits, self.group_size)
 
 
 def quantize(model: nn.Module, bits: int | None = None, group_size: int | None = None, format: str = "affine",
-             skip=(), config: dict | None = None, weight_scale: str | None = None) -> nn.Module:
+             skip=(), config: dict | None = None, weight_scale: str | None = None,
+             outlier_threshold: float | None = None) -> nn.Module:
     """Quantize every nn.Linear of ``model`` in place and return ``model``.
 
     format: a weight-only format ("affine", "symmetric", "bipolar", "bcq"; bits 1-8, default 4;
@@ -34,14 +36,17 @@ def quantize(model: nn.Module, bits: int | None = None, group_size: int | None =
         group_size -1).
     weight_scale: for "w8a8" and "fp8", one weight scale per output channel ("channel", the
         default) or for the whole tensor ("tensor").
+    outlier_threshold: for "w8a8", LLM.int8()'s mixed-precision split (6.0 in its paper): input
+        features whose magnitude exceeds it in a call go through a 16-bit matmul.
     skip: names (fnmatch patterns) of layers to leave in float, e.g. ``["lm_head"]``.
-    config: per-layer settings, {name pattern: {"bits", "group_size", "format", "weight_scale"}
-        or None to skip}; the first matching pattern wins, unmatched layers use the arguments.
+    config: per-layer settings, {name pattern: {"bits", "group_size", "format", "weight_scale",
+        "outlier_threshold"} or None to skip}; the first matching pattern wins, unmatched layers use the arguments.
     All settings are checked before any layer changes; bad ones raise ValueError naming the
     argument and the allowed values.
     """
     modules = dict(model.named_modules())
-    for name, setting in plan(model, bits, group_size, format, skip, config, weight_scale).items():
+    for name, setting in plan(model, bits, group_size, format, skip, config, weight_scale,
+                              outlier_threshold).items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, setting.make(modules[name]))
     return model
@@ -59,25 +64,28 @@ def _settings(base: dict, override) -> dict:
         for arg, value in (("bits", 8), ("group_size", -1)):
             if named.get(arg) not in (None, value):
                 raise ValueError(f"{arg}={s[arg]!r} with format={s['format']!r}: the allowed value is {value}")
-        if s["weight_scale"] not in (None, *WEIGHT_SCALES):
-            raise ValueError(f"weight_scale={s['weight_scale']!r}: allowed values are "
-                             f"{', '.join(map(repr, WEIGHT_SCALES))}")
-        return {**s, "bits": 8, "group_size": -1, "weight_scale": s["weight_scale"] or "channel"}
-    named = override if "format" in override else s  # a per-layer weight-only format does not inherit it
-    if named.get("weight_scale") is not None:
-        raise ValueError(f"weight_scale={named['weight_scale']!r} with format={s['format']!r}: weight_scale applies "
-                         f"to {', '.join(map(repr, ACTIVATION_FORMATS))} only (weight-only formats scale per group)")
-    return {**s, "weight_scale": "channel", **{k: v for k, v in WEIGHT_ONLY_DEFAULTS.items() if s[k] is None}}
+        s = {**s, "bits": 8, "group_size": -1, "weight_scale": s["weight_scale"] or "channel"}
+        check_scaled_args(s["format"], s["weight_scale"], s["outlier_threshold"])
+        return s
+    named = override if "format" in override else s  # a per-layer weight-only format does not inherit them
+    for arg, formats in (("weight_scale", tuple(ACTIVATION_FORMATS)), ("outlier_threshold", ("w8a8",))):
+        if named.get(arg) is not None:
+            raise ValueError(f"{arg}={named[arg]!r} with format={s['format']!r}: {arg} applies to "
+                             f"{', '.join(map(repr, formats))} only")
+    return {**s, "weight_scale": "channel", "outlier_threshold": None,
+            **{k: v for k, v in WEIGHT_ONLY_DEFAULTS.items() if s[k] is None}}
 
 
 def plan(model: nn.Module, bits: int | None = None, group_size: int | None = None, format: str = "affine",
-         skip=(), config: dict | None = None, weight_scale: str | None = None) -> dict:
-    """{layer name: Setting(format, bits, group_size, weight_scale)} that ``quantize`` would apply, checked;
+         skip=(), config: dict | None = None, weight_scale: str | None = None,
+         outlier_threshold: float | None = None) -> dict:
+    """{layer name: Setting} that ``quantize`` would apply, checked;
     reads only the layers' shapes and dtypes, so a model on the meta device works too."""
     if not isinstance(model, nn.Module) or isinstance(model, nn.Linear):
         raise ValueError(f"model must be an nn.Module containing nn.Linear layers (quantize replaces them "
                          f"in place), got {type(model).__name__}; wrap a single nn.Linear in a module")
-    base = {"bits": bits, "group_size": group_size, "format": format, "weight_scale": weight_scale}
+    base = {"bits": bits, "group_size": group_size, "format": format, "weight_scale": weight_scale,
+            "outlier_threshold": outlier_threshold}
     _settings(base, {})
     config = dict(config or {})
     modules = dict(model.named_modules())

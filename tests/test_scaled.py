@@ -125,3 +125,44 @@ def test_8bit_operands_cast_to_half_fall_back_with_a_reason(device):
     assert not report.matched and len(report.fallbacks) == 1, str(report)
     assert "converted to torch.float16" in report.fallbacks[0].reason
     assert torch.equal(torch.compile(f, backend="qcompile")(x), f(x))
+
+
+def test_outlier_threshold_is_checked():
+    model = nn.Sequential(nn.Linear(64, 8))
+    for kw, message in [(dict(format="fp8", outlier_threshold=6.0), "is for format='w8a8' only"),
+                        (dict(format="w8a8", outlier_threshold=0), "allowed values are positive numbers"),
+                        (dict(outlier_threshold=6.0), "outlier_threshold applies to 'w8a8' only")]:
+        with pytest.raises(ValueError, match=message):
+            qcompile.quantize(model, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_llm_int8_outlier_features_take_the_16_bit_path_compiled_as_eager(dtype, device):
+    """Two input features 40-60x larger than the rest: without the split they set every row's
+    int8 scale and the other features lose their precision; with it they go through a 16-bit
+    matmul. Compiled, the int8 part is one scaled GEMM (bias folded) and the outlier matmul
+    stays with Inductor, with its reason."""
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 48).to(dtype=dtype, device=device)
+    x = torch.randn(2, 3, 256, dtype=dtype, device=device)
+    x[..., 7] *= 60
+    x[..., 100] *= -40
+    exact = dense(x).float()
+    errors = {}
+    for threshold in (None, 6.0):
+        model = nn.Sequential(nn.Linear(256, 48).to(dtype=dtype, device=device))
+        model[0].load_state_dict(dense.state_dict())
+        qcompile.quantize(model, format="w8a8", outlier_threshold=threshold)
+        with torch.no_grad():
+            ref = model(x)
+            errors[threshold] = ((ref.float() - exact).abs().max() / exact.abs().max()).item()
+            if threshold is None:
+                continue
+            report = qcompile.explain(model, x)
+            launches.clear()
+            out = torch.compile(model, backend="qcompile")(x)
+        assert [m.kernel for m in report.matched] == ["scaled_mm[row,col,bias]"], str(report)
+        assert [f.shapes["K"] for f in report.fallbacks] == [8], "the outlier matmul: capacity 8 of 256 features"
+        assert launches == {("scaled", "w8a8", 8): 1}
+        assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()) <= TOL_MODEL[dtype]
+    assert errors[6.0] * 3 < errors[None], errors
