@@ -1,5 +1,6 @@
-"""python -m bench.scaled: activation-quantized linears (w8a8, fp8) on the GPU, end to end
-(the activation quantization included), against fp16 cuBLAS and the peers, in one run.
+"""python -m bench.scaled: activation-quantized linears (w8a8, fp8, and w8a8 with LLM.int8()'s
+outlier split, the input having 0.1% outlier features) on the GPU, end to end (the activation
+quantization included), against fp16 cuBLAS and the peers, in one run.
 
 Each implementation is a function of (x, weight tensors) timed inside one CUDA graph with the
 weights rotated past L2 (bench/linear.py's method). Peers: cuBLAS fp16 (``F.linear``);
@@ -18,18 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from bench.linear import SHAPES, _copies, _nbytes, copy_bandwidth, time_rotated
-from qcompile.formats.scaled import quantize_rows
+from qcompile.formats.scaled import quantize_rows, scaled_forward
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192]
-CODES = {"w8a8": torch.int8, "fp8": torch.float8_e4m3fn}
+CODES = {"w8a8": torch.int8, "fp8": torch.float8_e4m3fn, "w8a8-outliers": torch.int8}
+OUTLIER_THRESHOLD = {"w8a8-outliers": 6.0}  # LLM.int8()'s
+OUTLIER_EVERY = 1000  # input features: one in 1000 (0.1%) is an outlier, x20
 
 
-def reference(code_dtype):
+def reference(fmt):
     """The format's forward (qcompile/formats/scaled.py) as a function of its tensors."""
-    def fn(x, qw, s):
-        xq, xs = quantize_rows(x, code_dtype)
-        return ((xq.float() @ qw.float().t()) * xs * s).to(x.dtype)
-    return fn
+    return lambda x, qw, s: scaled_forward(x, qw, s, None, CODES[fmt], OUTLIER_THRESHOLD.get(fmt))
 
 
 def quantized(w, code_dtype):
@@ -52,7 +52,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="all", help="NxK,... or all")
     p.add_argument("--m", default=",".join(map(str, MS)))
-    p.add_argument("--formats", default="w8a8,fp8")
+    p.add_argument("--formats", default="w8a8,fp8,w8a8-outliers")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     shapes = SHAPES if a.shapes == "all" else [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
@@ -68,20 +68,22 @@ def main():
         weights = {f: _copies(quantized(w, CODES[f])) for f in a.formats.split(",")}
         impls = {}
         for f in weights:
-            impls[f"qcompile {f}"] = torch.compile(reference(CODES[f]), backend="qcompile")
-            impls[f"inductor {f}"] = torch.compile(reference(CODES[f]))
-        peers = {"w8a8": ("torch._int_mm w8a8", torch.compile(int_mm)), "fp8": ("torch._scaled_mm fp8", scaled_mm)}
+            impls[f"qcompile {f}"] = torch.compile(reference(f), backend="qcompile")
+            impls[f"inductor {f}"] = torch.compile(reference(f))
+        peers = {"w8a8": [("torch._int_mm w8a8", torch.compile(int_mm))], "fp8": [("torch._scaled_mm fp8", scaled_mm)],
+                 "w8a8-outliers": []}
         for m in map(int, a.m.split(",")):
             x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+            x[:, ::OUTLIER_EVERY] *= 20
             t_dense = time_rotated(lambda wi: F.linear(x, wi), dense)
             io = (m * k + m * n) * 2
             row = {"N": n, "K": k, "M": m, "dtype": "fp16", "cublas_us": t_dense,
                    "cublas_roofline": (n * k * 2 + io) / (t_dense * 1e-6) / bw, "impl": {}}
             for f, copies in weights.items():
                 nbytes = _nbytes(copies[0])
-                ref = reference(CODES[f])(x, *copies[0])
+                ref = reference(f)(x, *copies[0])
                 for name, fn in ((f"qcompile {f}", impls[f"qcompile {f}"]), (f"inductor {f}", impls[f"inductor {f}"]),
-                                 peers[f]):
+                                 *peers[f]):
                     try:
                         out = fn(x, *copies[0])  # compiles outside the graph capture
                         t = time_rotated(lambda *ws: fn(x, *ws), copies)

@@ -66,22 +66,27 @@ class ScaledLinear(nn.Module):
         return self.qweight.float() * self.scale[:, None]
 
     def forward(self, x):
-        outliers = None
-        if self.outlier_threshold is not None:
-            x, outliers = outlier_columns(x, self.outlier_threshold)
-        xq, xs = quantize_rows(x, self.code_dtype)
-        y = (xq.float() @ self.qweight.float().t()) * xs * self.scale
-        if self.bias is not None:
-            y = y + self.bias.float()
-        if outliers is not None:  # after the bias, which the scaled GEMM's epilogue then takes
-            y = y + outliers(self.qweight, self.scale)
-        return y.to(x.dtype)
+        return scaled_forward(x, self.qweight, self.scale, self.bias, self.code_dtype, self.outlier_threshold)
 
     def extra_repr(self):
         scale = "" if self.scale.numel() == self.out_features else ", weight_scale=tensor"
         outliers = "" if self.outlier_threshold is None else f", outlier_threshold={self.outlier_threshold}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_name}"
                 f"{scale}{outliers}")
+
+
+def scaled_forward(x, qweight, scale, bias, code_dtype, outlier_threshold=None):
+    """The formats' forward as a function of their tensors (the benchmarks call it too)."""
+    outliers = None
+    if outlier_threshold is not None:
+        x, outliers = outlier_columns(x, outlier_threshold)
+    xq, xs = quantize_rows(x, code_dtype)
+    y = (xq.float() @ qweight.float().t()) * xs * scale
+    if bias is not None:
+        y = y + bias.float()
+    if outliers is not None:  # after the bias, which the scaled GEMM's epilogue then takes
+        y = y + outliers(qweight, scale)
+    return y.to(x.dtype)
 
 
 def outlier_capacity(k: int) -> int:
