@@ -36,6 +36,7 @@ CONFIGS = {  # name -> quantize() arguments (None: unquantized)
     "w8a8": {"format": "w8a8"},
     "w8a8 outliers": {"format": "w8a8", "outlier_threshold": 6.0},
     "fp8": {"format": "fp8"},
+    "w4a8": {"format": "w4a8", "group_size": 64},  # SmolLM2-135M: in_features 576 and 1536
     "affine w4 g32": {"format": "affine", "bits": 4, "group_size": 32},
 }
 

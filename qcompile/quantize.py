@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from .formats import ACTIVATION_FORMATS, FORMATS, QuantLinear, check_args
+from .formats import ACTIVATION_FORMATS, FORMATS, QuantLinear, W4A8Linear, check_args
 from .formats.scaled import check_scaled_args
 
 ALL_FORMATS = (*FORMATS, *ACTIVATION_FORMATS)
@@ -20,6 +20,8 @@ class Setting(NamedTuple):
     outlier_threshold: float | None = None  # w8a8 only: LLM.int8()'s split
 
     def make(self, linear: nn.Linear) -> nn.Module:
+        if self.format == "w4a8":
+            return W4A8Linear.from_linear(linear, self.group_size)
         if self.format in ACTIVATION_FORMATS:
             return ACTIVATION_FORMATS[self.format].from_linear(linear, self.weight_scale, self.outlier_threshold)
         return QuantLinear.from_linear(linear, FORMATS[self.format], self.bits, self.group_size)
@@ -33,7 +35,8 @@ def quantize(model: nn.Module, bits: int | None = None, group_size: int | None =
     format: a weight-only format ("affine", "symmetric", "bipolar", "bcq"; bits 1-8, default 4;
         group_size a divisor of in_features or -1, default 128), or an activation-quantized one
         ("w8a8": int8, "fp8": float8 e4m3; weights per channel, activations per token; bits 8,
-        group_size -1).
+        group_size -1; "w4a8": QServe's 4-bit groups of int8 weights, int8 activations; bits 4,
+        group_size default 128).
     weight_scale: for "w8a8" and "fp8", one weight scale per output channel ("channel", the
         default) or for the whole tensor ("tensor").
     outlier_threshold: for "w8a8", LLM.int8()'s mixed-precision split (6.0 in its paper): input
@@ -61,14 +64,15 @@ def _settings(base: dict, override) -> dict:
         raise ValueError(f"format={s['format']!r}: allowed values are {', '.join(map(repr, ALL_FORMATS))}")
     if s["format"] in ACTIVATION_FORMATS:  # fixed by the format; naming them alongside it is allowed
         named = override if "format" in override else s  # a per-layer format does not inherit bits
-        for arg, value in (("bits", 8), ("group_size", -1)):
+        fixed = {"bits": 4} if s["format"] == "w4a8" else {"bits": 8, "group_size": -1}
+        for arg, value in fixed.items():
             if named.get(arg) not in (None, value):
                 raise ValueError(f"{arg}={s[arg]!r} with format={s['format']!r}: the allowed value is {value}")
-        s = {**s, "bits": 8, "group_size": -1, "weight_scale": s["weight_scale"] or "channel"}
+        s = {**s, "group_size": named.get("group_size") or 128, **fixed, "weight_scale": s["weight_scale"] or "channel"}
         check_scaled_args(s["format"], s["weight_scale"], s["outlier_threshold"])
         return s
     named = override if "format" in override else s  # a per-layer weight-only format does not inherit them
-    for arg, formats in (("weight_scale", tuple(ACTIVATION_FORMATS)), ("outlier_threshold", ("w8a8",))):
+    for arg, formats in (("weight_scale", ("w8a8", "fp8")), ("outlier_threshold", ("w8a8",))):
         if named.get(arg) is not None:
             raise ValueError(f"{arg}={named[arg]!r} with format={s['format']!r}: {arg} applies to "
                              f"{', '.join(map(repr, formats))} only")

@@ -9,7 +9,7 @@ import time
 import torch
 from torch import nn
 
-from .formats import QuantLinear, ScaledLinear
+from .formats import QuantLinear, ScaledLinear, W4A8Linear
 
 DEFAULT_M = (1, 16, 128, 1024)
 
@@ -18,7 +18,7 @@ def layer_shapes(model: nn.Module) -> dict:
     """{(format, bits, group_size, K, N, has_bias): the first quantized layer of that shape}."""
     shapes = {}
     for module in model.modules():
-        if isinstance(module, (QuantLinear, ScaledLinear)):
+        if isinstance(module, (QuantLinear, ScaledLinear, W4A8Linear)):
             name = module.fmt.name if isinstance(module, QuantLinear) else module.format_name
             key = (name, module.bits, module.group_size, module.in_features, module.out_features,
                    module.bias is not None)
@@ -30,10 +30,10 @@ def _launch(layer, fmt, bits, group, mm, k, dtype):
     """One call of the op the compiled layer runs; its tuning key."""
     import qcompile.runtime.ops as ops
     device = layer.qweight.device
-    if isinstance(layer, ScaledLinear):
+    if isinstance(layer, (ScaledLinear, W4A8Linear)):
         xq = torch.randn(mm, k, device=device).mul(20).clamp(-127, 127).to(layer.code_dtype)
-        torch.ops.qcompile.scaled_mm(xq, layer.qweight.t(), torch.rand(mm, device=device), layer.scale,
-                                     layer.bias, dtype)
+        b, col_scale = layer.gemm_operands()
+        torch.ops.qcompile.scaled_mm(xq, b, torch.rand(mm, device=device), col_scale, layer.bias, dtype)
         return ops.scaled_key(xq.dtype, mm, layer.out_features, k)
     x = torch.randn(mm, k, dtype=dtype, device=device)
     torch.ops.qcompile.wq_linear(x, layer.qweight, layer.scale, layer.zero, layer.bias, fmt, bits, group)

@@ -173,3 +173,16 @@ def test_warmup_launches_each_distinct_layer_shape_per_batch_size(cache, monkeyp
         qcompile.warmup(model, m=[0])
     with pytest.raises(ValueError, match="no quantized layer"):
         qcompile.warmup(torch.nn.Linear(4, 4))
+
+
+def test_warmup_runs_w4a8_through_the_scaled_gemm(cache, monkeypatch, device):
+    import qcompile
+    import qcompile.runtime.ops as ops
+    monkeypatch.setattr(ops, "TUNER", Tuner(cache))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 24)).to(device)
+    qcompile.quantize(model, format="w4a8", group_size=32)
+    ops.launches.clear()
+    rows = qcompile.warmup(model, m=[1, 3], progress=False)
+    assert [(r["format"], r["bits"], r["group_size"], r["M"], r["kernel"]) for r in rows] == [
+        ("w4a8", 4, 32, 1, "scaled"), ("w4a8", 4, 32, 3, "scaled")]
+    assert ops.launches == {("scaled", "w8a8", 8): 2}

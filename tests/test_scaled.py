@@ -7,6 +7,7 @@ from torch import nn
 import qcompile
 from conftest import DTYPES, TOL as TOL_MODEL
 from qcompile.formats import ACTIVATION_FORMATS
+from qcompile.formats.packing import unpack_fields
 from qcompile.formats.scaled import quantize_rows
 from qcompile.runtime.ops import launches
 
@@ -65,7 +66,7 @@ def test_quantize_checks_the_fixed_arguments_and_rounds_within_half_a_step(fmt):
 def test_weight_scale_per_tensor_is_one_value_and_checked():
     model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 8))
     lin = model[0]
-    with pytest.raises(ValueError, match="weight_scale='row': allowed values are 'channel', 'tensor'"):
+    with pytest.raises(ValueError, match="weight_scale='row' with format='fp8': allowed values are 'channel', 'tensor'"):
         qcompile.quantize(model, format="fp8", weight_scale="row")
     with pytest.raises(ValueError, match="weight_scale='tensor' with format='affine'.*'w8a8', 'fp8' only"):
         qcompile.quantize(model, weight_scale="tensor")
@@ -166,3 +167,48 @@ def test_llm_int8_outlier_features_take_the_16_bit_path_compiled_as_eager(dtype,
         assert launches == {("scaled", "w8a8", 8): 1}
         assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()) <= TOL_MODEL[dtype]
     assert errors[6.0] * 3 < errors[None], errors
+
+
+def test_w4a8_rebuilds_int8_weights_in_range_and_checks_its_arguments():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 48))
+    for kw, message in [(dict(bits=8), "bits=8 with format='w4a8': the allowed value is 4"),
+                        (dict(weight_scale="tensor"), "allowed values are 'channel'"),
+                        (dict(group_size=100), "group_size=100 does not divide")]:
+        with pytest.raises(ValueError, match=message):
+            qcompile.quantize(model, format="w4a8", **kw)
+    lin = model[0]
+    model[0].weight.data[3, 5] = 1.0  # one large weight: its row's int8 codes reach the protected range
+    qcompile.quantize(model, format="w4a8")
+    q = model[0]
+    assert q.group_size == 128 and q.scale_int.dtype == q.zero.dtype == torch.uint8
+    w8 = q.int8_weight()
+    assert w8.dtype == torch.int8 and w8.shape == (256, 48)
+    # the same product in int32: nothing wrapped around in the cast to int8
+    codes = unpack_fields(q.qweight, 4, 256).reshape(2, 128, 48)
+    w32 = ((codes - q.zero.int().unsqueeze(1)) * q.scale_int.int().unsqueeze(1)).reshape(256, 48)
+    assert w32.abs().max() <= 127 and torch.equal(w32.to(torch.int8), w8)
+    # error: half an int8 step, plus one 4-bit step (scale_int int8 units; the top code may clamp)
+    bound = q.channel_scale[:, None] * (0.5 + q.scale_int.float().t().repeat_interleave(128, 1))
+    assert ((q.dequantize() - lin.weight.detach()).abs() <= bound * 1.001).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_w4a8_compiles_to_one_int8_gemm_per_layer(dtype, device):
+    """The int8 weight is rebuilt by Inductor in the graph (not yet inside the GEMM); the int8
+    product and its scales are the scaled GEMM."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 48), nn.ReLU(), nn.Linear(48, 16, bias=False)).to(dtype)
+    qcompile.quantize(model, format="w4a8", config={"2": {"format": "w4a8", "group_size": 16}})
+    model.to(device)
+    x = torch.randn(2, 3, 256, dtype=dtype, device=device)
+    with torch.no_grad():
+        report = qcompile.explain(model, x)
+        launches.clear()
+        out, ref = torch.compile(model, backend="qcompile")(x), model(x)
+    cast = "" if dtype == torch.float32 else "," + str(dtype).replace("torch.", "")
+    assert [(m.format, m.kernel) for m in report.matched] == [("w8a8", f"scaled_mm[row,col,bias{cast}]"),
+                                                              ("w8a8", f"scaled_mm[row,col{cast}]")], str(report)
+    assert launches == {("scaled", "w8a8", 8): 2}
+    err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert err <= (6e-2 if dtype == torch.bfloat16 else TOL_MODEL[dtype]), err

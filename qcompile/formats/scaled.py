@@ -65,6 +65,10 @@ class ScaledLinear(nn.Module):
         """The float weight as nn.Linear stores it, [out_features, in_features]."""
         return self.qweight.float() * self.scale[:, None]
 
+    def gemm_operands(self):
+        """(8-bit weight [K, N], column scale) as the compiled graph hands them to the scaled GEMM."""
+        return self.qweight.t(), self.scale
+
     def forward(self, x):
         return scaled_forward(x, self.qweight, self.scale, self.bias, self.code_dtype, self.outlier_threshold)
 
@@ -114,8 +118,10 @@ def outlier_columns(x: torch.Tensor, threshold: float):
 
 
 def check_scaled_args(fmt: str, weight_scale: str, outlier_threshold) -> None:
-    if weight_scale not in WEIGHT_SCALES:
-        raise ValueError(f"weight_scale={weight_scale!r}: allowed values are {', '.join(map(repr, WEIGHT_SCALES))}")
+    allowed = ("channel",) if fmt == "w4a8" else WEIGHT_SCALES
+    if weight_scale not in allowed:
+        raise ValueError(f"weight_scale={weight_scale!r} with format={fmt!r}: allowed values are "
+                         f"{', '.join(map(repr, allowed))}")
     if outlier_threshold is None:
         return
     if fmt != "w8a8":
