@@ -12,13 +12,14 @@ from torch import nn
 from .formats import QuantLinear, ScaledLinear, W4A8Linear
 
 DEFAULT_M = (1, 16, 128, 1024)
+ACTIVATION_LAYERS = (ScaledLinear, W4A8Linear)  # layers whose compiled form is the scaled GEMM
 
 
 def layer_shapes(model: nn.Module) -> dict:
     """{(format, bits, group_size, K, N, has_bias): the first quantized layer of that shape}."""
     shapes = {}
     for module in model.modules():
-        if isinstance(module, (QuantLinear, ScaledLinear, W4A8Linear)):
+        if isinstance(module, (QuantLinear, *ACTIVATION_LAYERS)):
             name = module.fmt.name if isinstance(module, QuantLinear) else module.format_name
             key = (name, module.bits, module.group_size, module.in_features, module.out_features,
                    module.bias is not None)
@@ -30,7 +31,7 @@ def _launch(layer, fmt, bits, group, mm, k, dtype):
     """One call of the op the compiled layer runs; its tuning key."""
     import qcompile.runtime.ops as ops
     device = layer.qweight.device
-    if isinstance(layer, (ScaledLinear, W4A8Linear)):
+    if isinstance(layer, ACTIVATION_LAYERS):
         xq = torch.randn(mm, k, device=device).mul(20).clamp(-127, 127).to(layer.code_dtype)
         b, col_scale = layer.gemm_operands()
         torch.ops.qcompile.scaled_mm(xq, b, torch.rand(mm, device=device), col_scale, layer.bias, dtype)
@@ -62,7 +63,7 @@ def warmup(model: nn.Module, m=DEFAULT_M, dtype: torch.dtype | None = None, prog
             bar.set_postfix_str(f"{fmt} w{bits} g{group} {n}x{k} M={mm}")
             start = time.perf_counter()
             key = _launch(layer, fmt, bits, group, mm, k,
-                          dtype or (model_dtype if isinstance(layer, ScaledLinear) else layer.scale.dtype))
+                          dtype or (model_dtype if isinstance(layer, ACTIVATION_LAYERS) else layer.scale.dtype))
             if layer.qweight.is_cuda:
                 torch.cuda.synchronize()
             choice = ops.chosen.get(key)
