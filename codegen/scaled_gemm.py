@@ -6,6 +6,11 @@ read through strides as K x N tiles); ACC is the accumulator: int32 for int8, fl
 fp8. The scales and the bias are optional (HAS_ROW, HAS_COL, HAS_BIAS), applied in float32
 once per output in the epilogue, which stores y's dtype. Their strides are 0 for a single value
 broadcast to every row or column (a per-tensor scale).
+
+B_PACKED (w4a8): b is 4-bit codes packed 8 per int32 word along K ([K/8, N], the weight-only
+formats' fields layout), and each code becomes its int8 weight inside the kernel as
+(code - zero) * scale, with the uint8 zero and scale of its group of GROUP rows of K ([K/GROUP,
+N]): integer arithmetic, exact, then the same int8 dot.
 """
 import triton
 import triton.language as tl
@@ -13,9 +18,10 @@ import triton.language as tl
 
 @triton.jit
 def scaled_gemm_kernel(
-    a_ptr, b_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
-    sam, sak, sbn, sbk, sym, syn, srow, scol, sbias,
+    a_ptr, b_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, z_ptr, s_ptr, M, N, K, M_BUCKET,
+    sam, sak, sbn, sbk, sym, syn, srow, scol, sbias, sgk, sgn,
     ACC: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    B_PACKED: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -26,8 +32,16 @@ def scaled_gemm_kernel(
         kk = k0 + rk
         a = tl.load(a_ptr + rm[:, None] * sam + kk[None, :] * sak,
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * sbk + rn[None, :] * sbn,
-                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        bmask = (kk[:, None] < K) & (rn[None, :] < N)
+        if B_PACKED:  # w4a8: 8 codes per int32 word along K, rebuilt to int8 with the group's integers
+            word = tl.load(b_ptr + (kk // 8)[:, None] * sbk + rn[None, :] * sbn, mask=bmask, other=0)
+            code = (word >> ((kk % 8) * 4)[:, None]) & 15
+            goff = (kk // GROUP)[:, None] * sgk + rn[None, :] * sgn
+            zero = tl.load(z_ptr + goff, mask=bmask, other=0).to(tl.int32)
+            step = tl.load(s_ptr + goff, mask=bmask, other=0).to(tl.int32)
+            b = ((code - zero) * step).to(tl.int8)
+        else:
+            b = tl.load(b_ptr + kk[:, None] * sbk + rn[None, :] * sbn, mask=bmask, other=0.0)
         acc = tl.dot(a, b, acc, out_dtype=ACC)  # triton 3.6 defaults out_dtype to float32
     y = acc.to(tl.float32)
     if HAS_ROW:

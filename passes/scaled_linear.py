@@ -4,7 +4,8 @@ per-row and per-column scaling, the bias add and the cast after it, become
 
 That is the shape of every activation-quantized linear (w8a8's and fp8's references,
 LLM.int8()'s vector-wise product, SmoothQuant-style code):
-``(x_q.float() @ w_q.float().t()) * s_x * s_w``.
+``(x_q.float() @ w_q.float().t()) * s_x * s_w``. When the int8 weight is w4a8's, rebuilt from
+4-bit codes in the graph, it becomes ``qcompile::w4a8_mm`` instead, which rebuilds it in the kernel.
 The activation quantization before the matmul stays in the graph, for Inductor to fuse into
 the op that produces x.
 """
@@ -17,11 +18,13 @@ from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import match_blocked_reason
 from qcompile.runtime.ops import SCALED_FORMATS  # registers qcompile::scaled_mm too
 
+from .specs import find_w4a8
 from .subgraph import _VIEWS
 from .wonly_linear import EXPLAINED, _call, _val
 
 aten, prims = torch.ops.aten, torch.ops.prims
 OP = torch.ops.qcompile.scaled_mm.default
+W4A8_OP = torch.ops.qcompile.w4a8_mm.default
 
 
 def _is_transpose(node) -> bool:
@@ -102,6 +105,7 @@ def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True)
         fmt = SCALED_FORMATS[_val(a[0]).dtype][0]
         m, n = _val(mm).shape
         k = _val(mm.args[0]).shape[1]
+        w4a8 = find_w4a8(b[0], int(k), int(n)) if b[1] is None and fmt == "w8a8" else None
         shapes = {"M": m if isinstance(m, int) else str(m), "K": int(k), "N": int(n),
                   "dtype": str(_val(a[0]).dtype).replace("torch.", "")}
         reason = (None if _val(mm).dtype == torch.float32 else
@@ -123,14 +127,18 @@ def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True)
                 ops.append(src)
             vec = {kind: _call(graph, aten.reshape.default, (epi[kind], [-1]))
                    for kind in ("row", "col", "bias") if kind in epi}
-            out = _call(graph, OP, (*ops, vec.get("row"), vec.get("col"), vec.get("bias"),
-                                    epi.get("dtype", torch.float32)))
+            vectors = (vec.get("row"), vec.get("col"), vec.get("bias"), epi.get("dtype", torch.float32))
+            if w4a8:  # the int8 weight is rebuilt inside the kernel from the 4-bit codes
+                out = _call(graph, W4A8_OP, (ops[0], *w4a8[1], *vectors))
+            else:
+                out = _call(graph, OP, (*ops, *vectors))
             for v in views:
                 out = _call(graph, v.target, (out, *v.args[1:]))
         last.replace_all_uses_with(out)  # mm and its epilogue go with the dead code
         folded = [kind for kind in ("row", "col", "bias") if kind in epi]
         if "dtype" in epi:
             folded.append(str(epi["dtype"]).replace("torch.", ""))
-        report.matched.append(Matched("scaled_linear", fmt, 8, -1, shapes,
-                                      f"scaled_mm[{','.join(folded) or 'unscaled'}]", mm.name))
+        op_name, fmt, bits, group = ("w4a8_mm", "w4a8", 4, w4a8[0]) if w4a8 else ("scaled_mm", fmt, 8, -1)
+        report.matched.append(Matched("scaled_linear", fmt, bits, group, shapes,
+                                      f"{op_name}[{','.join(folded) or 'unscaled'}]", mm.name))
     graph.eliminate_dead_code()

@@ -16,6 +16,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.formats import FLOAT_DTYPES, FORMATS
 from qcompile.formats.packing import codes_per_word
+from qcompile.formats.w4a8 import int8_weight
 
 from .subgraph import backward_slice, difference, leaves, match, to_digraph
 
@@ -105,6 +106,45 @@ class Int8LinearSpec(Spec):
     def candidates(self, ints, floats, k, n):
         if len(ints) == 1 and len(floats) == 1 and ints[0] == ((n, k), torch.int8) and floats[0][0] == (n,):
             yield Candidate(self, 8, -1, (ints[0], floats[0]))
+
+
+@dataclass(frozen=True, eq=True)
+class W4A8Spec(Spec):
+    """w4a8's int8 weight [K, N] rebuilt from its 4-bit codes (qcompile/formats/w4a8.py), from
+    qweight int32 [K/8, N] and the uint8 zero and scale_int [K/group, N]."""
+    name: str = "w4a8"
+
+    def reference(self, bits, k):
+        return lambda qweight, zero, scale_int: int8_weight(qweight, zero, scale_int, k)
+
+    def candidates(self, ints, floats, k, n):
+        small = [x for x in ints if x[1] == torch.uint8]
+        packed = ((-(-k // 8), n), torch.int32)
+        if floats or len(ints) != 3 or [x for x in ints if x[1] == torch.int32] != [packed]:
+            return
+        if len(small) == 2 and small[0] == small[1] and small[0][0][1:] == (n,) and k % small[0][0][0] == 0:
+            yield Candidate(self, 4, k // small[0][0][0], (packed, *small))
+
+
+def find_w4a8(int8_node, k: int, n: int):
+    """(group_size, [qweight, zero, scale_int] nodes) when ``int8_node`` computes a w4a8 int8
+    weight [K, N] from graph inputs, else None."""
+    nodes = backward_slice(int8_node)
+    ins = leaves(nodes) if nodes else []
+    if not ins or not all(isinstance(x.meta.get("val"), torch.Tensor) for x in ins):
+        return None
+    metas = [_meta(x) for x in ins]
+    if any(not isinstance(d, int) for shape, _ in metas for d in shape):
+        return None
+    spec = W4A8Spec()
+    ints, floats = [m for m in metas if not m[1].is_floating_point], [m for m in metas if m[1].is_floating_point]
+    for cand in spec.candidates(ints, floats, k, n):
+        spec_graph, placeholders = traced(spec, 4, k, cand.metas, ins[0].meta["val"].device.type)
+        mapping = match(to_digraph(nodes), spec_graph)
+        if mapping is not None:
+            inverse = {v: key for key, v in mapping.items()}
+            return cand.group_size, [inverse[p] for p in placeholders]
+    return None
 
 
 def specs_for(act_dtype: torch.dtype):

@@ -33,8 +33,12 @@ def _launch(layer, fmt, bits, group, mm, k, dtype):
     device = layer.qweight.device
     if isinstance(layer, ACTIVATION_LAYERS):
         xq = torch.randn(mm, k, device=device).mul(20).clamp(-127, 127).to(layer.code_dtype)
-        b, col_scale = layer.gemm_operands()
-        torch.ops.qcompile.scaled_mm(xq, b, torch.rand(mm, device=device), col_scale, layer.bias, dtype)
+        row = torch.rand(mm, device=device)
+        if isinstance(layer, W4A8Linear):
+            torch.ops.qcompile.w4a8_mm(xq, layer.qweight, layer.zero, layer.scale_int, row, layer.channel_scale,
+                                       layer.bias, dtype)
+            return ops.scaled_key(xq.dtype, mm, layer.out_features, k, k // layer.scale_int.shape[0])
+        torch.ops.qcompile.scaled_mm(xq, layer.qweight.t(), row, layer.scale, layer.bias, dtype)
         return ops.scaled_key(xq.dtype, mm, layer.out_features, k)
     x = torch.randn(mm, k, dtype=dtype, device=device)
     torch.ops.qcompile.wq_linear(x, layer.qweight, layer.scale, layer.zero, layer.bias, fmt, bits, group)

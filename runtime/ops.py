@@ -14,6 +14,7 @@ from qcompile.codegen.wq_gemm import FMT_CODES, wq_gemm_kernel
 from qcompile.codegen.wq_dequant import wq_dequant_kernel
 from qcompile.codegen.wq_gemv import wq_gemv_kernel
 from qcompile.formats import Packed, get_format
+from qcompile.formats.w4a8 import int8_weight as w4a8_int8_weight
 
 from .autotune import TUNER
 from .device import interpreting, kernel_unavailable_reason
@@ -159,9 +160,50 @@ def _(x, qweight, scale, zero, bias, fmt, bits, group_size):
     return x.new_empty(*x.shape[:-1], qweight.shape[-1])
 
 
-def scaled_key(dtype, m, n, k) -> tuple:
-    """scaled_mm's tuning key; ``chosen[scaled_key(...)]`` is the Choice that ran."""
-    return ("scaled", str(dtype).replace("torch.", ""), tiling.m_bucket(m), n, k)
+def scaled_key(dtype, m, n, k, group=None) -> tuple:
+    """scaled_mm's tuning key (``group``: w4a8's, whose weight the kernel unpacks);
+    ``chosen[scaled_key(...)]`` is the Choice that ran."""
+    return ("scaled", str(dtype).replace("torch.", ""), tiling.m_bucket(m), n, k, *((group,) if group else ()))
+
+
+def _check_vectors(row_scale, col_scale, bias, m, n):
+    for name, v, size in (("row_scale", row_scale, m), ("col_scale", col_scale, n), ("bias", bias, n)):
+        if v is not None and (v.dim() != 1 or v.numel() not in (1, size)):
+            raise ValueError(f"{name} must have shape [{size}] or [1], got {list(v.shape)}")
+
+
+def _scaled_reference(a, b, row_scale, col_scale, bias, out_dtype):
+    y = a.float() @ b.float()
+    for v, shape in ((row_scale, (-1, 1)), (col_scale, (1, -1))):
+        y = y if v is None else y * v.float().view(shape)
+    return (y if bias is None else y + bias.float()).to(out_dtype)
+
+
+def _scaled_launch(a, b, row_scale, col_scale, bias, out_dtype, n, packed=None):
+    """The scaled GEMM template on 8-bit a and b [K, N] (b's strides as given), or, with
+    ``packed`` = (zero, scale_int, group), on w4a8's 4-bit codes b [K/8, N]."""
+    m, k = a.shape
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if not out.numel():
+        return out
+    vectors = [out if v is None else v for v in (row_scale, col_scale, bias)]
+    zero, scale_int, group = packed or (out, out, 1)
+    strides = [0 if v.numel() == 1 else v.stride(0) for v in vectors]  # one value for all: broadcast
+    args = (a, b, *vectors, out, zero, scale_int, m, n, k, tiling.m_bucket(m), a.stride(0), a.stride(1),
+            b.stride(1), b.stride(0), out.stride(0), out.stride(1), *strides, zero.stride(0), zero.stride(1))
+    fmt, acc = ("w4a8", tl.int32) if packed else SCALED_FORMATS[a.dtype]
+    consts = dict(ACC=acc, HAS_ROW=row_scale is not None, HAS_COL=col_scale is not None, HAS_BIAS=bias is not None,
+                  B_PACKED=packed is not None, GROUP=group)
+
+    def run(c: tiling.Choice):
+        cfg = c.config.kwargs
+        return scaled_gemm_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))](
+            *args, **consts, **cfg, num_warps=c.config.num_warps, num_stages=c.config.num_stages)
+
+    _run_tuned("scaled_mm", scaled_key(a.dtype, m, n, k, packed and group),
+               lambda: tiling.scaled_candidates(m, a.device), run, a.device)
+    launches["scaled", fmt, 4 if packed else 8] += 1
+    return out
 
 
 @torch.library.custom_op("qcompile::scaled_mm", mutates_args=())
@@ -171,33 +213,31 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None, 
     returned in ``out_dtype``, for 8-bit a [M, K] and b [K, N] of one dtype, int8 or
     float8_e4m3fn (any strides: the weight arrives as its transposed [N, K] storage).
     row_scale: [M] or [1]; col_scale and bias: [N] or [1] (one value for all)."""
-    m, n = a.shape[0], b.shape[1]
-    for name, v, size in (("row_scale", row_scale, m), ("col_scale", col_scale, n), ("bias", bias, n)):
-        if v is not None and (v.dim() != 1 or v.numel() not in (1, size)):
-            raise ValueError(f"{name} must have shape [{size}] or [1], got {list(v.shape)}")
+    _check_vectors(row_scale, col_scale, bias, a.shape[0], b.shape[1])
     if kernel_unavailable_reason(a.device) is not None:
-        y = a.float() @ b.float()
-        for v, shape in ((row_scale, (-1, 1)), (col_scale, (1, -1))):
-            y = y if v is None else y * v.float().view(shape)
-        return (y if bias is None else y + bias.float()).to(out_dtype)
-    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    if not out.numel():
-        return out
-    vectors = [out if v is None else v for v in (row_scale, col_scale, bias)]
-    args = (a, b, *vectors, out, m, n, a.shape[1], tiling.m_bucket(m), a.stride(0), a.stride(1), b.stride(1),
-            b.stride(0), out.stride(0), out.stride(1), *(0 if v.numel() == 1 else v.stride(0) for v in vectors))
-    fmt, acc = SCALED_FORMATS[a.dtype]
-    consts = dict(ACC=acc, HAS_ROW=row_scale is not None, HAS_COL=col_scale is not None, HAS_BIAS=bias is not None)
+        return _scaled_reference(a, b, row_scale, col_scale, bias, out_dtype)
+    return _scaled_launch(a, b, row_scale, col_scale, bias, out_dtype, b.shape[1])
 
-    def run(c: tiling.Choice):
-        cfg = c.config.kwargs
-        return scaled_gemm_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))](
-            *args, **consts, **cfg, num_warps=c.config.num_warps, num_stages=c.config.num_stages)
 
-    _run_tuned("scaled_mm", scaled_key(a.dtype, m, n, a.shape[1]), lambda: tiling.scaled_candidates(m, a.device),
-               run, a.device)
-    launches["scaled", fmt, 8] += 1
-    return out
+@torch.library.custom_op("qcompile::w4a8_mm", mutates_args=())
+def w4a8_mm(a: torch.Tensor, qweight: torch.Tensor, zero: torch.Tensor, scale_int: torch.Tensor,
+            row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, bias: torch.Tensor | None,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """scaled_mm with w4a8's weight: int8 activations a [M, K] times the int8 weight that the
+    4-bit codes qweight [K/8, N] and the uint8 zero and scale_int [K/group, N] stand for
+    (qcompile/formats/w4a8.py), rebuilt inside the kernel."""
+    k, n = a.shape[1], qweight.shape[1]
+    _check_vectors(row_scale, col_scale, bias, a.shape[0], n)
+    if kernel_unavailable_reason(a.device) is not None:
+        return _scaled_reference(a, w4a8_int8_weight(qweight, zero, scale_int, k), row_scale, col_scale, bias,
+                                 out_dtype)
+    return _scaled_launch(a, qweight, row_scale, col_scale, bias, out_dtype, n,
+                          (zero, scale_int, k // scale_int.shape[0]))
+
+
+@w4a8_mm.register_fake
+def _(a, qweight, zero, scale_int, row_scale, col_scale, bias, out_dtype):
+    return a.new_empty(a.shape[0], qweight.shape[1], dtype=out_dtype)
 
 
 @scaled_mm.register_fake

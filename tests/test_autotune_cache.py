@@ -185,4 +185,4 @@ def test_warmup_runs_w4a8_through_the_scaled_gemm(cache, monkeypatch, device):
     rows = qcompile.warmup(model, m=[1, 3], progress=False)
     assert [(r["format"], r["bits"], r["group_size"], r["M"], r["kernel"]) for r in rows] == [
         ("w4a8", 4, 32, 1, "scaled"), ("w4a8", 4, 32, 3, "scaled")]
-    assert ops.launches == {("scaled", "w8a8", 8): 2}
+    assert ops.launches == {("scaled", "w4a8", 4): 2}

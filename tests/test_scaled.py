@@ -23,6 +23,20 @@ def random_codes(shape, dtype, device):
     return torch.randn(shape, device=device).mul(40).clamp(-127, 127).to(dtype)
 
 
+@pytest.mark.parametrize("m, k, group, n", [(1, 40, 8, 24), (3, 200, 40, 33), (37, 64, 64, 17)])
+def test_w4a8_mm_rebuilds_the_int8_weight_in_the_kernel(m, k, group, n, device):
+    torch.manual_seed(m)
+    model = nn.Sequential(nn.Linear(k, n))
+    qcompile.quantize(model, format="w4a8", group_size=group)
+    q = model[0].to(device)
+    a, row = random_codes((m, k), torch.int8, device), torch.rand(m, device=device)
+    launches.clear()
+    out = torch.ops.qcompile.w4a8_mm(a, q.qweight, q.zero, q.scale_int, row, q.channel_scale, q.bias, torch.float32)
+    ref = (a.double() @ q.int8_weight().double()) * row.double()[:, None] * q.channel_scale.double() + q.bias.double()
+    assert (out.double() - ref).abs().max() / ref.abs().max() <= 1e-6
+    assert launches == {("scaled", "w4a8", 4): 1}
+
+
 @pytest.mark.parametrize("fmt", CODES)
 @pytest.mark.parametrize("m, k, n", [(1, 40, 24), (3, 100, 33), (37, 64, 17)])
 @pytest.mark.parametrize("scales, out_dtype", [("row,col", torch.float32), ("row,col,bias", torch.float16),
@@ -194,9 +208,9 @@ def test_w4a8_rebuilds_int8_weights_in_range_and_checks_its_arguments():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_w4a8_compiles_to_one_int8_gemm_per_layer(dtype, device):
-    """The int8 weight is rebuilt by Inductor in the graph (not yet inside the GEMM); the int8
-    product and its scales are the scaled GEMM."""
+def test_w4a8_compiles_to_one_fused_int8_gemm_per_layer(dtype, device):
+    """The int8 weight's rebuilding from 4-bit codes is found in the graph and moves into the
+    scaled GEMM (w4a8_mm), with the int8 product and its scales."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 48), nn.ReLU(), nn.Linear(48, 16, bias=False)).to(dtype)
     qcompile.quantize(model, format="w4a8", config={"2": {"format": "w4a8", "group_size": 16}})
@@ -207,8 +221,8 @@ def test_w4a8_compiles_to_one_int8_gemm_per_layer(dtype, device):
         launches.clear()
         out, ref = torch.compile(model, backend="qcompile")(x), model(x)
     cast = "" if dtype == torch.float32 else "," + str(dtype).replace("torch.", "")
-    assert [(m.format, m.kernel) for m in report.matched] == [("w8a8", f"scaled_mm[row,col,bias{cast}]"),
-                                                              ("w8a8", f"scaled_mm[row,col{cast}]")], str(report)
-    assert launches == {("scaled", "w8a8", 8): 2}
+    assert [(m.format, m.group_size, m.kernel) for m in report.matched] == [
+        ("w4a8", 128, f"w4a8_mm[row,col,bias{cast}]"), ("w4a8", 16, f"w4a8_mm[row,col{cast}]")], str(report)
+    assert launches == {("scaled", "w4a8", 4): 2}
     err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
     assert err <= (6e-2 if dtype == torch.bfloat16 else TOL_MODEL[dtype]), err

@@ -18,6 +18,14 @@ from .scaled import quantize_rows
 PROTECT = 119  # int8 codes within +-119: the 4-bit step of at most 16 then rounds back inside +-127
 
 
+def int8_weight(qweight, zero, scale_int, k: int) -> torch.Tensor:
+    """The int8 weight [K, N] the 4-bit codes stand for: (q - zero) * scale_int per group."""
+    q = unpack_fields(qweight, 4, k)
+    q = q.reshape(scale_int.shape[0], -1, q.shape[-1])
+    w8 = (q - zero.int().unsqueeze(1)) * scale_int.int().unsqueeze(1)
+    return w8.reshape(k, -1).to(torch.int8)
+
+
 class W4A8Linear(nn.Module):
     """qweight int32 [K/8, N] (4-bit codes, K-major as the weight-only formats), scale_int and
     zero uint8 [K/group, N], channel_scale float32 [N]."""
@@ -49,20 +57,12 @@ class W4A8Linear(nn.Module):
 
     def int8_weight(self) -> torch.Tensor:
         """int8 [K, N]: (q - zero) * scale_int per group, in integers."""
-        q = unpack_fields(self.qweight, 4, self.in_features)
-        groups = self.scale_int.shape[0]
-        q = q.reshape(groups, -1, q.shape[-1])
-        w8 = (q - self.zero.int().unsqueeze(1)) * self.scale_int.int().unsqueeze(1)
-        return w8.reshape(self.in_features, -1).to(torch.int8)
+        return int8_weight(self.qweight, self.zero, self.scale_int, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight as nn.Linear stores it, [out_features, in_features]."""
         return self.int8_weight().float().t() * self.channel_scale[:, None]
 
-    def gemm_operands(self):
-        """(int8 weight [K, N], column scale) as the compiled graph hands them to the scaled GEMM
-        (the int8 weight rebuilt in the graph: not yet inside the GEMM)."""
-        return self.int8_weight(), self.channel_scale
 
     def forward(self, x):
         xq, xs = quantize_rows(x, torch.int8)
