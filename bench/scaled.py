@@ -1,5 +1,5 @@
-"""python -m bench.scaled: activation-quantized linears (w8a8, fp8, and w8a8 with LLM.int8()'s
-outlier split, the input having 0.1% outlier features) on the GPU, end to end (the activation
+"""python -m bench.scaled: activation-quantized linears (w8a8, fp8, w4a8, and w8a8 with
+LLM.int8()'s outlier split, the input having 0.1% outlier features) on the GPU, end to end (the activation
 quantization included), against fp16 cuBLAS and the peers, in one run.
 
 Each implementation is a function of (x, weight tensors) timed inside one CUDA graph with the
@@ -20,21 +20,30 @@ import torch.nn.functional as F
 
 from bench.linear import SHAPES, _copies, _nbytes, copy_bandwidth, time_rotated
 from qcompile.formats.scaled import quantize_rows, scaled_forward
+from qcompile.formats.w4a8 import W4A8Linear, w4a8_forward
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192]
-CODES = {"w8a8": torch.int8, "fp8": torch.float8_e4m3fn, "w8a8-outliers": torch.int8}
+CODES = {"w8a8": torch.int8, "fp8": torch.float8_e4m3fn, "w8a8-outliers": torch.int8, "w4a8": torch.int8}
 OUTLIER_THRESHOLD = {"w8a8-outliers": 6.0}  # LLM.int8()'s
 OUTLIER_EVERY = 1000  # input features: one in 1000 (0.1%) is an outlier, x20
 
 
 def reference(fmt):
-    """The format's forward (qcompile/formats/scaled.py) as a function of its tensors."""
+    """The format's forward (qcompile/formats/) as a function of its tensors."""
+    if fmt == "w4a8":
+        return w4a8_forward
     return lambda x, qw, s: scaled_forward(x, qw, s, None, CODES[fmt], OUTLIER_THRESHOLD.get(fmt))
 
 
-def quantized(w, code_dtype):
-    """(codes [N, K], scale [N]) as the format stores a weight."""
-    codes, scale = quantize_rows(w, code_dtype)
+def quantized(w, fmt):
+    """The tensors the format stores for a weight: (codes [N, K], scale [N]); w4a8's (qweight,
+    zero, scale_int, channel_scale), group 128."""
+    if fmt == "w4a8":
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype, device=w.device)
+        lin.weight.data = w
+        q = W4A8Linear.from_linear(lin, 128)
+        return q.qweight, q.zero, q.scale_int, q.channel_scale
+    codes, scale = quantize_rows(w, CODES[fmt])
     return codes, scale.squeeze(1)
 
 
@@ -52,7 +61,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="all", help="NxK,... or all")
     p.add_argument("--m", default=",".join(map(str, MS)))
-    p.add_argument("--formats", default="w8a8,fp8,w8a8-outliers")
+    p.add_argument("--formats", default="w8a8,fp8,w8a8-outliers,w4a8")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     shapes = SHAPES if a.shapes == "all" else [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
@@ -65,13 +74,13 @@ def main():
         torch.manual_seed(0)
         w = torch.randn(n, k, dtype=torch.float16, device="cuda") / k**0.5
         dense = _copies((w,))
-        weights = {f: _copies(quantized(w, CODES[f])) for f in a.formats.split(",")}
+        weights = {f: _copies(quantized(w, f)) for f in a.formats.split(",")}
         impls = {}
         for f in weights:
             impls[f"qcompile {f}"] = torch.compile(reference(f), backend="qcompile")
             impls[f"inductor {f}"] = torch.compile(reference(f))
         peers = {"w8a8": [("torch._int_mm w8a8", torch.compile(int_mm))], "fp8": [("torch._scaled_mm fp8", scaled_mm)],
-                 "w8a8-outliers": []}
+                 "w8a8-outliers": [], "w4a8": []}
         for m in map(int, a.m.split(",")):
             x = torch.randn(m, k, dtype=torch.float16, device="cuda")
             x[:, ::OUTLIER_EVERY] *= 20

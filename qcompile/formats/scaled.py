@@ -65,7 +65,6 @@ class ScaledLinear(nn.Module):
         """The float weight as nn.Linear stores it, [out_features, in_features]."""
         return self.qweight.float() * self.scale[:, None]
 
-
     def forward(self, x):
         return scaled_forward(x, self.qweight, self.scale, self.bias, self.code_dtype, self.outlier_threshold)
 

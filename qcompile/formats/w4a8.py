@@ -26,6 +26,15 @@ def int8_weight(qweight, zero, scale_int, k: int) -> torch.Tensor:
     return w8.reshape(k, -1).to(torch.int8)
 
 
+def w4a8_forward(x, qweight, zero, scale_int, channel_scale, bias=None):
+    """The format's forward as a function of its tensors (the benchmarks call it too)."""
+    xq, xs = quantize_rows(x, torch.int8)
+    y = (xq.float() @ int8_weight(qweight, zero, scale_int, x.shape[-1]).float()) * xs * channel_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 class W4A8Linear(nn.Module):
     """qweight int32 [K/8, N] (4-bit codes, K-major as the weight-only formats), scale_int and
     zero uint8 [K/group, N], channel_scale float32 [N]."""
@@ -63,13 +72,8 @@ class W4A8Linear(nn.Module):
         """The float weight as nn.Linear stores it, [out_features, in_features]."""
         return self.int8_weight().float().t() * self.channel_scale[:, None]
 
-
     def forward(self, x):
-        xq, xs = quantize_rows(x, torch.int8)
-        y = (xq.float() @ self.int8_weight().float()) * xs * self.channel_scale
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
+        return w4a8_forward(x, self.qweight, self.zero, self.scale_int, self.channel_scale, self.bias)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, format=w4a8, "
