@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import qcompile
+from qcompile.backend import listen
 from conftest import DTYPES, TOL as TOL_MODEL
 from qcompile.formats import ACTIVATION_FORMATS
 from qcompile.formats.packing import unpack_fields
@@ -226,3 +227,9 @@ def test_w4a8_compiles_to_one_fused_int8_gemm_per_layer(dtype, device):
     assert launches == {("scaled", "w4a8", 4): 2}
     err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
     assert err <= (6e-2 if dtype == torch.bfloat16 else TOL_MODEL[dtype]), err
+    # with symbolic sizes (x's included) the weight's rebuilding is still found
+    dynamic = qcompile.Report()
+    torch._dynamo.reset()  # or an earlier test's graph of nn.Sequential.forward is reused, uncompiled
+    with listen(dynamic), torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):  # the pass must run
+        torch.compile(model, backend="qcompile", dynamic=True)(x)
+    assert [m.kernel for m in dynamic.matched] == [m.kernel for m in report.matched], str(dynamic)

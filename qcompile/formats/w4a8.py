@@ -26,10 +26,13 @@ def int8_weight(qweight, zero, scale_int, k: int) -> torch.Tensor:
     return w8.reshape(k, -1).to(torch.int8)
 
 
-def w4a8_forward(x, qweight, zero, scale_int, channel_scale, bias=None):
-    """The format's forward as a function of its tensors (the benchmarks call it too)."""
+def w4a8_forward(x, qweight, zero, scale_int, channel_scale, bias=None, k=None):
+    """The format's forward as a function of its tensors (the benchmarks call it too). ``k``:
+    in_features, as a plain int (x's last size may be symbolic under dynamic shapes, and the
+    pass reads the weight's shapes)."""
     xq, xs = quantize_rows(x, torch.int8)
-    y = (xq.float() @ int8_weight(qweight, zero, scale_int, x.shape[-1]).float()) * xs * channel_scale
+    w8 = int8_weight(qweight, zero, scale_int, k or x.shape[-1])
+    y = (xq.float() @ w8.float()) * xs * channel_scale
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -73,7 +76,8 @@ class W4A8Linear(nn.Module):
         return self.int8_weight().float().t() * self.channel_scale[:, None]
 
     def forward(self, x):
-        return w4a8_forward(x, self.qweight, self.zero, self.scale_int, self.channel_scale, self.bias)
+        return w4a8_forward(x, self.qweight, self.zero, self.scale_int, self.channel_scale, self.bias,
+                            self.in_features)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, format=w4a8, "
