@@ -233,3 +233,21 @@ def test_w4a8_compiles_to_one_fused_int8_gemm_per_layer(dtype, device):
     with listen(dynamic), torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):  # the pass must run
         torch.compile(model, backend="qcompile", dynamic=True)(x)
     assert [m.kernel for m in dynamic.matched] == [m.kernel for m in report.matched], str(dynamic)
+
+
+def test_a_w4a8_matcher_error_keeps_the_int8_gemm(monkeypatch, device):
+    import qcompile.passes.scaled_linear as pass_module
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pass_module, "find_w4a8", broken)
+    model = nn.Sequential(nn.Linear(64, 24))
+    qcompile.quantize(model, format="w4a8", group_size=32)
+    model.to(device)
+    x = torch.randn(3, 64, device=device)
+    with torch.no_grad():
+        report = qcompile.explain(model, x)
+        out = torch.compile(model, backend="qcompile")(x)
+    assert [(m.format, m.kernel) for m in report.matched] == [("w8a8", "scaled_mm[row,col,bias]")], str(report)
+    assert torch.allclose(out, model(x), rtol=1e-5, atol=1e-5)
