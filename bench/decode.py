@@ -59,6 +59,19 @@ def decode(model, prompt, new_tokens, step_fn):
     return torch.cat(out, 1), sum(warm) / len(warm)
 
 
+def logits_check(model, prompt, backend) -> dict:
+    """Last-position logits of the prompt, compiled against eager: the error relative to the
+    logits' range, and eager's smallest top-1 over top-2 margin (a greedy token flips when the
+    error exceeds it)."""
+    with torch.no_grad():
+        eager = model(prompt, use_cache=False).logits[:, -1].float()
+        compiled = torch.compile(model, backend=backend)(prompt, use_cache=False).logits[:, -1].float()
+    top2 = eager.topk(2, dim=-1).values
+    return {"logits_rel_err": ((compiled - eager).abs().max() / eager.abs().max()).item(),
+            "eager_top2_margin_rel": ((top2[:, 0] - top2[:, 1]).min() / eager.abs().max()).item(),
+            "logits_finite": bool(torch.isfinite(eager).all() and torch.isfinite(compiled).all())}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU (interpreter)")
@@ -66,6 +79,7 @@ def main():
     ap.add_argument("--bits", default="0,4,2", help="0 = fp16 through Inductor")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--check", type=int, default=8, help="leading tokens compared with eager")
+    ap.add_argument("--logits", action="store_true", help="also compare the prompt's logits, compiled vs eager")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = ap.parse_args()
     if a.tiny:
@@ -85,6 +99,9 @@ def main():
             if bits:
                 eager, _ = decode(model, prompt, a.check, lambda f: f)
                 row["first_tokens_equal_eager"] = bool(torch.equal(tokens[:, :a.check], eager))
+                if a.logits:
+                    torch._dynamo.reset()
+                    row.update(logits_check(model, prompt, backend))
             rows.append(row)
             print(row, flush=True)
         del model

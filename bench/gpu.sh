@@ -27,7 +27,7 @@ stage() {
         --name linear-spot --out "$R" ;;
     compile_time) python -m bench.compile_time --out "$R" ;;
     decode) python -m bench.decode --out "$R" ;;
-    decode-w2) python -m bench.decode --bits 2 --batches 1 --tokens 32 --out "$R/w2" ;;
+    decode-w2) python -m bench.decode --bits 2 --batches 1 --tokens 32 --logits --out "$R/w2" ;;
     tests-gpu) python -m pytest -v -n 16 --dist loadgroup --tb=short -rfEs -p no:cacheprovider tests/test_compile.py tests/test_autotune_cache.py \
         tests/test_cli.py tests/test_scaled.py tests/test_kv_attention.py tests/test_wq_gemm.py::test_small_batches_tune_between_gemm_and_gemv_alternately ;;
     scaled) python -m bench.scaled --out "$R" ;;
