@@ -7,8 +7,10 @@ Llama-3-8B-shaped model (random weights, W4 g128 affine, lm_head in fp16, a 16-t
 * warm: qcompile after that warmup (its autotune cache and Triton's cache kept, Inductor's
   cache empty as for the baseline), so warm - fp16 is what qcompile adds to a compile.
 
-Each case runs in a fresh process with its own cache folders. ``--tiny`` runs a 2-layer model
-on CPU through the Triton interpreter, to check the script itself.
+Each case runs in a fresh process with its own cache folders. ``--regional`` compiles each
+decoder layer on its own instead of the whole model (for fp16 too): the 32 identical layers
+then share one trace. ``--tiny`` runs a 2-layer model on CPU through the Triton interpreter,
+to check the script itself.
 """
 import argparse
 import datetime
@@ -31,16 +33,22 @@ def child(spec: dict) -> None:
     device, dtype = ("cpu", torch.float32) if spec["tiny"] else ("cuda", torch.float16)
     model = build(TINY if spec["tiny"] else LLAMA3_8B, dtype, device, spec["bits"])
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT), device=device)
+    backend = "qcompile" if spec["bits"] else "inductor"
     start = time.perf_counter()
     with torch.no_grad():
-        compiled = torch.compile(model, backend="qcompile" if spec["bits"] else "inductor")
+        if spec.get("regional"):  # each decoder layer compiled on its own: one trace serves all 32
+            for layer in model.model.layers:
+                layer.compile(backend=backend)
+            compiled = model
+        else:
+            compiled = torch.compile(model, backend=backend)
         token = compiled(ids, use_cache=False).logits[:, -1].argmax(-1)
     token.tolist()  # waits for the device
     print(json.dumps({"case": spec["case"], "seconds": time.perf_counter() - start}), flush=True)
 
 
-def run(case: str, env: dict, tiny: bool, bits: int) -> float:
-    spec = json.dumps({"case": case, "tiny": tiny, "bits": bits})
+def run(case: str, env: dict, tiny: bool, bits: int, regional: bool) -> float:
+    spec = json.dumps({"case": case, "tiny": tiny, "bits": bits, "regional": regional})
     r = subprocess.run([sys.executable, "-m", "bench.compile_time", "--child", spec], env={**os.environ, **env},
                        capture_output=True, text=True)
     if r.returncode:
@@ -58,6 +66,8 @@ def config_file(folder: str, tiny: bool) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--regional", action="store_true",
+                    help="compile each decoder layer on its own (transformers' regional compilation), fp16 too")
     ap.add_argument("--child")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = ap.parse_args()
@@ -71,8 +81,8 @@ def main():
                          "TRITON_CACHE_DIR": os.path.join(root, name, "triton"),
                          "QCOMPILE_CACHE_DIR": os.path.join(root, name, "qcompile")}
     env = {"QCOMPILE_AUTOTUNE": "1"}
-    result = {"fp16": run("fp16", {**env, **dirs("fp16")}, a.tiny, 0),
-              "cold": run("cold", {**env, **dirs("cold")}, a.tiny, 4)}
+    result = {"fp16": run("fp16", {**env, **dirs("fp16")}, a.tiny, 0, a.regional),
+              "cold": run("cold", {**env, **dirs("cold")}, a.tiny, 4, a.regional)}
     warm_dirs = dirs("warm")
     start = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "qcompile.cli", "warmup", "--model", config_file(root, a.tiny),
@@ -83,17 +93,19 @@ def main():
         raise SystemExit(f"warmup failed:\n{r.stderr[-4000:]}")
     result["warmup"] = time.perf_counter() - start
     warm_dirs["TORCHINDUCTOR_CACHE_DIR"] += "-fresh"  # Inductor starts cold, as for the fp16 baseline
-    result["warm"] = run("warm", {**env, **warm_dirs}, a.tiny, 4)
+    result["warm"] = run("warm", {**env, **warm_dirs}, a.tiny, 4, a.regional)
     result["warm_minus_fp16"] = result["warm"] - result["fp16"]
     result["cold_minus_fp16"] = result["cold"] - result["fp16"]
     print(json.dumps(result, indent=1))
     if not a.tiny:
         import torch
         gpu = torch.cuda.get_device_name().split()[1].lower()
-        path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-compile-time.json")
+        name = f"{datetime.date.today()}-{gpu}-compile-time{'-regional' if a.regional else ''}.json"
+        path = os.path.join(a.out, name)
         with open(path, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "model": "Llama-3-8B-shaped, W4 g128 affine, lm_head fp16, prompt 16", **result}, f, indent=1)
+                       "model": "Llama-3-8B-shaped, W4 g128 affine, lm_head fp16, prompt 16",
+                       "compile": "each decoder layer" if a.regional else "whole model", **result}, f, indent=1)
         print("wrote", path)
 
 

@@ -26,6 +26,7 @@ stage() {
         --configs affine:2:128,affine:3:128,affine:8:128,bipolar:2:128,bipolar:3:128,affine:4:-1,affine:1:128,affine:5:128,affine:6:128,affine:7:128,bcq:3:128 \
         --name linear-spot --out "$R" ;;
     compile_time) python -m bench.compile_time --out "$R" ;;
+    compile_time-regional) python -m bench.compile_time --regional --out "$R" ;;
     decode) python -m bench.decode --out "$R" ;;
     decode-w2) python -m bench.decode --bits 2 --batches 1 --tokens 32 --logits --out "$R/w2" ;;
     tests-gpu) python -m pytest -v -n 16 --dist loadgroup --tb=short -rfEs -p no:cacheprovider tests/test_compile.py tests/test_autotune_cache.py \
