@@ -46,7 +46,8 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.T
     kv_decode_kernel[(b, hkv, splits)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, acc, stat, length, 1 / math.sqrt(d),
         *q.stride(), *k_codes.stride(), *k_scale.stride(),
-        **consts, BITS=bits, GROUP=group, DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32", BLOCK_T=block_t, SPLITS=splits)
+        **consts, BITS=bits, GROUP=group, DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
+        BLOCK_T=block_t, SPLITS=splits)
     out = torch.empty_like(q)
     kv_combine_kernel[(b, hkv)](acc, stat, out, *out.stride(), **consts, SPLITS=splits)
     return out

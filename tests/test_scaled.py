@@ -47,7 +47,8 @@ def test_scaled_mm_against_the_float_product(fmt, m, k, n, scales, out_dtype, de
     torch.manual_seed(m)
     a, w = random_codes((m, k), CODES[fmt], device), random_codes((n, k), CODES[fmt], device)  # w: [N, K]
     row = torch.rand(m, device=device) if "row" in scales else None
-    col = torch.rand(n, device=device) if "col" in scales else torch.rand(1, device=device) if "tensor" in scales else None
+    col = (torch.rand(n, device=device) if "col" in scales
+           else torch.rand(1, device=device) if "tensor" in scales else None)
     launches.clear()
     bias = torch.randn(n, device=device) if "bias" in scales else None
     out = torch.ops.qcompile.scaled_mm(a, w.t(), row, col, bias, out_dtype)

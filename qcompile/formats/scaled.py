@@ -1,7 +1,6 @@
 """Activation-quantized formats: 8-bit weights with a float32 scale per output channel (or one
-for the whole tensor: ``weight_scale="tensor"``), and
-8-bit activations quantized per token at run time (dynamic, symmetric), so that the matmul runs
-on 8-bit tensor cores.
+for the whole tensor: ``weight_scale="tensor"``), and 8-bit activations quantized per token at
+run time (dynamic, symmetric), so that the matmul runs on 8-bit tensor cores.
 
 * ``w8a8``: int8 codes, levels -127..127 (LLM.int8()'s vector-wise quantization); with
   ``outlier_threshold`` also its mixed-precision split (``outlier_columns``).
@@ -10,9 +9,9 @@ on 8-bit tensor cores.
 
 ``forward`` is the specification: quantize each row of x, multiply the two 8-bit tensors in
 float32 (the exact products, summed up to float32 rounding), scale by the row's and the
-channel's scale, add the bias (and the outlier features' 16-bit product), return x's dtype. The compiler pass leaves the activation
-quantization to Inductor (which fuses it into the op before) and replaces the matmul and its
-scaling by one GEMM (passes/scaled_linear.py).
+channel's scale, add the bias (and the outlier features' 16-bit product), return x's dtype. The
+compiler pass leaves the activation quantization to Inductor (which fuses it into the op before)
+and replaces the matmul and its scaling by one GEMM (passes/scaled_linear.py).
 """
 import torch
 from torch import nn
