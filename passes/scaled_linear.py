@@ -105,10 +105,6 @@ def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True)
         fmt = SCALED_FORMATS[_val(a[0]).dtype][0]
         m, n = _val(mm).shape
         k = _val(mm.args[0]).shape[1]
-        try:
-            w4a8 = find_w4a8(b[0], int(k), int(n)) if b[1] is None and fmt == "w8a8" else None
-        except Exception:  # noqa: BLE001  a matcher bug costs the fused path (the int8 one is right), not the compile
-            w4a8 = None
         shapes = {"M": m if isinstance(m, int) else str(m), "K": int(k), "N": int(n),
                   "dtype": str(_val(a[0]).dtype).replace("torch.", "")}
         reason = (None if _val(mm).dtype == torch.float32 else
@@ -119,6 +115,10 @@ def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True)
             report.fallbacks.append(Fallback("scaled_linear", reason, shapes, mm.name))
             mm.meta[EXPLAINED] = True  # one reason per matmul: the later passes skip it
             continue
+        try:
+            w4a8 = find_w4a8(b[0], int(k), int(n)) if b[1] is None and fmt == "w8a8" else None
+        except Exception:  # noqa: BLE001  a matcher bug costs the fused path (the int8 one is right), not the compile
+            w4a8 = None
         views, epi, last = _epilogue(mm)
         with graph.inserting_before(last):
             ops = []

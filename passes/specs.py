@@ -129,32 +129,18 @@ class W4A8Spec(Spec):
 def find_w4a8(int8_node, k: int, n: int):
     """(group_size, [qweight, zero, scale_int] nodes) when ``int8_node`` computes a w4a8 int8
     weight [K, N] from graph inputs, else None."""
-    nodes = backward_slice(int8_node)
-    ins = leaves(nodes) if nodes else []
-    if not ins or not all(isinstance(x.meta.get("val"), torch.Tensor) for x in ins):
-        return None
-    metas = [_meta(x) for x in ins]
-    if any(not isinstance(d, int) for shape, _ in metas for d in shape):
-        return None
-    spec = W4A8Spec()
-    ints, floats = [m for m in metas if not m[1].is_floating_point], [m for m in metas if m[1].is_floating_point]
-    for cand in spec.candidates(ints, floats, k, n):
-        spec_graph, placeholders = traced(spec, 4, k, cand.metas, ins[0].meta["val"].device.type)
-        mapping = match(to_digraph(nodes), spec_graph)
-        if mapping is not None:
-            inverse = {v: key for key, v in mapping.items()}
-            return cand.group_size, [inverse[p] for p in placeholders]
-    return None
+    cand, inputs = find(int8_node, k, n, [W4A8Spec()])
+    return (cand.group_size, inputs) if cand else None
 
 
 def specs_for(act_dtype: torch.dtype):
     return [*(FormatSpec(name) for name in FORMATS), Int8LinearSpec(act_dtype=act_dtype)]
 
 
-def find(weight, k: int, n: int, act_dtype):
+def find(weight, k: int, n: int, specs):
     """(candidate, inputs in reference order) for the subgraph computing ``weight``, a [K, N]
-    matmul operand; (None, why) when it has integer inputs but is no known dequantization;
-    (None, None) when it is not a quantized weight at all."""
+    matmul operand, among ``specs``; (None, why) when it has integer inputs but matches none of
+    them; (None, None) when it is not a quantized weight at all."""
     roots = [weight]
     if weight.op == "call_function" and weight.target == torch.ops.prims.convert_element_type.default:
         roots.append(weight.args[0])  # the reference's trailing .to(x.dtype)
@@ -175,7 +161,7 @@ def find(weight, k: int, n: int, act_dtype):
             return None, ("the weight's shapes are dynamic (symbolic), so bits and group size cannot be "
                           "read from them; compile with dynamic=False or mark the weights static")
         graph = None
-        for spec in specs_for(act_dtype):
+        for spec in specs:
             for cand in spec.candidates(ints, floats, k, n):
                 device = ins[0].meta["val"].device.type
                 spec_graph, placeholders = traced(spec, cand.bits, k, cand.metas, device)

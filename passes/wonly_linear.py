@@ -13,7 +13,7 @@ from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import match_blocked_reason
 from qcompile.runtime.ops import reserve_tile_locks  # importing it registers qcompile::wq_linear
 
-from .specs import FormatSpec, find
+from .specs import FormatSpec, find, specs_for
 
 aten, prims = torch.ops.aten, torch.ops.prims
 OP = torch.ops.qcompile.wq_linear.default
@@ -108,7 +108,7 @@ def rewrite_linears(graph: Graph, report: Report, inference: bool = True) -> Non
         shapes = {"M": m if isinstance(m, int) else str(m), "K": int(k), "N": int(n),
                   "dtype": str(_val(x).dtype).replace("torch.", "")}
         try:
-            cand, inputs = find(weight, k, n, _val(x).dtype)
+            cand, inputs = find(weight, k, n, specs_for(_val(x).dtype))
         except Exception as e:  # noqa: BLE001  a matcher bug must cost speed, not the compile
             report.fallbacks.append(Fallback("linear", f"qcompile matcher error: {type(e).__name__}: {e}",
                                              shapes, mm.name))

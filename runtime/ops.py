@@ -179,10 +179,10 @@ def _scaled_reference(a, b, row_scale, col_scale, bias, out_dtype):
     return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
-def _scaled_launch(a, b, row_scale, col_scale, bias, out_dtype, n, packed=None):
+def _scaled_launch(a, b, row_scale, col_scale, bias, out_dtype, packed=None):
     """The scaled GEMM template on 8-bit a and b [K, N] (b's strides as given), or, with
     ``packed`` = (zero, scale_int, group), on w4a8's 4-bit codes b [K/8, N]."""
-    m, k = a.shape
+    (m, k), n = a.shape, b.shape[1]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if not out.numel():
         return out
@@ -216,7 +216,7 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor | None, 
     _check_vectors(row_scale, col_scale, bias, a.shape[0], b.shape[1])
     if kernel_unavailable_reason(a.device) is not None:
         return _scaled_reference(a, b, row_scale, col_scale, bias, out_dtype)
-    return _scaled_launch(a, b, row_scale, col_scale, bias, out_dtype, b.shape[1])
+    return _scaled_launch(a, b, row_scale, col_scale, bias, out_dtype)
 
 
 @torch.library.custom_op("qcompile::w4a8_mm", mutates_args=())
@@ -231,8 +231,7 @@ def w4a8_mm(a: torch.Tensor, qweight: torch.Tensor, zero: torch.Tensor, scale_in
     if kernel_unavailable_reason(a.device) is not None:
         return _scaled_reference(a, w4a8_int8_weight(qweight, zero, scale_int, k), row_scale, col_scale, bias,
                                  out_dtype)
-    return _scaled_launch(a, qweight, row_scale, col_scale, bias, out_dtype, n,
-                          (zero, scale_int, k // scale_int.shape[0]))
+    return _scaled_launch(a, qweight, row_scale, col_scale, bias, out_dtype, (zero, scale_int, k // scale_int.shape[0]))
 
 
 @w4a8_mm.register_fake
