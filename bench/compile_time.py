@@ -9,7 +9,7 @@ Llama-3-8B-shaped model (random weights, W4 g128 affine, lm_head in fp16, a 16-t
 
 Each case runs in a fresh process with its own cache folders. ``--regional`` compiles each
 decoder layer on its own instead of the whole model (for fp16 too): the 32 identical layers
-then share one trace. ``--tiny`` runs a 2-layer model on CPU through the Triton interpreter,
+then share one trace; the whole fp16 model is compiled as well, as the baseline. ``--tiny`` runs a 2-layer model on CPU through the Triton interpreter,
 to check the script itself.
 """
 import argparse
@@ -82,6 +82,8 @@ def main():
                          "QCOMPILE_CACHE_DIR": os.path.join(root, name, "qcompile")}
     env = {"QCOMPILE_AUTOTUNE": "1"}
     result = {"fp16": run("fp16", {**env, **dirs("fp16")}, a.tiny, 0, a.regional),
+              **({"fp16_whole_model": run("fp16", {**env, **dirs("fp16-whole")}, a.tiny, 0, False)}
+                 if a.regional else {}),
               "cold": run("cold", {**env, **dirs("cold")}, a.tiny, 4, a.regional)}
     warm_dirs = dirs("warm")
     start = time.perf_counter()
@@ -96,6 +98,8 @@ def main():
     result["warm"] = run("warm", {**env, **warm_dirs}, a.tiny, 4, a.regional)
     result["warm_minus_fp16"] = result["warm"] - result["fp16"]
     result["cold_minus_fp16"] = result["cold"] - result["fp16"]
+    if a.regional:  # the issue's baseline is plain torch.compile of the whole fp16 model
+        result["warm_minus_fp16_whole_model"] = result["warm"] - result["fp16_whole_model"]
     print(json.dumps(result, indent=1))
     if not a.tiny:
         import torch

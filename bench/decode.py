@@ -80,6 +80,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--check", type=int, default=8, help="leading tokens compared with eager")
     ap.add_argument("--logits", action="store_true", help="also compare the prompt's logits, compiled vs eager")
+    ap.add_argument("--name", default="decode", help="results file suffix")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = ap.parse_args()
     if a.tiny:
@@ -106,7 +107,7 @@ def main():
             print(row, flush=True)
         del model
     if not a.tiny:
-        path = os.path.join(a.out, f"{datetime.date.today()}-{torch.cuda.get_device_name().split()[1].lower()}-decode.json")
+        path = os.path.join(a.out, f"{datetime.date.today()}-{torch.cuda.get_device_name().split()[1].lower()}-{a.name}.json")
         with open(path, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
         print("wrote", path)
