@@ -31,10 +31,12 @@ def child(spec: dict) -> None:
     import torch
     from bench.decode import build
     device, dtype = ("cpu", torch.float32) if spec["tiny"] else ("cuda", torch.float16)
+    built = time.perf_counter()
     model = build(TINY if spec["tiny"] else LLAMA3_8B, dtype, device, spec["bits"])
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT), device=device)
     backend = "qcompile" if spec["bits"] else "inductor"
     start = time.perf_counter()
+    print(f"{spec['case']}: model built in {start - built:.1f} s", file=sys.stderr, flush=True)
     with torch.no_grad():
         if spec.get("regional"):  # each decoder layer compiled on its own: one trace serves all 32
             for layer in model.model.layers:
@@ -53,7 +55,10 @@ def run(case: str, env: dict, tiny: bool, bits: int, regional: bool) -> float:
                        capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{case} failed:\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
+    seconds = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
+    built = [line for line in r.stderr.splitlines() if "model built" in line]
+    print(*built, f"| {case}: {seconds:.1f} s", flush=True)  # progress, should the run be cut
+    return seconds
 
 
 def config_file(folder: str, tiny: bool) -> str:
