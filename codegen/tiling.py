@@ -19,7 +19,7 @@ import triton
 from qcompile.runtime.device import interpreting, max_shared_mem
 
 GEMV_MAX_M = 2
-MULTIROW_MAX_M = 8  # up to here the GEMV with BLOCK_M = M's bucket competes with the GEMM
+MULTIROW_MAX_M = 16  # up to here the GEMV with BLOCK_M = M's bucket competes with the GEMM
 DEQUANT_MIN_M = 256  # from here on: dequantize the weight, then torch.mm (wq_dequant.py)
 DEQUANT_TILE = {"BLOCK_N": 128, "BLOCK_KW": 4}  # BLOCK_KW in words of 32 codes' worth of K
 SPLIT_M_BUCKET = 64  # GEMM M buckets up to this one may split K
@@ -66,7 +66,7 @@ def kernels_for(m: int) -> tuple:
     if m <= GEMV_MAX_M:
         return ("gemv",)
     if m <= MULTIROW_MAX_M:
-        return ("gemm", "gemv")  # the GEMM measured 0.78-0.87x of cuBLAS here; the GEMV is untimed
+        return ("gemm", "gemv")  # tuning times both (the GEMM measured 0.64-0.91x of cuBLAS at M=16)
     return ("gemm",) if m < DEQUANT_MIN_M else ("dequant",)
 
 
@@ -117,7 +117,8 @@ def _gemv_grid():
     return ([cfg(1, bn, kw, split, 2) for bn, kw, split in product((64, 128), (2, 4, 8, 16), (8, 16, 32))]
             + [cfg(1, bn, kw, split, 4) for bn, kw, split in product((64, 128), (32, 64), (8, 16, 32, 64))
                if bn * kw <= 4096]
-            + [cfg(bm, 64, kw, split, w) for bm, kw, split, w in product((2, 4, 8), (2, 4, 8), (8, 16, 32), (2, 4))])
+            + [cfg(bm, 64, kw, split, w) for bm, kw, split, w in product((2, 4, 8, 16), (2, 4, 8), (8, 16, 32), (2, 4))
+               if bm * kw * 64 <= 64 * 32 * w])  # at most 64 accumulators a thread (two tensors of them)
 
 
 SMALLEST = {"scaled": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4),

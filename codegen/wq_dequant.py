@@ -40,5 +40,5 @@ def wq_dequant_kernel(
             offset = 1 << (BITS - 1)
         else:
             offset = (1 << BITS) - 1
-        w = (magic_f32(u) - (F32_MAGIC + offset)) * scale
+        w = ((magic_f32(u) - F32_MAGIC) - offset) * scale  # 2**23 + a fractional zero would round
     tl.store(out_ptr + rk * sok + rn[None, None, :] * son, w.to(out_ptr.dtype.element_ty), mask=mask)

@@ -8,16 +8,46 @@ BLOCK_M at a time (with BLOCK_M < M, neighbours read the same weight tile, from 
 splits K so that every SM has weight bytes in flight, the last program of a tile adding the
 partial sums (unpack.store_tile).
 
-Same constexprs and layout as wq_gemm.py; the float value of each weight is formed with the
-mantissa trick (unpack.magic_f32). Deferred dequantization whenever a word lies inside one
-group (every width whose codes per word divide the group): the word's dot product is taken on
-the integer codes and its group's scale applied once per word (once per tile when the whole
-tile lies in one group), so wide tiles that span groups keep it too.
+Same constexprs and layout as wq_gemm.py. The inner loop is what bounds the kernel (Nsight
+Compute on the H100: ALU-bound, not memory-bound, with a shift, a mask, a conversion, a
+subtraction and a multiply per code), so each code costs one logic op, one add and one FMA:
+
+* codes are unrolled one at a time (a static loop over the word's fields), every tensor in
+  the words' own layout: no code axis for Triton to spread over threads and shuffle;
+* a code is masked where it lies and OR-ed into the mantissa of 2**23 (``unpack.F32_MAGIC``),
+  which is ``2**23 + u * 2**E`` exactly, E its bit position; fields above the mantissa take
+  one shift per word. The factor 2**-E goes into x (per activation, not per weight);
+* the zero point is deferred: per word, sum x*(u - z) = sum x*u - z * sum x, so fractional
+  zero points stay exact; the group scale is applied once per word.
+
+The same loop reads bit planes (bipolar, bcq): a plane's code is its bit, weighted 2**(p+1)
+(bipolar) or by the plane's scale (bcq). Where a word spans two groups (GROUP not a multiple
+of its codes) each code is scaled on its own: correct, slower.
 """
 import triton
 import triton.language as tl
 
-from .unpack import F32_MAGIC, biased_code, magic_f32, plane_code, static_offset, store_tile
+from .unpack import F32_MAGIC, store_tile
+
+MANTISSA = tl.constexpr(23)
+
+
+@triton.jit
+def _mantissa_words(words, SHIFT: tl.constexpr, CB: tl.constexpr, PER: tl.constexpr, FLIP: tl.constexpr):
+    """The words shifted right by SHIFT, cut to the 23 mantissa bits and OR-ed into 2**23
+    (once per word; each field is then one AND away from its float). FLIP xors the top bit of
+    every CB-bit field (symmetric codes)."""
+    src = words >> SHIFT
+    if FLIP:
+        src = src ^ (((((1 << (PER * CB)) - 1) // ((1 << CB) - 1)) << (CB - 1)) >> SHIFT & 0x7FFFFF)
+    return (src & 0x7FFFFF) | 0x4B000000
+
+
+@triton.jit
+def _field(mwords, E: tl.constexpr, CB: tl.constexpr):
+    """The CB-bit field at bit E of mantissa words, as float32 u * 2**E exactly."""
+    bits = mwords & ((((1 << CB) - 1) << E) - 8388608)  # the field and the exponent bits (-2**23 = 0xFF800000)
+    return bits.to(tl.float32, bitcast=True) - F32_MAGIC
 
 
 @triton.jit
@@ -27,28 +57,25 @@ def wq_gemv_kernel(
     sxm, sxk, swp, swk, swn, ssp, ssg, ssn, sym, syn,
     BITS: tl.constexpr, GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
     CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    PER: tl.constexpr = 32 if FMT >= 2 else 32 // BITS
+    PLANES: tl.constexpr = BITS if FMT >= 2 else 1
+    CB: tl.constexpr = 1 if FMT >= 2 else BITS  # bits per field of a word
+    PER: tl.constexpr = 32 // CB
     DEFER: tl.constexpr = GROUP % PER == 0  # every word inside one group: scale once per word
-    TILE_IN_GROUP: tl.constexpr = GROUP % (BLOCK_KW * PER) == 0  # ... or once per tile
+    TILE_IN_GROUP: tl.constexpr = GROUP % (BLOCK_KW * PER) == 0  # ... and one scale row per tile
     KW = tl.cdiv(K, PER)
     kw_len = tl.cdiv(tl.cdiv(KW, BLOCK_KW), SPLIT_K) * BLOCK_KW
     kw_start = pid_k * kw_len
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, CODES)
     acc = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
     for kw0 in range(kw_start, tl.minimum(KW, kw_start + kw_len), BLOCK_KW):
         rw = kw0 + tl.arange(0, BLOCK_KW)
-        rk = rw[:, None] * PER + rj[None, :]  # [BLOCK_KW, CODES]
-        kvalid = (rj[None, :] < PER) & (rk < K)
-        x = tl.load(x_ptr + rm[:, None, None] * sxm + rk[None, :, :] * sxk,
-                    mask=(rm[:, None, None] < M) & kvalid[None, :, :], other=0.0)
-        x = x.to(tl.float32)[:, :, :, None]  # [BLOCK_M, BLOCK_KW, CODES, 1]
+        wmask = (rw[None, :, None] < KW) & (rn[None, None, :] < N)  # 3D [1, BLOCK_KW, BLOCK_N]: the layout acc takes
         if DEFER:
             if TILE_IN_GROUP:
                 grp = kw0 * PER // GROUP + tl.zeros((1,), dtype=tl.int32)
@@ -56,31 +83,50 @@ def wq_gemv_kernel(
                 grp = rw * PER // GROUP
             soff = grp[:, None] * ssg + rn[None, :] * ssn  # [1 or BLOCK_KW, BLOCK_N]
             smask = (grp[:, None] * GROUP < K) & (rn[None, :] < N)
-        else:
-            soff = (rk // GROUP)[:, :, None] * ssg + rn[None, None, :] * ssn
-            smask = kvalid[:, :, None] & (rn[None, None, :] < N)
-        if FMT == 3:  # bcq: each plane's signs, weighted by the plane's scale
-            for p in tl.static_range(BITS):
-                t = x * (magic_f32(plane_code(w_ptr, p, rw, rj, rn, KW, N, swp, swk, swn)) - (F32_MAGIC + 1))[None]
-                scale = tl.load(s_ptr + soff + p * ssp, mask=smask, other=0.0).to(tl.float32)[None]
+        xsum = tl.zeros((BLOCK_M, BLOCK_KW, 1), dtype=tl.float32)  # sum of x over each word
+        t = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)  # sum of x * u, per word
+        for p in tl.static_range(PLANES):
+            words = tl.load(w_ptr + p * swp + rw[None, :, None] * swk + rn[None, None, :] * swn, mask=wmask, other=0)
+            low = _mantissa_words(words, 0, CB, PER, FMT == 1)
+            high = _mantissa_words(words, 9, CB, PER, FMT == 1)  # fields ending above bit 23, moved 32 - 23 down
+            WEIGHT = 0 if FMT < 2 else (p + 1 if FMT == 2 else 1)  # a plane's u = bit << WEIGHT
+            for j in tl.static_range(PER):
+                POS = j * CB
+                E = POS if POS + CB <= MANTISSA else POS - 9
+                f = _field(low if POS + CB <= MANTISSA else high, E, CB)
+                rk = rw * PER + j
+                kmask = (rw < KW) if EVEN_K else (rk < K)  # EVEN_K: one test per word, not per code
+                x = tl.load(x_ptr + rm[:, None, None] * sxm + rk[None, :, None] * sxk,
+                            mask=(rm[:, None, None] < M) & kmask[None, :, None], other=0.0).to(tl.float32)
+                if p == 0 or FMT == 3:
+                    xsum += x
+                x = x * ((1 << WEIGHT) / (1 << E))  # exact: powers of two
                 if DEFER:
-                    acc += tl.sum(t, 2) * scale
-                else:
-                    acc += tl.sum(t * scale, 2)
-        else:
-            u = biased_code(w_ptr, rw, rj, rn, KW, N, swp, swk, swn, BITS, FMT, PER)
-            scale = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)[None]
+                    t += x * f
+                else:  # the word spans groups: this code's own scale (and offset)
+                    soff_j = (rk // GROUP)[:, None] * ssg + rn[None, :] * ssn
+                    smask_j = (rk[:, None] < K) & (rn[None, :] < N)
+                    plane_scale = s_ptr + p * ssp if FMT == 3 else s_ptr  # bcq: a scale per plane
+                    scale = tl.load(plane_scale + soff_j, mask=smask_j, other=0.0).to(tl.float32)
+                    if FMT == 0:
+                        offset = tl.load(z_ptr + soff_j, mask=smask_j, other=0.0).to(tl.float32)
+                    else:
+                        offset = ((1 << CB) >> 1) if FMT == 1 else ((1 << BITS) - 1 if FMT == 2 else 1)
+                    if p > 0 and FMT == 2:
+                        offset = 0.0  # bipolar: the planes share one offset
+                    acc += x * ((f - offset * (1 << E) / (1 << WEIGHT)) * scale[None, :, :])
+            if DEFER and FMT == 3:  # bcq: plane p's signs 2 * bit - 1, times the plane's scale
+                scale = tl.load(s_ptr + p * ssp + soff, mask=smask, other=0.0).to(tl.float32)
+                acc += (t - xsum) * scale[None, :, :]
+                t = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
+                xsum = tl.zeros((BLOCK_M, BLOCK_KW, 1), dtype=tl.float32)
+        if DEFER and FMT != 3:
+            scale = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
             if FMT == 0:
-                offset = tl.load(z_ptr + soff, mask=smask, other=0.0).to(tl.float32)
-                if DEFER:
-                    offset = offset[:, None, :]
+                offset = tl.load(z_ptr + soff, mask=smask, other=0.0).to(tl.float32)[None, :, :]
             else:
-                offset = static_offset(BITS, FMT)
-            t = x * (magic_f32(u) - (F32_MAGIC + offset))[None]
-            if DEFER:
-                acc += tl.sum(t, 2) * scale
-            else:
-                acc += tl.sum(t * scale, 2)
+                offset = ((1 << CB) >> 1) if FMT == 1 else (1 << BITS) - 1
+            acc += (t - offset * xsum) * scale[None, :, :]
     out = tl.sum(acc, 1)
     if HAS_BIAS:
         if pid_k == 0:

@@ -76,7 +76,8 @@ def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, choice=None):
     consts = dict(BITS=bits, GROUP=group, FMT=fmt_code, HAS_BIAS=bias is not None,
                   CODES=tiling.codes_per_word_padded(bits, fmt_code >= 2))
     dot = _dot_dtype(x2.dtype)
-    own = {"gemm": dict(DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32"), "gemv": {}}
+    per = 32 if fmt_code >= 2 else 32 // bits
+    own = {"gemm": dict(DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32"), "gemv": dict(EVEN_K=k % per == 0)}
 
     def run(c: tiling.Choice):
         cfg = c.config.kwargs
