@@ -51,6 +51,21 @@ def _field(mwords, E: tl.constexpr, CB: tl.constexpr):
 
 
 @triton.jit
+def _group_term(t, xsum, grp, s_ptr, z_ptr, rn, N, K, ssg, ssn, GROUP: tl.constexpr, FMT: tl.constexpr,
+                BITS: tl.constexpr, CB: tl.constexpr):
+    """(sum x*u - offset * sum x) * scale for words (or their parts) in groups ``grp``: the
+    deferred dequantization, with the format's offset (affine: the zero point)."""
+    soff = grp[:, None] * ssg + rn[None, :] * ssn  # [1 or BLOCK_KW, BLOCK_N]
+    smask = (grp[:, None] * GROUP < K) & (rn[None, :] < N)
+    scale = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)[None, :, :]
+    if FMT == 0:
+        offset = tl.load(z_ptr + soff, mask=smask, other=0.0).to(tl.float32)[None, :, :]
+    else:  # symmetric: half the range; bipolar: 2**bits - 1; bcq (one plane): 1
+        offset = ((1 << CB) >> 1) if FMT == 1 else ((1 << BITS) - 1 if FMT == 2 else 1)
+    return (t - offset * xsum) * scale
+
+
+@triton.jit
 def wq_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, M_BUCKET,
@@ -65,8 +80,9 @@ def wq_gemv_kernel(
     PLANES: tl.constexpr = BITS if FMT >= 2 else 1
     CB: tl.constexpr = 1 if FMT >= 2 else BITS  # bits per field of a word
     PER: tl.constexpr = 32 // CB
-    DEFER: tl.constexpr = GROUP % PER == 0  # every word inside one group: scale once per word
-    TILE_IN_GROUP: tl.constexpr = GROUP % (BLOCK_KW * PER) == 0  # ... and one scale row per tile
+    DEFER: tl.constexpr = GROUP >= PER  # a word lies in one group, or spans two: scales once per word
+    SPAN2: tl.constexpr = DEFER and GROUP % PER != 0  # ... two: x split into each group's part
+    TILE_IN_GROUP: tl.constexpr = GROUP % (BLOCK_KW * PER) == 0  # the whole tile in one group
     KW = tl.cdiv(K, PER)
     kw_len = tl.cdiv(tl.cdiv(KW, BLOCK_KW), SPLIT_K) * BLOCK_KW
     kw_start = pid_k * kw_len
@@ -76,15 +92,14 @@ def wq_gemv_kernel(
     for kw0 in range(kw_start, tl.minimum(KW, kw_start + kw_len), BLOCK_KW):
         rw = kw0 + tl.arange(0, BLOCK_KW)
         wmask = (rw[None, :, None] < KW) & (rn[None, None, :] < N)  # 3D [1, BLOCK_KW, BLOCK_N]: the layout acc takes
-        if DEFER:
-            if TILE_IN_GROUP:
-                grp = kw0 * PER // GROUP + tl.zeros((1,), dtype=tl.int32)
-            else:
-                grp = rw * PER // GROUP
-            soff = grp[:, None] * ssg + rn[None, :] * ssn  # [1 or BLOCK_KW, BLOCK_N]
-            smask = (grp[:, None] * GROUP < K) & (rn[None, :] < N)
-        xsum = tl.zeros((BLOCK_M, BLOCK_KW, 1), dtype=tl.float32)  # sum of x over each word
+        if TILE_IN_GROUP:
+            grp = kw0 * PER // GROUP + tl.zeros((1,), dtype=tl.int32)
+        else:
+            grp = rw * PER // GROUP  # the group of each word's first code
+        xsum = tl.zeros((BLOCK_M, BLOCK_KW, 1), dtype=tl.float32)  # sum of x over each word (its first group's part)
         t = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)  # sum of x * u, per word
+        xsum2 = tl.zeros((BLOCK_M, BLOCK_KW, 1), dtype=tl.float32)  # SPAN2: the second group's parts
+        t2 = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
         for p in tl.static_range(PLANES):
             words = tl.load(w_ptr + p * swp + rw[None, :, None] * swk + rn[None, None, :] * swn, mask=wmask, other=0)
             low = _mantissa_words(words, 0, CB, PER, FMT == 1)
@@ -98,12 +113,17 @@ def wq_gemv_kernel(
                 kmask = (rw < KW) if EVEN_K else (rk < K)  # EVEN_K: one test per word, not per code
                 x = tl.load(x_ptr + rm[:, None, None] * sxm + rk[None, :, None] * sxk,
                             mask=(rm[:, None, None] < M) & kmask[None, :, None], other=0.0).to(tl.float32)
-                if p == 0 or FMT == 3:
-                    xsum += x
-                x = x * ((1 << WEIGHT) / (1 << E))  # exact: powers of two
                 if DEFER:
-                    t += x * f
-                else:  # the word spans groups: this code's own scale (and offset)
+                    if SPAN2:  # per word and code, not per weight: which group the code is in
+                        x2 = tl.where((rk >= (grp + 1) * GROUP)[None, :, None], x, 0.0)
+                        x -= x2
+                        if p == 0 or FMT == 3:
+                            xsum2 += x2
+                        t2 += (x2 * ((1 << WEIGHT) / (1 << E))) * f
+                    if p == 0 or FMT == 3:
+                        xsum += x
+                    t += (x * ((1 << WEIGHT) / (1 << E))) * f  # exact: powers of two
+                else:  # several groups in a word (GROUP < codes per word): each code's own scale
                     soff_j = (rk // GROUP)[:, None] * ssg + rn[None, :] * ssn
                     smask_j = (rk[:, None] < K) & (rn[None, :] < N)
                     plane_scale = s_ptr + p * ssp if FMT == 3 else s_ptr  # bcq: a scale per plane
@@ -114,19 +134,16 @@ def wq_gemv_kernel(
                         offset = ((1 << CB) >> 1) if FMT == 1 else ((1 << BITS) - 1 if FMT == 2 else 1)
                     if p > 0 and FMT == 2:
                         offset = 0.0  # bipolar: the planes share one offset
-                    acc += x * ((f - offset * (1 << E) / (1 << WEIGHT)) * scale[None, :, :])
-            if DEFER and FMT == 3:  # bcq: plane p's signs 2 * bit - 1, times the plane's scale
-                scale = tl.load(s_ptr + p * ssp + soff, mask=smask, other=0.0).to(tl.float32)
-                acc += (t - xsum) * scale[None, :, :]
+                    acc += x * ((f * (1 << WEIGHT) / (1 << E) - offset) * scale[None, :, :])
+            if DEFER and (FMT == 3 or p == PLANES - 1):  # bcq: each plane's scale; others: once
+                plane_scale = s_ptr + p * ssp if FMT == 3 else s_ptr
+                acc += _group_term(t, xsum, grp, plane_scale, z_ptr, rn, N, K, ssg, ssn, GROUP, FMT, BITS, CB)
+                if SPAN2:
+                    acc += _group_term(t2, xsum2, grp + 1, plane_scale, z_ptr, rn, N, K, ssg, ssn, GROUP, FMT, BITS, CB)
                 t = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
+                t2 = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
                 xsum = tl.zeros((BLOCK_M, BLOCK_KW, 1), dtype=tl.float32)
-        if DEFER and FMT != 3:
-            scale = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
-            if FMT == 0:
-                offset = tl.load(z_ptr + soff, mask=smask, other=0.0).to(tl.float32)[None, :, :]
-            else:
-                offset = ((1 << CB) >> 1) if FMT == 1 else (1 << BITS) - 1
-            acc += (t - offset * xsum) * scale[None, :, :]
+                xsum2 = tl.zeros((BLOCK_M, BLOCK_KW, 1), dtype=tl.float32)
     out = tl.sum(acc, 1)
     if HAS_BIAS:
         if pid_k == 0:
