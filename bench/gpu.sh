@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/gpu.sh STAGE[:SECONDS] ...: one device-machine call of the GPU work, each stage under its
 # own time limit, logs and results under $OUT/r, packed into $OUT/results.tgz at the end (the
-# device tool returns at most 8 files). Stages: tests, tests-gpu, gemv-tests, linear, linear-m1, linear-spot,
+# device tool returns at most 8 files). Stages: tests, tests-gpu, gemv-tests, linear, linear-m1, linear-bits, linear-spot,
 # scaled, scaled-quick, attention, decode, decode-b16, decode-w2, compile_time, compile_time-regional,
 # profile (Nsight Compute of the tuned W4 kernels). README "GPU runs" says more.
 #   device run: bash bench/gpu.sh tests:300 linear-m1:200     (carry .whl: the wheels below)
@@ -21,7 +21,8 @@ stage() {
   case $1 in
     tests) python -m pytest -v -n 16 --dist loadgroup --tb=short -rfEs -p no:cacheprovider --durations=20 ;;
     linear-m1) python -m bench.linear --m 1,4,16 --configs affine:4:128 --dtypes fp16 --inductor "" --no-tinygemm --name linear-m1 --out "$R"
-        python -m bench.linear --m 1 --configs affine:2:128,affine:3:128,affine:8:128,bipolar:4:128 --dtypes fp16 --inductor "" \
+        stage linear-bits ;;
+    linear-bits) python -m bench.linear --m 1 --configs affine:2:128,affine:3:128,affine:8:128,bipolar:4:128 --dtypes fp16 --inductor "" \
           --no-tinygemm --name linear-m1-bits --out "$R" ;;
     gemv-tests) python -m pytest -q -n 16 --tb=short -p no:cacheprovider tests/test_wq_gemm.py ;;
     linear) python -m bench.linear --out "$R"; python -m bench.plot "$R"/*-linear.json ;;
