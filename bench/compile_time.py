@@ -8,7 +8,7 @@ Llama-3-8B-shaped model (random weights, W4 g128 affine, lm_head in fp16, a 16-t
   cache empty as for the baseline), so warm - fp16 is what qcompile adds to a compile.
 
 Each case runs in a fresh process with its own cache folders. ``--regional`` compiles each
-decoder layer on its own instead of the whole model (for fp16 too): the 32 identical layers
+decoder layer on its own (qcompile.compile_regions) instead of the whole model (for fp16 too): the 32 identical layers
 then share one trace; the whole fp16 model is compiled as well, as the baseline. ``--tiny`` runs a 2-layer model on CPU through the Triton interpreter,
 to check the script itself.
 """
@@ -39,9 +39,8 @@ def child(spec: dict) -> None:
     print(f"{spec['case']}: model built in {start - built:.1f} s", file=sys.stderr, flush=True)
     with torch.no_grad():
         if spec.get("regional"):  # each decoder layer compiled on its own: one trace serves all 32
-            for layer in model.model.layers:
-                layer.compile(backend=backend)
-            compiled = model
+            import qcompile
+            compiled = qcompile.compile_regions(model, backend=backend)
         else:
             compiled = torch.compile(model, backend=backend)
         token = compiled(ids, use_cache=False).logits[:, -1].argmax(-1)

@@ -2,6 +2,7 @@
 
     qcompile.quantize(model, bits=4, group_size=128, format="affine")
     compiled = torch.compile(model, backend="qcompile")
+    qcompile.compile_regions(model)          # or: each decoder layer on its own (fast compile)
     print(qcompile.explain(model, inputs))
     qcompile.warmup(model, m=[1, 16, 128])   # tune the kernels ahead of serving (disk cache)
 """
@@ -9,7 +10,8 @@ from .backend import qcompile_backend
 from .explain import explain
 from .formats import FORMATS, QuantLinear
 from .quantize import quantize
+from .regional import compile_regions
 from .report import Report
 from .warmup import warmup
 
-__all__ = ["FORMATS", "QuantLinear", "Report", "explain", "qcompile_backend", "quantize", "warmup"]
+__all__ = ["FORMATS", "QuantLinear", "Report", "compile_regions", "explain", "qcompile_backend", "quantize", "warmup"]

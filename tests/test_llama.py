@@ -32,3 +32,26 @@ def test_tiny_llama_compiles_with_every_quantized_linear_matched(dtype, device):
     assert sorted({(m.format, m.bits) for m in report.matched}) == [("affine", 4), ("bipolar", 3)]
     assert report.graph_breaks == 0 and report.graphs == 1
     assert_close(out, ref, dtype)
+
+
+def test_regional_compilation_traces_one_layer_for_all(device):
+    """compile_regions: the decoder layers share one graph (one Dynamo trace and one qcompile
+    rewrite for the whole stack), and the logits equal the eager model's."""
+    from torch._dynamo.utils import counters
+    model = tiny_llama(torch.float16, device)
+    model.config.num_hidden_layers = 3
+    model.model.layers.append(type(model.model.layers[0])(model.config, 2).to(device=device, dtype=torch.float16).eval())
+    qcompile.quantize(model, bits=4, group_size=32, skip=["lm_head"])
+    assert qcompile.regional.repeated_blocks(model) == list(model.model.layers)
+    ids = torch.randint(0, 128, (1, 5), device=device)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        with qcompile.backend.listen(qcompile.Report()) as report, torch._inductor.config.patch(fx_graph_cache=False):
+            out = qcompile.compile_regions(model)(ids, use_cache=False).logits
+    assert counters["stats"]["unique_graphs"] == 1
+    assert len(report.matched) == 7, str(report)  # one layer's q k v o gate up down, once
+    assert_close(out, ref, torch.float16)
+    with pytest.raises(ValueError, match="no nn.ModuleList"):
+        qcompile.compile_regions(torch.nn.Linear(4, 4))
