@@ -2,7 +2,7 @@
 # bench/gpu.sh STAGE[:SECONDS] ...: one device-machine call of the GPU work, each stage under its
 # own time limit, logs and results under $OUT/r, packed into $OUT/results.tgz at the end (the
 # device tool returns at most 8 files). Stages: tests, tests-gpu, gemv-tests, linear, linear-m1, linear-bits, linear-spot,
-# scaled, scaled-quick, attention, decode, decode-b16, decode-w2, compile_time, compile_time-regional,
+# scaled, scaled-quick, attention, decode, decode-w4, decode-b16, decode-w2, compile_time, compile_time-regional,
 # profile (Nsight Compute of the tuned W4 kernels). README "GPU runs" says more.
 #   device run: bash bench/gpu.sh tests:300 linear-m1:200     (carry .whl: the wheels below)
 set -uo pipefail
@@ -32,6 +32,7 @@ stage() {
     compile_time) python -m bench.compile_time --out "$R" ;;
     compile_time-regional) python -m bench.compile_time --regional --out "$R" ;;
     decode) python -m bench.decode --out "$R" ;;
+    decode-w4) python -m bench.decode --bits 4 --batches 1 --tokens 48 --name decode-w4 --out "$R" ;;
     decode-b16) python -m bench.decode --bits 4,2 --batches 16 --tokens 32 --name decode-b16 --out "$R" ;;
     decode-w2) python -m bench.decode --bits 2 --batches 1 --tokens 32 --logits --out "$R/w2" ;;
     tests-gpu) python -m pytest -v -n 16 --dist loadgroup --tb=short -rfEs -p no:cacheprovider tests/test_compile.py tests/test_autotune_cache.py \
