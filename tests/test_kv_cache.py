@@ -1,0 +1,69 @@
+"""qcompile.kv_cache.QuantizedStaticCache in a tiny transformers Llama: what a layer stores and
+returns, generate() with it, and a compiled decode loop that gives eager's tokens."""
+import pytest
+import torch
+
+from conftest import assert_close
+from qcompile.formats.kv import dequantize_kv, quantize_kv
+
+transformers = pytest.importorskip("transformers")
+from qcompile.kv_cache import QuantizedStaticCache, QuantizedStaticLayer  # noqa: E402
+from test_llama import tiny_llama  # noqa: E402
+
+
+@pytest.mark.parametrize("bits, group", [(8, 16), (4, 8)])
+def test_a_layer_stores_codes_and_returns_them_dequantized(bits, group):
+    torch.manual_seed(0)
+    layer = QuantizedStaticLayer(max_cache_len=10, bits=bits, group=group)
+    k1, v1, k2, v2 = (torch.randn(2, 3, t, 16, dtype=torch.float16) for t in (4, 4, 1, 1))
+    layer.update(k1, v1)
+    k, v = layer.update(k2, v2)  # the next position comes from the layer's own count
+    assert int(layer.get_seq_length()) == 5
+    assert layer.keys.dtype == torch.uint8 and layer.keys.shape == (2, 3, 10, 16 if bits == 8 else 8)
+    for got, new in ((k, torch.cat((k1, k2), 2)), (v, torch.cat((v1, v2), 2))):
+        assert torch.equal(got[:, :, :5], dequantize_kv(*quantize_kv(new, bits, group), bits))
+        assert not got[:, :, 5:].any()
+    k, _ = layer.update(k2 * 2, v2, {"cache_position": torch.tensor([7])})  # a position the model gives
+    assert torch.equal(k[:, :, 7:8], dequantize_kv(*quantize_kv(k2 * 2, bits, group), bits))
+    assert int(layer.get_seq_length()) == 8
+    # per token and head: the codes, and an fp16 scale and zero per group; fp16 K and V take 2 * 32 bytes
+    assert layer.memory_bytes() == 2 * 2 * 3 * 10 * (16 * bits // 8 + 2 * 2 * 16 // group)
+    assert layer.memory_bytes() <= 2 * 2 * 3 * 10 * 32 * (0.625 if bits == 8 else 0.5)
+
+
+def test_bad_arguments_name_what_is_allowed():
+    model = tiny_llama(torch.float32, "cpu")
+    with pytest.raises(ValueError, match="bits=3: allowed values for a KV cache are 4 and 8"):
+        QuantizedStaticCache(model.config, 16, bits=3)
+    with pytest.raises(ValueError, match="group=12: allowed values are even divisors of head_dim=16"):
+        QuantizedStaticCache(model.config, 16, group=12)
+
+
+def _greedy(forward, model, ids, steps, cache):
+    """Prefill, then ``steps`` one-token steps through ``forward`` (compiled or not)."""
+    p = ids.shape[1]
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, cache_position=torch.arange(p), use_cache=True).logits[:, -1]
+        tokens, first = [logits.argmax(-1, keepdim=True)], logits
+        for i in range(steps):
+            out = forward(tokens[-1], past_key_values=cache, cache_position=torch.tensor([p + i]), use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, 1), first
+
+
+def test_generate_and_a_compiled_decode_loop_agree_with_eager():
+    """generate() runs on the cache; the compiled decode steps (qcompile backend) read and write
+    the same buffers and give eager's tokens; int8 prefill logits stay close to an fp32 cache."""
+    model = tiny_llama(torch.float32, "cpu")
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    eager, logits = _greedy(model, model, ids, 5, QuantizedStaticCache(model.config, 16, bits=8, group=8))
+    _, fp_logits = _greedy(model, model, ids, 0, transformers.StaticCache(config=model.config, max_cache_len=16))
+    assert_close(logits, fp_logits, torch.bfloat16)  # int8 K/V: within bf16's tolerance of an fp32 cache
+    with torch.no_grad():
+        generated = model.generate(ids, past_key_values=QuantizedStaticCache(model.config, 16, bits=8, group=8),
+                                   max_new_tokens=6, do_sample=False)
+    assert torch.equal(generated[:, 6:], eager)
+    torch._dynamo.reset()
+    compiled, _ = _greedy(torch.compile(model, backend="qcompile"), model, ids, 5,
+                          QuantizedStaticCache(model.config, 16, bits=8, group=8))
+    assert torch.equal(compiled, eager)
