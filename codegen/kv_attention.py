@@ -5,7 +5,9 @@ Grid (B, Hkv, SPLITS): each program takes one KV head with all REP = Hq / Hkv qu
 that share it (grouped-query attention: the cache is read once per KV head, not per query
 head) and all S new query tokens, over one range of the cache, with an online softmax. It
 leaves (acc, max, sum) partials per split; ``kv_combine_kernel`` merges them. Query s of S is
-the token at position length - S + s and sees the cache up to it.
+the token at position length - S + s and sees the cache up to it; with HAS_MASK an additive
+mask [B, 1 or Hq, S, T] (strides, 0 where broadcast) says instead what each query sees, as
+transformers' static cache passes it to SDPA.
 
 BITS 8: one byte per code; 4: two per byte, channel 2i low nibble. Per token and group of
 GROUP channels: value = (code - zero) * scale. DOT is the dtype of the dots' operands (the
@@ -32,11 +34,12 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, rd, tmask, sct, scd, sst, ssg, BITS: tl.co
 
 @triton.jit
 def kv_decode_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, acc_ptr, stat_ptr,
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, acc_ptr, stat_ptr,
     length, sm_scale,
-    sqb, sqh, sqs, sqd, scb, sch, sct, scd, ssb, ssh, sst, ssg,
+    sqb, sqh, sqs, sqd, scb, sch, sct, scd, ssb, ssh, sst, ssg, smb, smh, sms, smt,
     REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     GROUP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     b, hkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, ROWS)  # row r: query head hkv * REP + r // S, new token r % S
@@ -59,7 +62,12 @@ def kv_decode_kernel(
         tmask = rt < length
         k = _dequant(kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, rt, rd, tmask, sct, scd, sst, ssg, BITS, GROUP)
         qk = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION)
-        qk = tl.where(rt[None, :] <= last[:, None], qk, float("-inf"))
+        if HAS_MASK:
+            qk += tl.load(mask_ptr + b * smb + head[:, None] * smh + (r % S)[:, None] * sms + rt[None, :] * smt,
+                          mask=rvalid[:, None] & tmask[None, :], other=0.0).to(tl.float32)
+            qk = tl.where(tmask[None, :], qk, float("-inf"))
+        else:
+            qk = tl.where(rt[None, :] <= last[:, None], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         p = tl.exp(qk - m_safe[:, None])

@@ -11,6 +11,7 @@ from torch.fx import Graph
 
 from qcompile.report import Report
 
+from .kv_attention import rewrite_kv_attention
 from .scaled_linear import rewrite_scaled_linears
 from .wonly_linear import rewrite_linears
 
@@ -19,7 +20,8 @@ _SOURCES = tuple(sorted(str(p) for d in (Path(__file__).parent, Path(__file__).p
 _counter = itertools.count()
 
 # scaled first: the weight-only pass would report its int8 matmuls as inputs it cannot match
-PASSES = [("scaled_linear", rewrite_scaled_linears), ("wonly_linear", rewrite_linears)]
+PASSES = [("scaled_linear", rewrite_scaled_linears), ("wonly_linear", rewrite_linears),
+          ("kv_attention", rewrite_kv_attention)]
 
 
 class QCompilePass(CustomGraphPass):

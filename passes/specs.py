@@ -15,6 +15,7 @@ from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from qcompile.formats import FLOAT_DTYPES, FORMATS
+from qcompile.formats.kv import dequantize_kv
 from qcompile.formats.packing import codes_per_word
 from qcompile.formats.w4a8 import int8_weight
 
@@ -124,6 +125,44 @@ class W4A8Spec(Spec):
             return
         if len(small) == 2 and small[0] == small[1] and small[0][0][1:] == (n,) and k % small[0][0][0] == 0:
             yield Candidate(self, 4, k // small[0][0][0], (packed, *small))
+
+
+@dataclass(frozen=True, eq=True)
+class KVSpec(Spec):
+    """A quantized KV cache tensor [B, H, T, D] rebuilt by formats/kv.py's ``dequantize_kv``
+    from uint8 codes [B, H, T, D or D/2] and a scale and a zero point [B, H, T, D/group]."""
+    name: str = "kv"
+
+    def reference(self, bits, k):
+        return lambda codes, scale, zero: dequantize_kv(codes, scale, zero, bits)
+
+    def candidates(self, ints, floats, k, n):
+        """k: head_dim."""
+        if len(ints) != 1 or ints[0][1] != torch.uint8 or len(floats) != 2 or floats[0] != floats[1]:
+            return
+        (cshape, _), (sshape, _) = ints[0], floats[0]
+        if len(cshape) == 4 and cshape[:3] == sshape[:3] and k % sshape[3] == 0:
+            for bits in (b for b, width in ((8, k), (4, k // 2)) if cshape[3] == width):
+                yield Candidate(self, bits, k // sshape[3], (ints[0], floats[0], floats[1]))
+
+
+def find_kv(node, head_dim: int, stop):
+    """(bits, [codes, scale, zero] nodes) when ``node`` dequantizes a KV cache tensor from
+    tensors that ``stop`` accepts as inputs (graph inputs or the cache writes), else None."""
+    nodes = backward_slice(node, stop)
+    if nodes is None:
+        return None
+    ins = leaves(nodes, stop)
+    ints = [_meta(x) for x in ins if not x.meta["val"].is_floating_point()]
+    floats = [_meta(x) for x in ins if x.meta["val"].dtype in FLOAT_DTYPES]
+    spec = KVSpec()
+    for cand in spec.candidates(ints, floats, head_dim, 0):  # the isomorphism tells scale from zero
+        spec_graph, placeholders = traced(spec, cand.bits, head_dim, cand.metas, ins[0].meta["val"].device.type)
+        mapping = match(to_digraph(nodes, stop), spec_graph)
+        if mapping is not None:
+            inverse = {v: key for key, v in mapping.items()}
+            return cand.bits, [inverse[p] for p in placeholders]
+    return None
 
 
 def find_w4a8(int8_node, k: int, n: int):

@@ -34,9 +34,13 @@ def canonical(node: Node) -> Node:
     return node
 
 
-def backward_slice(root: Node) -> list[Node] | None:
-    """Every node ``root`` depends on, down to graph inputs; None if it is not a small
-    function of graph inputs alone."""
+def _is_input(node: Node, stop) -> bool:
+    return node.op != "call_function" or (stop is not None and stop(node))
+
+
+def backward_slice(root: Node, stop=None) -> list[Node] | None:
+    """Every node ``root`` depends on, down to graph inputs (and nodes ``stop`` accepts, taken
+    as inputs); None if it is not a small function of those alone."""
     seen, stack = {}, [canonical(root)]
     while stack:
         node = stack.pop()
@@ -45,15 +49,15 @@ def backward_slice(root: Node) -> list[Node] | None:
         seen[node] = None
         if len(seen) > MAX_NODES:
             return None
-        if node.op == "call_function":
+        if not _is_input(node, stop):
             stack.extend(canonical(a) for a in node.all_input_nodes)
-        elif node.op not in ("placeholder", "get_attr"):
+        elif node.op not in ("placeholder", "get_attr", "call_function"):
             return None
     return list(seen)
 
 
-def leaves(nodes: list[Node]) -> list[Node]:
-    return [n for n in nodes if n.op != "call_function"]
+def leaves(nodes: list[Node], stop=None) -> list[Node]:
+    return [n for n in nodes if _is_input(n, stop)]
 
 
 def _literal(a):
@@ -66,8 +70,8 @@ def _literal(a):
     return repr(a)
 
 
-def _signature(node: Node):
-    if node.op != "call_function":
+def _signature(node: Node, stop=None):
+    if _is_input(node, stop):
         val = node.meta["val"]
         return ("input", val.dtype, tuple(val.shape))
     target = "view" if node.target in _VIEWS else str(node.target)
@@ -75,13 +79,13 @@ def _signature(node: Node):
     return (target, _literal(node.args), kwargs)
 
 
-def to_digraph(nodes: list[Node]) -> nx.DiGraph:
+def to_digraph(nodes: list[Node], stop=None) -> nx.DiGraph:
     """Nodes carry their signature; edges carry the operand positions they feed."""
     g = nx.DiGraph()
     for node in nodes:
-        g.add_node(node, sig=_signature(node))
+        g.add_node(node, sig=_signature(node, stop))
     for node in nodes:
-        if node.op != "call_function":
+        if _is_input(node, stop):
             continue
         for i, a in enumerate(node.args):
             for j, x in enumerate(a if isinstance(a, (list, tuple)) else [a]):

@@ -53,4 +53,6 @@ class Report:
 
 
 def _shape(s: dict) -> str:
+    if "T" in s:  # attention: batch, query heads, queries, cache length, head dim
+        return f"B={s['B']} Hq={s['Hq']} S={s['S']} T={s['T']} D={s['D']} {s['dtype']}"
     return f"{s.get('M', '?')} x {s.get('K', '?')} x {s.get('N', '?')} {s.get('dtype', '')}".strip() if s else "-"

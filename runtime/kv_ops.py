@@ -24,11 +24,15 @@ def _splits(b: int, hkv: int, length: int, block_t: int, device) -> int:
 @torch.library.custom_op("qcompile::kv_decode_attention", mutates_args=())
 def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                         v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, length: int,
-                        bits: int) -> torch.Tensor:
+                        bits: int, attn_mask: torch.Tensor | None = None,
+                        sm_scale: float | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, S, D] (the last S of ``length`` cached tokens) over the cache's
-    first ``length`` tokens; K and V as (codes, scale, zero) of formats.kv.quantize_kv."""
+    first ``length`` tokens; K and V as (codes, scale, zero) of formats.kv.quantize_kv. With
+    ``attn_mask`` (bool or additive, broadcasting to [B, Hq, S, length]) the mask says what each
+    query sees; ``sm_scale`` defaults to 1/sqrt(D)."""
     if kernel_unavailable_reason(q.device) is not None:
-        return decode_attention_reference(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), bits, length)
+        return decode_attention_reference(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), bits, length,
+                                          attn_mask, sm_scale)
     b, hq, s, d = q.shape
     hkv = k_codes.shape[1]
     group = d // k_scale.shape[-1]
@@ -43,16 +47,22 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.T
     stat = torch.empty(b * hkv * splits * rows * 2, dtype=torch.float32, device=q.device)
     dot = tl.float32 if interpreting() or q.dtype == torch.float32 else _DOT[q.dtype]
     consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(~attn_mask, float("-inf"))
+        attn_mask = attn_mask.expand(b, hq, s, length)  # stride 0 where it broadcasts
+    mask = attn_mask if attn_mask is not None else q
     kv_decode_kernel[(b, hkv, splits)](
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, acc, stat, length, 1 / math.sqrt(d),
-        *q.stride(), *k_codes.stride(), *k_scale.stride(),
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, mask, acc, stat, length,
+        1 / math.sqrt(d) if sm_scale is None else sm_scale,
+        *q.stride(), *k_codes.stride(), *k_scale.stride(), *(mask.stride() if attn_mask is not None else (0,) * 4),
         **consts, BITS=bits, GROUP=group, DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
-        BLOCK_T=block_t, SPLITS=splits)
+        BLOCK_T=block_t, SPLITS=splits, HAS_MASK=attn_mask is not None)
     out = torch.empty_like(q)
     kv_combine_kernel[(b, hkv)](acc, stat, out, *out.stride(), **consts, SPLITS=splits)
     return out
 
 
 @kv_decode_attention.register_fake
-def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, bits):
+def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, bits, attn_mask=None, sm_scale=None):
     return torch.empty_like(q)

@@ -44,3 +44,21 @@ def test_decode_attention_kernel_matches_the_reference(dtype, bits, group, s, le
     q = torch.randn(2, 8, s, 64, dtype=dtype, device=device)
     out = torch.ops.qcompile.kv_decode_attention(q, *k, *v, length, bits)
     assert_close(out, decode_attention_reference(q, k, v, bits, length), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, "additive"])
+def test_an_explicit_mask_decides_what_each_query_sees(dtype, mask_dtype, device):
+    """As transformers' static cache calls SDPA: the whole cache length with a mask [B, 1, S, T]
+    that hides the unwritten tail (and here a hole), and its own softmax scale."""
+    torch.manual_seed(5)
+    k, v = cache(2, 2, 48, 32, 4, 16, dtype, device)
+    q = torch.randn(2, 4, 2, 32, dtype=dtype, device=device)
+    seen = torch.arange(48, device=device) <= torch.tensor([[30], [31]], device=device)  # [S, T]
+    seen = seen.expand(2, 1, 2, 48).clone()
+    seen[1, :, :, 5:9] = False
+    mask = seen if mask_dtype == torch.bool else torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(
+        ~seen, float("-inf"))
+    out = torch.ops.qcompile.kv_decode_attention(q, *k, *v, 48, 4, mask, 0.3)
+    assert_close(out, decode_attention_reference(q, k, v, 4, 48, mask, 0.3), dtype)
+    assert not torch.allclose(out, decode_attention_reference(q, k, v, 4, 48, None, 0.3)), "the mask matters"

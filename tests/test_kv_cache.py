@@ -3,6 +3,7 @@ returns, generate() with it, and a compiled decode loop that gives eager's token
 import pytest
 import torch
 
+import qcompile
 from conftest import assert_close
 from qcompile.formats.kv import dequantize_kv, quantize_kv
 
@@ -51,19 +52,25 @@ def _greedy(forward, model, ids, steps, cache):
     return torch.cat(tokens, 1), first
 
 
-def test_generate_and_a_compiled_decode_loop_agree_with_eager():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_generate_and_a_compiled_decode_loop_agree_with_eager(bits):
     """generate() runs on the cache; the compiled decode steps (qcompile backend) read and write
-    the same buffers and give eager's tokens; int8 prefill logits stay close to an fp32 cache."""
+    the same buffers, in the attention kernel that reads the codes, and give eager's tokens;
+    int8 prefill logits stay close to an fp32 cache."""
     model = tiny_llama(torch.float32, "cpu")
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
-    eager, logits = _greedy(model, model, ids, 5, QuantizedStaticCache(model.config, 16, bits=8, group=8))
-    _, fp_logits = _greedy(model, model, ids, 0, transformers.StaticCache(config=model.config, max_cache_len=16))
-    assert_close(logits, fp_logits, torch.bfloat16)  # int8 K/V: within bf16's tolerance of an fp32 cache
+    eager, logits = _greedy(model, model, ids, 5, QuantizedStaticCache(model.config, 16, bits=bits, group=8))
+    if bits == 8:
+        _, fp_logits = _greedy(model, model, ids, 0, transformers.StaticCache(config=model.config, max_cache_len=16))
+        assert_close(logits, fp_logits, torch.bfloat16)  # int8 K/V: within bf16's tolerance of an fp32 cache
     with torch.no_grad():
-        generated = model.generate(ids, past_key_values=QuantizedStaticCache(model.config, 16, bits=8, group=8),
+        generated = model.generate(ids, past_key_values=QuantizedStaticCache(model.config, 16, bits=bits, group=8),
                                    max_new_tokens=6, do_sample=False)
     assert torch.equal(generated[:, 6:], eager)
     torch._dynamo.reset()
-    compiled, _ = _greedy(torch.compile(model, backend="qcompile"), model, ids, 5,
-                          QuantizedStaticCache(model.config, 16, bits=8, group=8))
+    with qcompile.backend.listen(qcompile.Report()) as report, torch._inductor.config.patch(fx_graph_cache=False):
+        compiled, _ = _greedy(torch.compile(model, backend="qcompile"), model, ids, 5,
+                              QuantizedStaticCache(model.config, 16, bits=bits, group=8))
     assert torch.equal(compiled, eager)
+    # each layer's SDPA over the dequantized cache became the kernel reading the codes
+    assert [(m.kind, m.bits, m.group_size) for m in report.matched] == [("kv_attention", bits, 8)] * 2, str(report)

@@ -44,14 +44,15 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     return ((g - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).flatten(-2)
 
 
-def decode_attention_reference(q, k, v, bits: int, length: int) -> torch.Tensor:
+def decode_attention_reference(q, k, v, bits: int, length: int, attn_mask=None, scale=None) -> torch.Tensor:
     """Attention of the queries q [B, Hq, S, D], the last S of ``length`` tokens already in the
     cache (S = 1 for decoding, a few for speculative decoding; query s sees the tokens up to
-    its own), over the cache's k and v, each a (codes, scale, zero) triple with Hkv heads
-    dividing Hq (grouped-query attention)."""
+    its own, unless ``attn_mask`` says otherwise), over the cache's k and v, each a (codes,
+    scale, zero) triple with Hkv heads dividing Hq (grouped-query attention)."""
     k, v = (dequantize_kv(*t, bits)[:, :, :length] for t in (k, v))
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     s = q.shape[2]
-    mask = torch.arange(length, device=q.device) <= torch.arange(length - s, length, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    if attn_mask is None:
+        attn_mask = torch.arange(length, device=q.device) <= torch.arange(length - s, length, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, scale=scale)

@@ -1,0 +1,110 @@
+"""Attention over a quantized KV cache: SDPA whose K and V are ``dequantize_kv`` of int8/int4
+codes (qcompile/kv_cache.py, formats/kv.py), possibly repeated for grouped-query attention,
+becomes ``qcompile::kv_decode_attention``, which reads the codes instead of the float K and V.
+
+The SDPA node is found in whichever form Inductor's post-grad graph holds it (the CPU flash,
+CUDA flash, memory-efficient and cuDNN ops, or the undecomposed op). The dequantization is
+matched against ``dequantize_kv`` traced for the shapes (specs.KVSpec), from the cache's
+buffers or from the writes into them, so a cache written earlier in the same graph matches.
+"""
+import operator
+
+import torch
+from torch.fx import Graph, Node
+
+import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_decode_attention
+from qcompile.report import Fallback, Matched, Report
+from qcompile.runtime.device import match_blocked_reason
+
+from .specs import find_kv
+from .subgraph import canonical
+from .wonly_linear import _call, _val
+
+aten = torch.ops.aten
+OP = torch.ops.qcompile.kv_decode_attention.default
+SDPA = (aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_cudnn_attention.default,
+        aten.scaled_dot_product_attention.default)
+WRITES = {aten.index_put.default, aten.index_copy.default, aten.copy.default, aten.slice_scatter.default}
+
+
+def _bind(node: Node) -> dict:
+    """The op's arguments by schema name, defaults filled in."""
+    out = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args) and not arg.kwarg_only:
+            out[arg.name] = node.args[i]
+        else:
+            out[arg.name] = node.kwargs.get(arg.name, arg.default_value if arg.has_default_value() else None)
+    return out
+
+
+def _unrepeat(node: Node) -> Node:
+    """transformers' repeat_kv, x[:, :, None].expand(B, H, rep, T, D).reshape(B, H * rep, T, D),
+    undone: the kernel reads each KV head once for its query heads."""
+    node = canonical(node)
+    if node.op == "call_function" and node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        src = canonical(node.args[0])
+        if src.op == "call_function" and src.target == aten.clone.default:
+            src = canonical(src.args[0])
+        if src.op == "call_function" and src.target == aten.expand.default:
+            inner = canonical(src.args[0])
+            if inner.op == "call_function" and inner.target == aten.unsqueeze.default and inner.args[1] == 2:
+                return canonical(inner.args[0])
+    return node
+
+
+def _writes_or_inputs(node: Node) -> bool:
+    return node.target in WRITES
+
+
+def _unsupported(a: dict, q, k_node, s: int, t: int) -> str | None:
+    if a.get("dropout_p") or a.get("enable_gqa"):
+        return "dropout or enable_gqa"
+    if a.get("is_causal") and (a.get("attn_mask") is not None or a.get("attn_bias") is not None or s != t):
+        return "is_causal with a mask or with fewer queries than keys (top-left causal)"
+    if _val(k_node).dtype != q.dtype:
+        return f"K/V dequantized to {_val(k_node).dtype}, queries in {q.dtype}"
+    return match_blocked_reason(q.device)
+
+
+def rewrite_kv_attention(graph: Graph, report: Report, inference: bool = True) -> None:
+    for sdpa in list(graph.nodes):
+        if sdpa.op != "call_function" or sdpa.target not in SDPA:
+            continue
+        a = _bind(sdpa)
+        q_node, k_full, v_full = a["query"], a["key"], a["value"]
+        q = _val(q_node)
+        b, hq, s, d = q.shape
+        t = _val(k_full).shape[2]
+        found = [find_kv(_unrepeat(x), d, _writes_or_inputs) for x in (k_full, v_full)]
+        if None in found:
+            continue  # not a quantized cache: nothing to say
+        (k_bits, k_in), (v_bits, v_in) = found
+        shapes = {"B": b, "Hq": hq, "S": s, "T": t, "D": d, "dtype": str(q.dtype).replace("torch.", "")}
+        mask = a.get("attn_mask", a.get("attn_bias"))
+        uses = list(sdpa.users) if sdpa.target != aten.scaled_dot_product_attention.default else []
+        reason = (_unsupported(a, q, _unrepeat(k_full), s, t)
+                  or (k_bits != v_bits and "K and V of different widths")
+                  or (any(u.target is not operator.getitem or u.args[1] != 0 for u in uses)
+                      and "the attention's log-sum-exp is used (training)")
+                  or (not inference and "graph needs autograd; qcompile kernels are inference-only"))
+        if mask is not None and not reason:
+            try:
+                torch.broadcast_shapes(_val(mask).shape, (b, hq, s, t))
+            except RuntimeError:
+                reason = f"mask of shape {tuple(_val(mask).shape)} does not broadcast to {(b, hq, s, t)}"
+        if reason:
+            report.fallbacks.append(Fallback("kv_attention", reason, shapes, sdpa.name))
+            continue
+        group = d // _val(k_in[1]).shape[-1]
+        with graph.inserting_before(sdpa):
+            op = _call(graph, OP, (q_node, *k_in, *v_in, t, k_bits, mask, a.get("scale")))
+        for user in uses or [sdpa]:
+            user.replace_all_uses_with(op)
+        for user in uses:
+            graph.erase_node(user)
+        graph.erase_node(sdpa)
+        report.matched.append(Matched("kv_attention", "kv", k_bits, group, shapes,
+                                      f"kv_decode_attention[bits={k_bits},group={group}]", sdpa.name))
+    graph.eliminate_dead_code()
