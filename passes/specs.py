@@ -153,6 +153,8 @@ def find_kv(node, head_dim: int, stop):
     if nodes is None:
         return None
     ins = leaves(nodes, stop)
+    if not all(isinstance(x.meta.get("val"), torch.Tensor) for x in ins):
+        return None  # depends on a size or a scalar: not a cache
     ints = [_meta(x) for x in ins if not x.meta["val"].is_floating_point()]
     floats = [_meta(x) for x in ins if x.meta["val"].dtype in FLOAT_DTYPES]
     spec = KVSpec()

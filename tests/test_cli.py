@@ -46,7 +46,8 @@ def test_dump_runs_a_script_and_names_the_matches(tmp_path):
     (graph,) = out.glob("graph_*")
     assert {p.name for p in graph.iterdir()} == {
         "00_before.txt", "01_after_scaled_linear.txt", "01_rewrites_scaled_linear.json", "02_after_wonly_linear.txt",
-        "02_rewrites_wonly_linear.json", "02_rewrites_wonly_linear.svg", "summary.json"}
+        "02_rewrites_wonly_linear.json", "02_rewrites_wonly_linear.svg", "03_after_kv_attention.txt",
+        "03_rewrites_kv_attention.json", "summary.json"}
     summary = json.loads((graph / "summary.json").read_text())
     assert [(m["format"], m["bits"], m["group_size"]) for m in summary["matched"]] == [("affine", 3, 8)] * 2
     region = json.loads((graph / "02_rewrites_wonly_linear.json").read_text())
