@@ -20,16 +20,20 @@ import triton.language as tl
 
 @triton.jit
 def _dequant(c_ptr, s_ptr, z_ptr, rt, rd, tmask, sct, scd, sst, ssg, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """[BLOCK_T, D] float32 values of tokens rt."""
+    """[BLOCK_T, D] float32 values of tokens rt: codes [BLOCK_T, D / GROUP, GROUP] against one
+    scale and zero per group (loaded once per group, not per channel)."""
+    D: tl.constexpr = rd.shape[0]
+    rg = tl.arange(0, D // GROUP)
+    d3 = rg[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [G, GROUP] channel numbers
     if BITS == 8:
-        codes = tl.load(c_ptr + rt[:, None] * sct + rd[None, :] * scd, mask=tmask[:, None], other=0)
+        codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
     else:
-        byte = tl.load(c_ptr + rt[:, None] * sct + (rd // 2)[None, :] * scd, mask=tmask[:, None], other=0)
-        codes = (byte >> ((rd % 2) * 4)[None, :]) & 15
-    soff = rt[:, None] * sst + (rd // GROUP)[None, :] * ssg
-    scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)
-    return (codes.to(tl.float32) - zero) * scale
+        byte = tl.load(c_ptr + rt[:, None, None] * sct + (d3 // 2)[None, :, :] * scd, mask=tmask[:, None, None], other=0)
+        codes = (byte >> ((d3 % 2) * 4)[None, :, :]) & 15
+    soff = rt[:, None] * sst + rg[None, :] * ssg
+    scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)[:, :, None]
+    zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)[:, :, None]
+    return tl.reshape((codes.to(tl.float32) - zero) * scale, (rt.shape[0], D))
 
 
 @triton.jit

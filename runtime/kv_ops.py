@@ -12,6 +12,9 @@ from qcompile.formats.kv import decode_attention_reference
 from .device import interpreting, kernel_unavailable_reason
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+# Compiled offline for sm_90 (head_dim 128, 64-token tiles), 4 warps spill about 200 registers
+# to local memory and 8 spill none; not yet timed on a GPU.
+WARPS = 8
 
 
 def _splits(b: int, hkv: int, length: int, block_t: int, device) -> int:
@@ -57,7 +60,7 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.T
         1 / math.sqrt(d) if sm_scale is None else sm_scale,
         *q.stride(), *k_codes.stride(), *k_scale.stride(), *(mask.stride() if attn_mask is not None else (0,) * 4),
         **consts, BITS=bits, GROUP=group, DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
-        BLOCK_T=block_t, SPLITS=splits, HAS_MASK=attn_mask is not None)
+        BLOCK_T=block_t, SPLITS=splits, HAS_MASK=attn_mask is not None, num_warps=WARPS)
     out = torch.empty_like(q)
     kv_combine_kernel[(b, hkv)](acc, stat, out, *out.stride(), **consts, SPLITS=splits)
     return out
