@@ -51,6 +51,19 @@ def _field(mwords, E: tl.constexpr, CB: tl.constexpr):
 
 
 @triton.jit
+def _gathered_planes(w_ptr, R: tl.constexpr, offs, wmask, swp, BITS: tl.constexpr):
+    """Bipolar's BITS one-bit planes regrouped into packed BITS-bit codes: field i of the result
+    is the code of position R + BITS * i (bit q from plane q), so the loop below reads it like an
+    affine word, at a few logic ops per code instead of the per-plane cost times BITS."""
+    SPREAD: tl.constexpr = 0x55555555 if BITS == 2 else (0x11111111 if BITS == 4 else 0x01010101)
+    words = tl.zeros(offs.shape, dtype=tl.int32)
+    for q in tl.static_range(BITS):
+        plane = tl.load(w_ptr + q * swp + offs, mask=wmask, other=0)
+        words |= ((plane >> R) & SPREAD) << q
+    return words
+
+
+@triton.jit
 def _group_term(t, xsum, grp, s_ptr, z_ptr, rn, N, K, ssg, ssn, GROUP: tl.constexpr, FMT: tl.constexpr,
                 BITS: tl.constexpr, CB: tl.constexpr):
     """(sum x*u - offset * sum x) * scale for words (or their parts) in groups ``grp``: the
@@ -83,6 +96,9 @@ def wq_gemv_kernel(
     DEFER: tl.constexpr = GROUP >= PER  # a word lies in one group, or spans two: scales once per word
     SPAN2: tl.constexpr = DEFER and GROUP % PER != 0  # ... two: x split into each group's part
     TILE_IN_GROUP: tl.constexpr = GROUP % (BLOCK_KW * PER) == 0  # the whole tile in one group
+    GATHER: tl.constexpr = FMT == 2 and DEFER and (BITS == 2 or BITS == 4 or BITS == 8)  # planes regrouped
+    FCB: tl.constexpr = BITS if GATHER else CB  # bits per field of the words the loop reads
+    FPER: tl.constexpr = 32 // FCB
     KW = tl.cdiv(K, PER)
     kw_len = tl.cdiv(tl.cdiv(KW, BLOCK_KW), SPLIT_K) * BLOCK_KW
     kw_start = pid_k * kw_len
@@ -100,15 +116,22 @@ def wq_gemv_kernel(
         t = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)  # sum of x * u, per word
         xsum2 = tl.zeros((BLOCK_M, BLOCK_KW, 1), dtype=tl.float32)  # SPAN2: the second group's parts
         t2 = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
-        for p in tl.static_range(PLANES):
-            words = tl.load(w_ptr + p * swp + rw[None, :, None] * swk + rn[None, None, :] * swn, mask=wmask, other=0)
-            low = _mantissa_words(words, 0, CB, PER, FMT == 1)
-            high = _mantissa_words(words, 9, CB, PER, FMT == 1)  # fields ending above bit 23, moved 32 - 23 down
-            WEIGHT = 0 if FMT < 2 else (p + 1 if FMT == 2 else 1)  # a plane's u = bit << WEIGHT
-            for j in tl.static_range(PER):
-                POS = j * CB
-                E = POS if POS + CB <= MANTISSA else POS - 9
-                f = _field(low if POS + CB <= MANTISSA else high, E, CB)
+        for p in tl.static_range(PLANES):  # GATHER: pass p reads positions p, p + BITS, p + 2 * BITS, ...
+            offs = rw[None, :, None] * swk + rn[None, None, :] * swn
+            if GATHER:
+                words = _gathered_planes(w_ptr, p, offs, wmask, swp, BITS)
+            else:
+                words = tl.load(w_ptr + p * swp + offs, mask=wmask, other=0)
+            low = _mantissa_words(words, 0, FCB, FPER, FMT == 1)
+            high = _mantissa_words(words, 9, FCB, FPER, FMT == 1)  # fields ending above bit 23, moved 32 - 23 down
+            # u = code << WEIGHT: bipolar's value 2 * code - (2**BITS - 1), plane by plane or gathered
+            WEIGHT = 0 if FMT < 2 else (1 if GATHER or FMT == 3 else p + 1)
+            ONCE = p == 0 or FMT == 3 or GATHER  # this pass adds each x to the offset's sum once
+            for i in tl.static_range(FPER):
+                j = p + BITS * i if GATHER else i  # the code's position in the word's 32 (or PER)
+                POS = i * FCB
+                E = POS if POS + FCB <= MANTISSA else POS - 9
+                f = _field(low if POS + FCB <= MANTISSA else high, E, FCB)
                 rk = rw * PER + j
                 kmask = (rw < KW) if EVEN_K else (rk < K)  # EVEN_K: one test per word, not per code
                 x = tl.load(x_ptr + rm[:, None, None] * sxm + rk[None, :, None] * sxk,
@@ -117,10 +140,10 @@ def wq_gemv_kernel(
                     if SPAN2:  # per word and code, not per weight: which group the code is in
                         x2 = tl.where((rk >= (grp + 1) * GROUP)[None, :, None], x, 0.0)
                         x -= x2
-                        if p == 0 or FMT == 3:
+                        if ONCE:
                             xsum2 += x2
                         t2 += (x2 * ((1 << WEIGHT) / (1 << E))) * f
-                    if p == 0 or FMT == 3:
+                    if ONCE:
                         xsum += x
                     t += (x * ((1 << WEIGHT) / (1 << E))) * f  # exact: powers of two
                 else:  # several groups in a word (GROUP < codes per word): each code's own scale
