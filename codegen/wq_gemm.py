@@ -85,7 +85,7 @@ def wq_gemm_kernel(
                 part = tl.dot(x, exact_in(u, DOT, MAX_U), input_precision=PRECISION)
                 acc += (part - xsum * offset) * scale[None, :]
             else:
-                w = (magic_f32(u) - (F32_MAGIC + offset)) * scale
+                w = ((magic_f32(u) - F32_MAGIC) - offset) * scale  # 2**23 + a fractional zero would round
                 acc = tl.dot(x, w.to(DOT), acc, input_precision=PRECISION)
     if HAS_BIAS:
         if pid_k == 0:

@@ -28,16 +28,17 @@ def test_every_format_and_width(name, bits, dtype, kernel, m, device):
     assert launches == {(kernel, name, bits): 3}
 
 
+@pytest.mark.parametrize("group", [32, 16])  # 16: a GEMM K tile spans groups, dequantized per weight
 @pytest.mark.parametrize("kernel, m", [("gemv", 1), ("gemm", 5), ("dequant", DEQUANT_MIN_M)])
-def test_fractional_zero_points_stay_exact(kernel, m, device):
+def test_fractional_zero_points_stay_exact(kernel, m, group, device):
     """affine zero points need not be integers (checkpoints from other quantizers store float
     zeros): 2**23 + 7.37 would round to 2**23 + 7 inside a float32 mantissa trick."""
     torch.manual_seed(3)
-    q = QuantLinear.from_linear(torch.nn.Linear(128, 24), FORMATS["affine"], 4, 32).to(device)
+    q = QuantLinear.from_linear(torch.nn.Linear(128, 24), FORMATS["affine"], 4, group).to(device)
     q.zero += torch.rand_like(q.zero)
     x = torch.randn(m, 128, device=device)
     launches.clear()
-    out = torch.ops.qcompile.wq_linear(x, q.qweight, q.scale, q.zero, q.bias, "affine", 4, 32)
+    out = torch.ops.qcompile.wq_linear(x, q.qweight, q.scale, q.zero, q.bias, "affine", 4, group)
     assert launches == {(kernel, "affine", 4): 1}
     assert_close(out, q(x), torch.float32)
 
