@@ -187,3 +187,46 @@ def test_warmup_runs_w4a8_through_the_scaled_gemm(cache, monkeypatch, device):
     assert [(r["format"], r["bits"], r["group_size"], r["M"], r["kernel"]) for r in rows] == [
         ("w4a8", 4, 32, 1, "scaled"), ("w4a8", 4, 32, 3, "scaled")]
     assert ops.launches == {("scaled", "w4a8", 4): 2}
+
+
+WRITER = """
+import sys, time, torch, triton
+from qcompile.codegen.tiling import Choice
+from qcompile.runtime.autotune_cache import AutotuneCache
+cache, me, start = AutotuneCache(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+while time.time() < start:  # both processes begin together
+    pass
+for round in range(200):
+    for i in range(8):  # the same 8 keys from both processes, each with its own config
+        cfg = Choice("gemv", triton.Config({"BLOCK_N": 32 * (me + 1), "SLEEP_MS": i}, num_warps=2, num_stages=1))
+        cache.store(torch.device("cpu"), "gemv", "src", ("affine", 4, 128, 1, i, 64, "float16"), cfg, {"r": round})
+"""
+
+
+def test_two_processes_writing_at_once_leave_a_valid_cache(cache):
+    """Writes go to a temporary file and are renamed into place: whoever renames last wins,
+    and no reader ever sees half an entry or a leftover temporary file."""
+    import subprocess
+    import sys
+    start = str(time.time() + 3)  # after both interpreters have started
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(cache.root), str(me), start]) for me in (0, 1)]
+    reads = 0
+    while any(p.poll() is None for p in procs):  # meanwhile, a reader only ever sees whole entries
+        for path in cache.folder.glob("*/*.json"):
+            try:
+                text = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            json.loads(text)
+            reads += 1
+    assert [p.wait(timeout=120) for p in procs] == [0, 0] and reads
+    entries = cache.entries()
+    assert len(entries) == 8 and not [e for e in entries if "error" in e]
+    assert {e["config"]["kwargs"]["BLOCK_N"] for e in entries} <= {32, 64}
+    assert not list(cache.folder.glob("*/.tmp-*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every entry reads back without a warning
+        for i in range(8):
+            options = [Choice("gemv", triton.Config({"BLOCK_N": bn, "SLEEP_MS": i}, num_warps=2, num_stages=1))
+                       for bn in (32, 64)]
+            assert cache.load(CPU, "gemv", "src", ("affine", 4, 128, 1, i, 64, "float16"), options) in options
