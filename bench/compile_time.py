@@ -8,9 +8,10 @@ Llama-3-8B-shaped model (random weights, W4 g128 affine, lm_head in fp16, a 16-t
   cache empty as for the baseline), so warm - fp16 is what qcompile adds to a compile.
 
 Each case runs in a fresh process with its own cache folders. ``--regional`` compiles each
-decoder layer on its own (qcompile.compile_regions) instead of the whole model (for fp16 too): the 32 identical layers
-then share one trace; the whole fp16 model is compiled as well, as the baseline. ``--tiny`` runs a 2-layer model on CPU through the Triton interpreter,
-to check the script itself.
+decoder layer on its own (qcompile.compile_regions) instead of the whole model, fp16 too: the
+32 identical layers then share one trace; the whole fp16 model is compiled as well, as the
+baseline. ``--tiny`` runs a 2-layer model on CPU through the Triton interpreter, to check the
+script itself.
 """
 import argparse
 import datetime

@@ -107,7 +107,8 @@ def main():
             print(row, flush=True)
         del model
     if not a.tiny:
-        path = os.path.join(a.out, f"{datetime.date.today()}-{torch.cuda.get_device_name().split()[1].lower()}-{a.name}.json")
+        gpu = torch.cuda.get_device_name().split()[1].lower()
+        path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-{a.name}.json")
         with open(path, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
         print("wrote", path)

@@ -28,7 +28,8 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, rd, tmask, sct, scd, sst, ssg, BITS: tl.co
     if BITS == 8:
         codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
     else:
-        byte = tl.load(c_ptr + rt[:, None, None] * sct + (d3 // 2)[None, :, :] * scd, mask=tmask[:, None, None], other=0)
+        byte = tl.load(c_ptr + rt[:, None, None] * sct + (d3 // 2)[None, :, :] * scd, mask=tmask[:, None, None],
+                       other=0)
         codes = (byte >> ((d3 % 2) * 4)[None, :, :]) & 15
     soff = rt[:, None] * sst + rg[None, :] * ssg
     scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)[:, :, None]

@@ -40,7 +40,8 @@ def test_regional_compilation_traces_one_layer_for_all(device):
     from torch._dynamo.utils import counters
     model = tiny_llama(torch.float16, device)
     model.config.num_hidden_layers = 3
-    model.model.layers.append(type(model.model.layers[0])(model.config, 2).to(device=device, dtype=torch.float16).eval())
+    layer = type(model.model.layers[0])(model.config, 2)
+    model.model.layers.append(layer.to(device=device, dtype=torch.float16).eval())
     qcompile.quantize(model, bits=4, group_size=32, skip=["lm_head"])
     assert qcompile.regional.repeated_blocks(model) == list(model.model.layers)
     ids = torch.randint(0, 128, (1, 5), device=device)
