@@ -27,7 +27,7 @@ of its codes) each code is scaled on its own: correct, slower.
 import triton
 import triton.language as tl
 
-from .unpack import F32_MAGIC, store_tile
+from .unpack import F32_MAGIC, static_offset, store_tile
 
 MANTISSA = tl.constexpr(23)
 
@@ -65,7 +65,7 @@ def _gathered_planes(w_ptr, R: tl.constexpr, offs, wmask, swp, BITS: tl.constexp
 
 @triton.jit
 def _group_term(t, xsum, grp, s_ptr, z_ptr, rn, N, K, ssg, ssn, GROUP: tl.constexpr, FMT: tl.constexpr,
-                BITS: tl.constexpr, CB: tl.constexpr):
+                BITS: tl.constexpr):
     """(sum x*u - offset * sum x) * scale for words (or their parts) in groups ``grp``: the
     deferred dequantization, with the format's offset (affine: the zero point)."""
     soff = grp[:, None] * ssg + rn[None, :] * ssn  # [1 or BLOCK_KW, BLOCK_N]
@@ -74,7 +74,7 @@ def _group_term(t, xsum, grp, s_ptr, z_ptr, rn, N, K, ssg, ssn, GROUP: tl.conste
     if FMT == 0:
         offset = tl.load(z_ptr + soff, mask=smask, other=0.0).to(tl.float32)[None, :, :]
     else:  # symmetric: half the range; bipolar: 2**bits - 1; bcq (one plane): 1
-        offset = ((1 << CB) >> 1) if FMT == 1 else ((1 << BITS) - 1 if FMT == 2 else 1)
+        offset = static_offset(BITS, FMT)
     return (t - offset * xsum) * scale
 
 
@@ -154,15 +154,15 @@ def wq_gemv_kernel(
                     if FMT == 0:
                         offset = tl.load(z_ptr + soff_j, mask=smask_j, other=0.0).to(tl.float32)
                     else:
-                        offset = ((1 << CB) >> 1) if FMT == 1 else ((1 << BITS) - 1 if FMT == 2 else 1)
+                        offset = static_offset(BITS, FMT)
                     if p > 0 and FMT == 2:
                         offset = 0.0  # bipolar: the planes share one offset
                     acc += x * ((f * (1 << WEIGHT) / (1 << E) - offset) * scale[None, :, :])
             if DEFER and (FMT == 3 or p == PLANES - 1):  # bcq: each plane's scale; others: once
                 plane_scale = s_ptr + p * ssp if FMT == 3 else s_ptr
-                acc += _group_term(t, xsum, grp, plane_scale, z_ptr, rn, N, K, ssg, ssn, GROUP, FMT, BITS, CB)
+                acc += _group_term(t, xsum, grp, plane_scale, z_ptr, rn, N, K, ssg, ssn, GROUP, FMT, BITS)
                 if SPAN2:
-                    acc += _group_term(t2, xsum2, grp + 1, plane_scale, z_ptr, rn, N, K, ssg, ssn, GROUP, FMT, BITS, CB)
+                    acc += _group_term(t2, xsum2, grp + 1, plane_scale, z_ptr, rn, N, K, ssg, ssn, GROUP, FMT, BITS)
                 t = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
                 t2 = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
                 xsum = tl.zeros((BLOCK_M, BLOCK_KW, 1), dtype=tl.float32)
