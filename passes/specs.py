@@ -47,6 +47,26 @@ def _meta(node):
     return tuple(v.shape), v.dtype
 
 
+def _input_metas(ins):
+    """(shape, dtype) of a slice's integer inputs and of its float inputs; None when one input
+    is a size or a scalar (the subgraph is then no stored tensor's dequantization)."""
+    if not all(isinstance(x.meta.get("val"), torch.Tensor) for x in ins):
+        return None
+    return ([_meta(x) for x in ins if not x.meta["val"].is_floating_point()],
+            [_meta(x) for x in ins if x.meta["val"].dtype in FLOAT_DTYPES])
+
+
+def _matched_inputs(graph, spec: "Spec", cand: Candidate, k: int, device: str):
+    """The found graph's inputs in the order of the spec's reference arguments, when ``graph``
+    is the reference traced for ``cand``; else (None, the traced graph) for the reason."""
+    spec_graph, placeholders = traced(spec, cand.bits, k, cand.metas, device)
+    mapping = match(graph, spec_graph)
+    if mapping is None:
+        return None, spec_graph
+    inverse = {v: key for key, v in mapping.items()}
+    return [inverse[p] for p in placeholders], spec_graph
+
+
 class Spec:
     name: str
 
@@ -153,17 +173,14 @@ def find_kv(node, head_dim: int, stop):
     if nodes is None:
         return None
     ins = leaves(nodes, stop)
-    if not all(isinstance(x.meta.get("val"), torch.Tensor) for x in ins):
-        return None  # depends on a size or a scalar: not a cache
-    ints = [_meta(x) for x in ins if not x.meta["val"].is_floating_point()]
-    floats = [_meta(x) for x in ins if x.meta["val"].dtype in FLOAT_DTYPES]
+    metas = _input_metas(ins)
+    if metas is None:
+        return None
     spec = KVSpec()
-    for cand in spec.candidates(ints, floats, head_dim, 0):  # the isomorphism tells scale from zero
-        spec_graph, placeholders = traced(spec, cand.bits, head_dim, cand.metas, ins[0].meta["val"].device.type)
-        mapping = match(to_digraph(nodes, stop), spec_graph)
-        if mapping is not None:
-            inverse = {v: key for key, v in mapping.items()}
-            return cand.bits, [inverse[p] for p in placeholders]
+    for cand in spec.candidates(*metas, head_dim, 0):  # the isomorphism tells scale from zero
+        inputs, _ = _matched_inputs(to_digraph(nodes, stop), spec, cand, head_dim, ins[0].meta["val"].device.type)
+        if inputs is not None:
+            return cand.bits, inputs
     return None
 
 
@@ -191,10 +208,10 @@ def find(weight, k: int, n: int, specs):
         if nodes is None:
             continue
         ins = leaves(nodes)
-        if not all(isinstance(x.meta.get("val"), torch.Tensor) for x in ins):
+        metas = _input_metas(ins)
+        if metas is None:
             continue  # depends on a size or scalar input: not a stored weight
-        ints = [_meta(x) for x in ins if not x.meta["val"].is_floating_point()]
-        floats = [_meta(x) for x in ins if x.meta["val"].dtype in FLOAT_DTYPES]
+        ints, floats = metas
         if not ints:
             continue
         found_any = True
@@ -204,13 +221,10 @@ def find(weight, k: int, n: int, specs):
         graph = None
         for spec in specs:
             for cand in spec.candidates(ints, floats, k, n):
-                device = ins[0].meta["val"].device.type
-                spec_graph, placeholders = traced(spec, cand.bits, k, cand.metas, device)
                 graph = graph if graph is not None else to_digraph(nodes)
-                mapping = match(graph, spec_graph)
-                if mapping is not None:
-                    inverse = {v: key for key, v in mapping.items()}
-                    return cand, [inverse[p] for p in placeholders]
+                inputs, spec_graph = _matched_inputs(graph, spec, cand, k, ins[0].meta["val"].device.type)
+                if inputs is not None:
+                    return cand, inputs
                 nearest = nearest or f" (nearest, {spec.name} bits={cand.bits}: {difference(graph, spec_graph)})"
     if found_any:
         return None, f"a subgraph with integer inputs feeds this matmul, but it matches no qcompile format{nearest}"
