@@ -36,6 +36,11 @@ SMEM_SCALED = STAGES * (BM * BK + BK * BN)  # scaled_gemm: one 8-bit tile of eac
 _smem_scaled = sympy.lambdify((BM, BN, BK, STAGES), SMEM_SCALED)
 
 
+def codes_per_word(bits: int, planes: bool) -> int:
+    """PER: the codes one int32 word holds (bit planes: one per bit; fields: 32 // bits)."""
+    return 32 if planes else 32 // bits
+
+
 def codes_per_word_padded(bits: int, planes: bool) -> int:
     """CODES: K positions a kernel takes from one word (its codes, rounded up to a power of two)."""
     return 32 if planes else triton.next_power_of_2(32 // bits)
@@ -174,7 +179,7 @@ def prune_gemm(configs, args):
     tiles that would lose deferred dequantization."""
     x, mb = args["x"], args["M_BUCKET"]
     bits, fmt, group, codes = args["BITS"], args["FMT"], args["GROUP"], args["CODES"]
-    per = 32 if fmt >= 2 else 32 // bits
+    per = codes_per_word(bits, fmt >= 2)
     limit = max_shared_mem(x.device.index or 0)
     configs = [c for c in configs if c.kwargs["BLOCK_K"] >= codes]
     sizes = [smem_bytes(c.kwargs, c.num_stages, x.element_size(), bits, fmt, args["s"].element_size())
@@ -193,7 +198,7 @@ def prune_gemv(configs, args):
     widest of them. Wide tiles: only when each word lies in one group (deferred per word) and
     a program gets one or two tiles of K. Every program gets at least one tile. Best guess first."""
     bits, fmt, group, k, mb = args["BITS"], args["FMT"], args["GROUP"], args["K"], args["M_BUCKET"]
-    per = 32 if fmt >= 2 else 32 // bits
+    per = codes_per_word(bits, fmt >= 2)
     span = lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_KW"] * per  # noqa: E731  K covered by one tile per program
     configs = [c for c in configs if c.kwargs["BLOCK_M"] in {1: (1,), 2: (1, 2)}.get(mb, (mb,))]
     narrow = [c for c in configs if c.kwargs["BLOCK_KW"] <= 16]

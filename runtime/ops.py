@@ -76,7 +76,7 @@ def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, choice=None):
     consts = dict(BITS=bits, GROUP=group, FMT=fmt_code, HAS_BIAS=bias is not None,
                   CODES=tiling.codes_per_word_padded(bits, fmt_code >= 2))
     dot = _dot_dtype(x2.dtype)
-    per = 32 if fmt_code >= 2 else 32 // bits
+    per = tiling.codes_per_word(bits, fmt_code >= 2)
     own = {"gemm": dict(DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32"), "gemv": dict(EVEN_K=k % per == 0)}
 
     def run(c: tiling.Choice):
@@ -143,7 +143,7 @@ def _dequant_mm(x2, qweight, scale, zero, bias, fmt, bits, group):
     w = x2.new_empty(k, n)
     fmt_code = FMT_CODES[fmt]
     codes = tiling.codes_per_word_padded(bits, fmt_code >= 2)
-    per = 32 if fmt_code >= 2 else 32 // bits
+    per = tiling.codes_per_word(bits, fmt_code >= 2)
     cfg = {"BLOCK_N": tiling.DEQUANT_TILE["BLOCK_N"], "BLOCK_KW": tiling.DEQUANT_TILE["BLOCK_KW"] * 32 // codes}
     launches["dequant", fmt, bits] += 1
     chosen[tuning_key(fmt, bits, group, x2.shape[0], n, k, x2.dtype)] = tiling.Choice(
