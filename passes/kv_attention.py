@@ -55,14 +55,15 @@ def _unrepeat(node: Node) -> Node:
     return node
 
 
-def _writes_or_inputs(node: Node) -> bool:
+def _is_cache_write(node: Node) -> bool:
+    """Where the dequantization's slice stops: the cache buffers as this graph writes them."""
     return node.target in WRITES
 
 
-def _unsupported(a: dict, q, k_node, s: int, t: int) -> str | None:
+def _unsupported(a: dict, q, k_node, mask, s: int, t: int) -> str | None:
     if a.get("dropout_p") or a.get("enable_gqa"):
         return "dropout or enable_gqa"
-    if a.get("is_causal") and (a.get("attn_mask") is not None or a.get("attn_bias") is not None or s != t):
+    if a.get("is_causal") and (mask is not None or s != t):
         return "is_causal with a mask or with fewer queries than keys (top-left causal)"
     if _val(k_node).dtype != q.dtype:
         return f"K/V dequantized to {_val(k_node).dtype}, queries in {q.dtype}"
@@ -78,14 +79,15 @@ def rewrite_kv_attention(graph: Graph, report: Report, inference: bool = True) -
         q = _val(q_node)
         b, hq, s, d = q.shape
         t = _val(k_full).shape[2]
-        found = [find_kv(_unrepeat(x), d, _writes_or_inputs) for x in (k_full, v_full)]
+        k_src, v_src = _unrepeat(k_full), _unrepeat(v_full)
+        found = [find_kv(x, d, _is_cache_write) for x in (k_src, v_src)]
         if None in found:
             continue  # not a quantized cache: nothing to say
         (k_bits, k_in), (v_bits, v_in) = found
         shapes = {"B": b, "Hq": hq, "S": s, "T": t, "D": d, "dtype": str(q.dtype).replace("torch.", "")}
         mask = a.get("attn_mask", a.get("attn_bias"))
         uses = list(sdpa.users) if sdpa.target != aten.scaled_dot_product_attention.default else []
-        reason = (_unsupported(a, q, _unrepeat(k_full), s, t)
+        reason = (_unsupported(a, q, k_src, mask, s, t)
                   or (k_bits != v_bits and "K and V of different widths")
                   or (any(u.target is not operator.getitem or u.args[1] != 0 for u in uses)
                       and "the attention's log-sum-exp is used (training)")
