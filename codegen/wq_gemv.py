@@ -21,8 +21,9 @@ subtraction and a multiply per code), so each code costs one logic op, one add a
   zero points stay exact; the group scale is applied once per word.
 
 The same loop reads bit planes (bipolar, bcq): a plane's code is its bit, weighted 2**(p+1)
-(bipolar) or by the plane's scale (bcq). Where a word spans two groups (GROUP not a multiple
-of its codes) each code is scaled on its own: correct, slower.
+(bipolar) or by the plane's scale (bcq); bipolar's 2, 4 or 8 planes are first regrouped into
+packed codes. A word spanning two groups splits x into each group's part; only where a group is
+shorter than a word (GROUP < its codes) is each code scaled on its own: correct, slower.
 """
 import triton
 import triton.language as tl
