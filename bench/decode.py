@@ -19,6 +19,7 @@ import torch
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
+PROFILE_STEPS = 5
 TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
 
@@ -35,11 +36,13 @@ def build(cfg, dtype, device, bits):
     return model
 
 
-def decode(model, prompt, new_tokens, step_fn):
-    """Greedy tokens [B, new_tokens] and seconds per step after the first three (compiles)."""
+def decode(model, prompt, new_tokens, step_fn, profile=None):
+    """Greedy tokens [B, new_tokens] and seconds per step after the first three (compiles).
+    With ``profile`` (a path), PROFILE_STEPS more steps run under torch.profiler and the GPU time per
+    kernel goes there: where a step's time goes besides the quantized linears."""
     from transformers import StaticCache
     b, p = prompt.shape
-    cache = StaticCache(config=model.config, max_cache_len=p + new_tokens)
+    cache = StaticCache(config=model.config, max_cache_len=p + new_tokens + PROFILE_STEPS)
     with torch.no_grad():
         logits = model(prompt, past_key_values=cache, cache_position=torch.arange(p, device=prompt.device),
                        use_cache=True).logits
@@ -55,8 +58,26 @@ def decode(model, prompt, new_tokens, step_fn):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             out.append(tok)
+        if profile:
+            _profile_steps(step, tok, p + new_tokens - 1, profile)  # the positions after the timed ones
     warm = times[3:] or times
     return torch.cat(out, 1), sum(warm) / len(warm)
+
+
+def _profile_steps(step, tok, pos, path):
+    """Kernel time per name over PROFILE_STEPS steps (kernels replayed from CUDA graphs included), and the
+    counters that say whether Inductor skipped CUDA graphs."""
+    from torch._dynamo.utils import counters
+    acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * tok.is_cuda
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(PROFILE_STEPS):
+            tok = step(tok, torch.tensor([pos + i], device=tok.device)).clone()
+        if tok.is_cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    with open(path, "w") as f:
+        f.write(f"inductor counters: {dict(counters['inductor'])}\n\n{table}\n")
+    print(table, flush=True)
 
 
 def logits_check(model, prompt, backend) -> dict:
@@ -81,6 +102,7 @@ def main():
     ap.add_argument("--check", type=int, default=8, help="leading tokens compared with eager")
     ap.add_argument("--logits", action="store_true", help="also compare the prompt's logits, compiled vs eager")
     ap.add_argument("--name", default="decode", help="results file suffix")
+    ap.add_argument("--profile", action="store_true", help="write a kernel-time table of 5 compiled steps per row")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = ap.parse_args()
     if a.tiny:
@@ -95,7 +117,8 @@ def main():
             torch._dynamo.reset()
             prompt = torch.randint(0, cfg["vocab_size"], (batch, 16), device=device)
             backend = "qcompile" if bits else "inductor"
-            tokens, sec = decode(model, prompt, a.tokens, lambda f: torch.compile(f, backend=backend, mode=mode))
+            prof = os.path.join(a.out, f"{a.name}-profile-w{bits or 16}-b{batch}.txt") if a.profile else None
+            tokens, sec = decode(model, prompt, a.tokens, lambda f: torch.compile(f, backend=backend, mode=mode), prof)
             row = {"bits": bits or 16, "batch": batch, "ms_per_step": sec * 1e3, "tokens_per_s": batch / sec}
             if bits:
                 eager, _ = decode(model, prompt, a.check, lambda f: f)
