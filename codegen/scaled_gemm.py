@@ -10,10 +10,14 @@ broadcast to every row or column (a per-tensor scale).
 B_PACKED (w4a8): b is 4-bit codes packed 8 per int32 word along K ([K/8, N], the weight-only
 formats' fields layout), and each code becomes its int8 weight inside the kernel as
 (code - zero) * scale, with the uint8 zero and scale of its group of GROUP rows of K ([K/GROUP,
-N]): integer arithmetic, exact, then the same int8 dot.
+N]): integer arithmetic, exact, then the same int8 dot. Each word is loaded once per tile and
+split into its codes; TILE_IN_GROUP (the K tile lies in one group) loads one row of the
+group's integers per tile instead of one per code.
 """
 import triton
 import triton.language as tl
+
+from .unpack import load_words, split_words
 
 
 @triton.jit
@@ -21,7 +25,7 @@ def scaled_gemm_kernel(
     a_ptr, b_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, z_ptr, s_ptr, M, N, K, M_BUCKET,
     sam, sak, sbn, sbk, sym, syn, srow, scol, sbias, sgk, sgn,
     ACC: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    B_PACKED: tl.constexpr, GROUP: tl.constexpr,
+    B_PACKED: tl.constexpr, GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -33,13 +37,18 @@ def scaled_gemm_kernel(
         a = tl.load(a_ptr + rm[:, None] * sam + kk[None, :] * sak,
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         bmask = (kk[:, None] < K) & (rn[None, :] < N)
-        if B_PACKED:  # w4a8: 8 codes per int32 word along K, rebuilt to int8 with the group's integers
-            word = tl.load(b_ptr + (kk // 8)[:, None] * sbk + rn[None, :] * sbn, mask=bmask, other=0)
-            code = (word >> ((kk % 8) * 4)[:, None]) & 15
-            goff = (kk // GROUP)[:, None] * sgk + rn[None, :] * sgn
-            zero = tl.load(z_ptr + goff, mask=bmask, other=0).to(tl.int32)
-            step = tl.load(s_ptr + goff, mask=bmask, other=0).to(tl.int32)
-            b = ((code - zero) * step).to(tl.int8)
+        if B_PACKED:  # w4a8: each word loaded once and split into its 8 codes along K
+            words = load_words(b_ptr, k0 // 8 + tl.arange(0, BLOCK_K // 8), rn, tl.cdiv(K, 8), N, sbk, sbn)
+            code = tl.reshape(split_words(words, tl.arange(0, 8), 4, 8), (BLOCK_K, BLOCK_N))
+            if TILE_IN_GROUP:  # one row of the group's integers for the whole tile
+                goff = (k0 // GROUP) * sgk + rn[None, :] * sgn
+                gmask = rn[None, :] < N
+            else:
+                goff = (kk // GROUP)[:, None] * sgk + rn[None, :] * sgn
+                gmask = bmask
+            zero = tl.load(z_ptr + goff, mask=gmask, other=0).to(tl.int32)
+            step = tl.load(s_ptr + goff, mask=gmask, other=0).to(tl.int32)
+            b = (code * step - zero * step).to(tl.int8)  # codes past K meet zero activations
         else:
             b = tl.load(b_ptr + kk[:, None] * sbk + rn[None, :] * sbn, mask=bmask, other=0.0)
         acc = tl.dot(a, b, acc, out_dtype=ACC)  # triton 3.6 defaults out_dtype to float32

@@ -199,7 +199,8 @@ def _scaled_launch(a, b, row_scale, col_scale, bias, out_dtype, packed=None):
     def run(c: tiling.Choice):
         cfg = c.config.kwargs
         return scaled_gemm_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))](
-            *args, **consts, **cfg, num_warps=c.config.num_warps, num_stages=c.config.num_stages)
+            *args, **consts, **cfg, TILE_IN_GROUP=group % cfg["BLOCK_K"] == 0 or group >= k,
+            num_warps=c.config.num_warps, num_stages=c.config.num_stages)
 
     _run_tuned("scaled_mm", scaled_key(a.dtype, m, n, k, packed and group),
                lambda: tiling.scaled_candidates(m, a.device), run, a.device)
