@@ -25,7 +25,7 @@ TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_l
             num_attention_heads=4, num_key_value_heads=2)
 
 
-def build(cfg, dtype, device, bits):
+def build(cfg, dtype, device, bits, skip):
     import transformers
     import qcompile
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ def build(cfg, dtype, device, bits):
     with torch.device(device):
         model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     if bits:
-        qcompile.quantize(model, bits=bits, group_size=128 if cfg is LLAMA3_8B else 32, skip=["lm_head"])
+        qcompile.quantize(model, bits=bits, group_size=128 if cfg is LLAMA3_8B else 32, skip=skip)
     return model
 
 
@@ -113,6 +113,7 @@ def main():
     ap.add_argument("--bits", default="0,4,2", help="0 = fp16 through Inductor")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--check", type=int, default=8, help="leading tokens compared with eager")
+    ap.add_argument("--skip", default="lm_head", help="layers left in fp16 (comma-separated names; '' for none)")
     ap.add_argument("--logits", action="store_true", help="also compare the prompt's logits, compiled vs eager")
     ap.add_argument("--name", default="decode", help="results file suffix")
     ap.add_argument("--profile", action="store_true", help="write a kernel-time table of 5 compiled steps per row")
@@ -125,7 +126,7 @@ def main():
     mode = None if a.tiny else "reduce-overhead"
     rows = []
     for bits in map(int, a.bits.split(",")):
-        model = build(cfg, dtype, device, bits)
+        model = build(cfg, dtype, device, bits, [n for n in a.skip.split(",") if n])
         for batch in map(int, a.batches.split(",")):
             torch._dynamo.reset()
             prompt = torch.randint(0, cfg["vocab_size"], (batch, 16), device=device)
@@ -133,11 +134,14 @@ def main():
             prof = os.path.join(a.out, f"{a.name}-profile-w{bits or 16}-b{batch}.txt") if a.profile else None
             tokens, sec, synced = decode(model, prompt, a.tokens,
                                          lambda f: torch.compile(f, backend=backend, mode=mode), prof)
-            row = {"bits": bits or 16, "batch": batch, "ms_per_step": sec * 1e3, "tokens_per_s": batch / sec,
+            row = {"bits": bits or 16, "batch": batch, "fp16_layers": a.skip, "ms_per_step": sec * 1e3,
+                   "tokens_per_s": batch / sec,
                    "ms_per_step_synced": synced * 1e3, "tokens_per_s_synced": batch / synced}
             if bits:
                 eager, *_ = decode(model, prompt, a.check, lambda f: f)
                 row["first_tokens_equal_eager"] = bool(torch.equal(tokens[:, :a.check], eager))
+                same = (tokens[:, :a.check] == eager).int().cumprod(1).sum(1)  # leading tokens equal, per sequence
+                row["equal_prefix_min_mean"] = [same.min().item(), same.float().mean().item()]
                 if a.logits:
                     torch._dynamo.reset()
                     row.update(logits_check(model, prompt, backend))

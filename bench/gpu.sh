@@ -2,8 +2,9 @@
 # bench/gpu.sh STAGE[:SECONDS] ...: one device-machine call of the GPU work, each stage under its
 # own time limit, logs and results under $OUT/r, packed into $OUT/results.tgz at the end (the
 # device tool returns at most 8 files). Stages: tests, tests-gpu, gemv-tests, linear, linear-m1, linear-bits, linear-spot,
-# scaled, scaled-quick, scaled-new (w4a8, outliers), attention, attention-quick, kv-tests, bipolar, decode, decode-w4,
-# decode-b16, decode-w2, decode-profile (kernel time per name), compile_time, compile_time-regional,
+# tests-new (siblings, llama, w4a8), scaled, scaled-quick, scaled-new (w4a8, outliers), attention, attention-quick, kv-tests, bipolar, decode, decode-w4,
+# decode-b16, decode-w2, decode-profile (kernel time per name), decode-w4-all (lm_head quantized too), scaled-w4a8,
+# tests-scaled, compile_time, compile_time-regional,
 # profile (Nsight Compute of the tuned W4 kernels). README "GPU runs" says more.
 #   device run: bash bench/gpu.sh tests:300 linear-m1:200     (carry .whl: the wheels below)
 set -uo pipefail
@@ -35,7 +36,8 @@ stage() {
     decode) python -m bench.decode --out "$R" ;;
     decode-w4) python -m bench.decode --bits 4 --batches 1 --tokens 48 --name decode-w4 --out "$R" ;;
     decode-b16) python -m bench.decode --bits 4,2 --batches 16 --tokens 32 --name decode-b16 --out "$R" ;;
-    decode-profile) python -m bench.decode --bits 0,4 --batches 1 --tokens 24 --check 4 --profile --name decode-profile --out "$R" ;;
+    decode-profile) python -m bench.decode --bits 0,4 --batches 1,16 --tokens 40 --check 6 --profile --name decode-profile --out "$R" ;;
+    decode-w4-all) python -m bench.decode --bits 4 --batches 1,16 --tokens 40 --check 6 --skip "" --name decode-w4-all --out "$R" ;;
     decode-w2) python -m bench.decode --bits 2 --batches 1 --tokens 32 --logits --out "$R/w2" ;;
     tests-gpu) python -m pytest -v -n 16 --dist loadgroup --tb=short -rfEs -p no:cacheprovider tests/test_compile.py tests/test_autotune_cache.py \
         tests/test_cli.py tests/test_scaled.py tests/test_kv_attention.py tests/test_wq_gemm.py::test_small_batches_tune_between_gemm_and_gemv_alternately ;;
@@ -44,7 +46,13 @@ stage() {
     attention) python -m bench.attention --out "$R" ;;
     attention-quick) python -m bench.attention --contexts 4096,16384,32768 --batches 1,8 --out "$R" ;;
     kv-tests) python -m pytest -q -n 8 --tb=short -p no:cacheprovider tests/test_kv_attention.py tests/test_kv_cache.py ;;
-    scaled-new) python -m bench.scaled --shapes 4096x4096,28672x8192 --m 1,16,1024,4096 --formats w4a8,w8a8-outliers --out "$R" ;;
+    scaled-new) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,1024,4096 --formats w4a8,w8a8-outliers \
+        --profile --out "$R" ;;
+    scaled-w4a8) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,128,1024,4096 --formats w4a8 \
+        --profile --name scaled-w4a8 --out "$R" ;;
+    tests-scaled) python -m pytest -q -n 8 --tb=short -p no:cacheprovider tests/test_scaled.py tests/test_siblings.py ;;
+    tests-new) python -m pytest -q -n 8 --tb=short -p no:cacheprovider tests/test_siblings.py tests/test_llama.py \
+        tests/test_scaled.py -k "w4a8 or sibling or llama or siblings" ;;
     bipolar) python -m bench.linear --m 1 --configs affine:4:128,bipolar:4:128,bipolar:2:128 --dtypes fp16 --inductor "" \
           --no-tinygemm --name linear-bipolar --out "$R" ;;
     profile) for case in "4096x4096 1" "28672x8192 1" "4096x4096 16" "14336x4096 16"; do

@@ -57,18 +57,32 @@ def scaled_mm(x, qw, s):
     return torch._scaled_mm(xq, qw.t(), scale_a=xs, scale_b=s.view(1, -1), out_dtype=x.dtype)
 
 
+def _profile(fn, path):
+    """GPU time per kernel of three calls: what the activation quantization and the outlier
+    split cost next to the GEMM."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=90))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="all", help="NxK,... or all")
     p.add_argument("--m", default=",".join(map(str, MS)))
     p.add_argument("--formats", default="w8a8,fp8,w8a8-outliers,w4a8")
+    p.add_argument("--profile", action="store_true",
+                   help="kernel time per name of each qcompile format at the largest M of each shape")
+    p.add_argument("--name", default="scaled", help="results file suffix")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     shapes = SHAPES if a.shapes == "all" else [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
     bw = copy_bandwidth()
     rows = []
     gpu = torch.cuda.get_device_name().split()[1].lower()
-    path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-scaled.json")
+    path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-{a.name}.json")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw": bw, "rows": rows}
     for n, k in shapes:
         torch.manual_seed(0)
@@ -76,6 +90,9 @@ def main():
         dense = _copies((w,))
         weights = {f: _copies(quantized(w, f)) for f in a.formats.split(",")}
         impls = {}
+        # compiled afresh per shape: recompiled for a new shape, a function's weight sizes turn
+        # symbolic (automatic dynamic shapes), and w4a8's weight rebuild is then not matched
+        torch._dynamo.reset()
         for f in weights:
             impls[f"qcompile {f}"] = torch.compile(reference(f), backend="qcompile")
             impls[f"inductor {f}"] = torch.compile(reference(f))
@@ -105,6 +122,10 @@ def main():
             rows.append(row)
             with open(path, "w") as fh:
                 json.dump(res, fh, indent=1)
+            if a.profile and m == max(map(int, a.m.split(","))):
+                for f, copies in weights.items():
+                    _profile(lambda: impls[f"qcompile {f}"](x, *copies[0]),
+                             os.path.join(a.out, f"scaled-profile-{f}-{n}x{k}-m{m}.txt"))
             print(f"{n}x{k} M={m:5d} cuBLAS {t_dense:8.1f}us " + "  ".join(
                 f"{name} {v['speedup']:.2f}x ({v['roofline']:.0%})" for name, v in row["impl"].items()), flush=True)
     print("wrote", path)

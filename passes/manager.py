@@ -13,6 +13,7 @@ from qcompile.report import Report
 
 from .kv_attention import rewrite_kv_attention
 from .scaled_linear import rewrite_scaled_linears
+from .sibling_linears import fuse_sibling_linears
 from .wonly_linear import rewrite_linears
 
 _SOURCES = tuple(sorted(str(p) for d in (Path(__file__).parent, Path(__file__).parent.parent / "qcompile" / "formats")
@@ -21,7 +22,7 @@ _counter = itertools.count()
 
 # scaled first: the weight-only pass would report its int8 matmuls as inputs it cannot match
 PASSES = [("scaled_linear", rewrite_scaled_linears), ("wonly_linear", rewrite_linears),
-          ("kv_attention", rewrite_kv_attention)]
+          ("sibling_linears", fuse_sibling_linears), ("kv_attention", rewrite_kv_attention)]
 
 
 class QCompilePass(CustomGraphPass):

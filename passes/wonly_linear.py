@@ -18,6 +18,7 @@ from .specs import FormatSpec, find, specs_for
 aten, prims = torch.ops.aten, torch.ops.prims
 OP = torch.ops.qcompile.wq_linear.default
 EXPLAINED = "qcompile_fallback_recorded"  # node.meta key: an earlier pass gave this matmul's reason
+JOINABLE = "qcompile_joinable"  # node.meta key: the matmul a QuantLinear's call replaced (quantize() may join its weights)
 
 
 def _val(node):
@@ -126,6 +127,7 @@ def rewrite_linears(graph: Graph, report: Report, inference: bool = True) -> Non
         with graph.inserting_before(mm):
             qweight, scale, zero = _kernel_operands(graph, cand, inputs)
             op = _call(graph, OP, (x, qweight, scale, zero, bias, fmt, cand.bits, cand.group_size))
+            op.meta[JOINABLE] = mm.name if isinstance(cand.spec, FormatSpec) else None
             if _val(op).dtype != _val(mm).dtype:  # mul+sum anchored on upcast operands
                 op = _call(graph, prims.convert_element_type.default, (op, _val(mm).dtype))
         mm.replace_all_uses_with(op)

@@ -12,6 +12,7 @@ from .formats import FORMATS, QuantLinear
 from .quantize import quantize
 from .regional import compile_regions
 from .report import Report
+from .siblings import join_siblings
 from .warmup import warmup
 
-__all__ = ["FORMATS", "QuantLinear", "Report", "compile_regions", "explain", "qcompile_backend", "quantize", "warmup"]
+__all__ = ["FORMATS", "QuantLinear", "Report", "compile_regions", "explain", "join_siblings", "qcompile_backend", "quantize", "warmup"]

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .report import Fallback, Matched, Report
+from .report import Fallback, Fused, Matched, Report
 
 MAX_REGIONS = 3  # rewritten regions drawn per picture; a Llama has one per linear, all alike
 COLORS = {"removed": "#e8877f", "added": "#7fc98b", "context": "#d9d9d9"}
@@ -122,7 +122,8 @@ def regions(before, after) -> list:
         if mix in seen:
             continue
         seen.add(mix)
-        new = _neighbours(after, _neighbours(before, core) - removed) & added
+        kept = (_neighbours(before, core) - removed) & set(after)  # a dead operand's input may be out of view after
+        new = _neighbours(after, kept) & added
         new |= nx.ancestors(after.subgraph(added), next(iter(new))) if new else set()
         out.append((core | _neighbours(before, core), new | _neighbours(after, new)))
     return out
@@ -172,6 +173,7 @@ def collect(folder: Path) -> Report:
         data = json.loads(summary.read_text())
         report.matched += [Matched(**m) for m in data["matched"]]
         report.fallbacks += [Fallback(**f) for f in data["fallbacks"]]
+        report.fused += [Fused(**f) for f in data.get("fused", [])]
         report.graphs += data["graphs"]
     return report
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from .formats import ACTIVATION_FORMATS, FORMATS, QuantLinear, W4A8Linear, check_args
 from .formats.scaled import check_scaled_args
+from .siblings import join_siblings
 
 ALL_FORMATS = (*FORMATS, *ACTIVATION_FORMATS)
 WEIGHT_ONLY_DEFAULTS = {"bits": 4, "group_size": 128}
@@ -45,13 +46,15 @@ def quantize(model: nn.Module, bits: int | None = None, group_size: int | None =
     config: per-layer settings, {name pattern: {"bits", "group_size", "format", "weight_scale",
         "outlier_threshold"} or None to skip}; the first matching pattern wins, unmatched layers use the arguments.
     All settings are checked before any layer changes; bad ones raise ValueError naming the
-    argument and the allowed values.
+    argument and the allowed values. Sibling weight-only layers then share buffers
+    (qcompile/siblings.py), so the ones that read one input run as one kernel.
     """
     modules = dict(model.named_modules())
     for name, setting in plan(model, bits, group_size, format, skip, config, weight_scale,
                               outlier_threshold).items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, setting.make(modules[name]))
+    join_siblings(model)
     return model
 
 

@@ -112,6 +112,10 @@ def _run_tuned(op, key, candidates, run, device, choice=None) -> tiling.Choice:
 def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
               bias: torch.Tensor | None, fmt: str, bits: int, group_size: int) -> torch.Tensor:
     """y = x @ dequant(qweight, scale, zero) (+ bias) for a W-only format's layout."""
+    return _linear(x, qweight, scale, zero, bias, fmt, bits, group_size)
+
+
+def _linear(x, qweight, scale, zero, bias, fmt, bits, group_size):
     k, n = x.shape[-1], qweight.shape[-1]
     x2 = x.reshape(-1, k)
     if kernel_unavailable_reason(x.device) is not None:
@@ -120,6 +124,47 @@ def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
         return (out if bias is None else out + bias).reshape(*x.shape[:-1], n)
     return _run(x2, qweight, scale, zero, bias, fmt, bits, k if group_size == -1 else group_size,
                 None).reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("qcompile::wq_linear_siblings", mutates_args=())
+def wq_linear_siblings(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor],
+                       zeros: list[torch.Tensor], biases: list[torch.Tensor], fmt: str, bits: int,
+                       group_size: int) -> torch.Tensor:
+    """The linears of one input x and one format, their outputs joined along the last dim:
+    [x @ W_0 | x @ W_1 | ...]. zeros and biases are empty lists when the linears have none.
+    One launch over the joined columns when each tensor list is adjacent column blocks of one
+    buffer (qcompile/siblings.py stores them so), else one launch per linear."""
+    lists = [ts for ts in (qweights, scales, zeros, biases) if ts]
+    joined = [joined_view(ts) for ts in lists]
+    if kernel_unavailable_reason(x.device) is None and all(j is not None for j in joined):
+        qweight, scale, *rest = joined
+        zero = rest.pop(0) if zeros else None
+        return _linear(x, qweight, scale, zero, rest[0] if biases else None, fmt, bits, group_size)
+    if kernel_unavailable_reason(x.device) is None:
+        warnings.warn("qcompile: sibling linears whose tensors are not column blocks of one buffer run one "
+                      "kernel each; qcompile.join_siblings(model) joins them (after model.to(), for one)")
+    return torch.cat([_linear(x, q, s, z, b, fmt, bits, group_size) for q, s, z, b in
+                      zip(qweights, scales, zeros or [None] * len(qweights), biases or [None] * len(qweights))], -1)
+
+
+@wq_linear_siblings.register_fake
+def _(x, qweights, scales, zeros, biases, fmt, bits, group_size):
+    return x.new_empty(*x.shape[:-1], sum(q.shape[-1] for q in qweights))
+
+
+def joined_view(ts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One view over tensors that are adjacent column blocks (along the last dim) of one
+    buffer, or None when they are not. Works on fake tensors too (the pass asks it)."""
+    first = ts[0]
+    sizes = (*first.shape[:-1], sum(t.shape[-1] for t in ts))
+    overlap = any(first.stride(d) < sizes[d + 1] * first.stride(d + 1) for d in range(first.dim() - 1))
+    if first.stride(-1) != 1 or overlap or any(
+            t.untyped_storage()._cdata != first.untyped_storage()._cdata or t.dtype != first.dtype
+            or t.stride() != first.stride() or t.shape[:-1] != first.shape[:-1] for t in ts):
+        return None
+    if any(b.storage_offset() != a.storage_offset() + a.shape[-1] for a, b in zip(ts, ts[1:])):
+        return None
+    return first.as_strided(sizes, first.stride())
 
 
 def _run(x2, qweight, scale, zero, bias, fmt, bits, group, config=None, kernel=None):

@@ -46,8 +46,8 @@ def test_dump_runs_a_script_and_names_the_matches(tmp_path):
     (graph,) = out.glob("graph_*")
     assert {p.name for p in graph.iterdir()} == {
         "00_before.txt", "01_after_scaled_linear.txt", "01_rewrites_scaled_linear.json", "02_after_wonly_linear.txt",
-        "02_rewrites_wonly_linear.json", "02_rewrites_wonly_linear.svg", "03_after_kv_attention.txt",
-        "03_rewrites_kv_attention.json", "summary.json"}
+        "02_rewrites_wonly_linear.json", "02_rewrites_wonly_linear.svg", "03_after_sibling_linears.txt",
+        "03_rewrites_sibling_linears.json", "04_after_kv_attention.txt", "04_rewrites_kv_attention.json", "summary.json"}
     summary = json.loads((graph / "summary.json").read_text())
     assert [(m["format"], m["bits"], m["group_size"]) for m in summary["matched"]] == [("affine", 3, 8)] * 2
     region = json.loads((graph / "02_rewrites_wonly_linear.json").read_text())
@@ -67,7 +67,7 @@ def test_dump_model_config_shows_what_would_match(tmp_path):
     config.write_text(json.dumps(TINY_LLAMA))
     out = tmp_path / "dump"
     stdout = qcompile_cli("dump", "--model", config, "--group-size", 32, "--skip", "lm_head", "--out", out)
-    assert "14 matched, 0 fallbacks, 1 graphs, 0 graph breaks" in stdout  # 7 linears x 2 layers
+    assert "14 matched, 0 fallbacks, 4 fused, 1 graphs, 0 graph breaks" in stdout  # 7 linears x 2 layers
     assert len(list(out.glob("graph_*/02_rewrites_wonly_linear.svg"))) == 1
 
 

@@ -136,8 +136,9 @@ def test_debug_dir_dumps_graphs_and_summary(tmp_path, device, monkeypatch):
     (folder,) = tmp_path.iterdir()
     files = sorted(p.name for p in folder.iterdir())
     assert files == ["00_before.txt", "01_after_scaled_linear.txt", "01_rewrites_scaled_linear.json",
-                     "02_after_wonly_linear.txt", "02_rewrites_wonly_linear.json", "03_after_kv_attention.txt",
-                     "03_rewrites_kv_attention.json", "summary.json"]
+                     "02_after_wonly_linear.txt", "02_rewrites_wonly_linear.json", "03_after_sibling_linears.txt",
+                     "03_rewrites_sibling_linears.json", "04_after_kv_attention.txt", "04_rewrites_kv_attention.json",
+                     "summary.json"]
     after = (folder / "02_after_wonly_linear.txt").read_text()
     assert "qcompile.wq_linear" in after and "aten.mm" not in after
     assert "aten.add" not in after, "the bias add is folded into the kernel"

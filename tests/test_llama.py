@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import qcompile
+from qcompile.runtime import ops
 from conftest import DTYPES, assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -27,8 +28,13 @@ def test_tiny_llama_compiles_with_every_quantized_linear_matched(dtype, device):
         report = qcompile.explain(model, ids, use_cache=False)
         compiled = torch.compile(model, backend="qcompile")
         out = compiled(ids, use_cache=False).logits
+        ops.launches.clear()
+        compiled(ids, use_cache=False)
         ref = model(ids, use_cache=False).logits
     assert len(report.matched) == n_quantized and not report.fallbacks, str(report)
+    # q k v, and gate up, run as one kernel each: o, down and lm_head alone
+    assert [f.columns for f in report.fused] == [[64, 32, 32], [96, 96]] * 2, str(report)
+    assert sum(ops.launches.values()) == 2 * 4 + 1
     assert sorted({(m.format, m.bits) for m in report.matched}) == [("affine", 4), ("bipolar", 3)]
     assert report.graph_breaks == 0 and report.graphs == 1
     assert_close(out, ref, dtype)
