@@ -115,10 +115,16 @@ def rewrite_scaled_linears(graph: Graph, report: Report, inference: bool = True)
             report.fallbacks.append(Fallback("scaled_linear", reason, shapes, mm.name))
             mm.meta[EXPLAINED] = True  # one reason per matmul: the later passes skip it
             continue
-        try:
-            w4a8 = find_w4a8(b[0], int(k), int(n)) if b[1] is None and fmt == "w8a8" else None
-        except Exception:  # noqa: BLE001  a matcher bug costs the fused path (the int8 one is right), not the compile
-            w4a8 = None
+        w4a8, why = None, "it matches no format's rebuild (w4a8's needs static weight sizes)"
+        if b[1] is None and fmt == "w8a8":
+            try:
+                w4a8 = find_w4a8(b[0], int(k), int(n))
+            except Exception as e:  # noqa: BLE001  a matcher bug costs the fused path (the int8 one is right), not the compile
+                why = f"qcompile matcher error: {type(e).__name__}: {e}"
+        if w4a8 is None and b[0].op == "call_function":  # the GEMM is matched, the weight's rebuild is not
+            report.fallbacks.append(Fallback(
+                "scaled_linear", f"int8 weight computed in the graph, rebuilt by Inductor on every call: {why}",
+                shapes, b[0].name))
         views, epi, last = _epilogue(mm)
         with graph.inserting_before(last):
             ops = []

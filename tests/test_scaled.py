@@ -251,4 +251,22 @@ def test_a_w4a8_matcher_error_keeps_the_int8_gemm(monkeypatch, device):
         report = qcompile.explain(model, x)
         out = torch.compile(model, backend="qcompile")(x)
     assert [(m.format, m.kernel) for m in report.matched] == [("w8a8", "scaled_mm[row,col,bias]")], str(report)
+    assert [f.reason for f in report.fallbacks] == [
+        "int8 weight computed in the graph, rebuilt by Inductor on every call: qcompile matcher error: RuntimeError: boom"]
     assert torch.allclose(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_w4a8_weights_of_symbolic_size_say_that_inductor_rebuilds_them(device):
+    """A function recompiled for new weight sizes gets symbolic ones (automatic dynamic shapes);
+    w4a8's rebuild is then not matched, only the int8 GEMM, and explain() says so."""
+    from qcompile.formats.w4a8 import w4a8_forward
+    fn, reports = torch.compile(w4a8_forward, backend="qcompile"), []
+    for n, k in ((16, 64), (24, 128)):
+        q = qcompile.quantize(nn.Sequential(nn.Linear(k, n, bias=False)), format="w4a8", group_size=32)[0].to(device)
+        x = torch.randn(2, k, device=device)
+        with qcompile.backend.listen(qcompile.Report()) as report, torch.no_grad():
+            out = fn(x, q.qweight, q.zero, q.scale_int, q.channel_scale)
+        reports.append(report)
+        torch.testing.assert_close(out, q(x), rtol=1e-5, atol=1e-5)
+    assert [m.format for r in reports for m in r.matched] == ["w4a8", "w8a8"], str(reports[1])
+    assert not reports[0].fallbacks and "static weight sizes" in reports[1].fallbacks[0].reason
