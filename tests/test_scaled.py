@@ -260,11 +260,14 @@ def test_w4a8_weights_of_symbolic_size_say_that_inductor_rebuilds_them(device):
     """A function recompiled for new weight sizes gets symbolic ones (automatic dynamic shapes);
     w4a8's rebuild is then not matched, only the int8 GEMM, and explain() says so."""
     from qcompile.formats.w4a8 import w4a8_forward
+    torch._dynamo.reset()  # a fresh code cache: the first shape must compile static
     fn, reports = torch.compile(w4a8_forward, backend="qcompile"), []
     for n, k in ((16, 64), (24, 128)):
         q = qcompile.quantize(nn.Sequential(nn.Linear(k, n, bias=False)), format="w4a8", group_size=32)[0].to(device)
         x = torch.randn(2, k, device=device)
-        with qcompile.backend.listen(qcompile.Report()) as report, torch.no_grad():
+        with qcompile.backend.listen(qcompile.Report()) as report, torch.no_grad(), \
+                torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):  # the pass must run
             out = fn(x, q.qweight, q.zero, q.scale_int, q.channel_scale)
         reports.append(report)
         torch.testing.assert_close(out, q(x), rtol=1e-5, atol=1e-5)
