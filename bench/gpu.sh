@@ -4,7 +4,7 @@
 # device tool returns at most 8 files). Stages: tests, tests-gpu, gemv-tests, linear, linear-m1, linear-bits, linear-spot,
 # tests-new (siblings, llama, w4a8), scaled, scaled-quick, scaled-new (w4a8, outliers), attention, attention-quick, kv-tests, bipolar, decode, decode-w4,
 # decode-b16, decode-w2, decode-profile (kernel time per name), decode-w4-all (lm_head quantized too), scaled-w4a8,
-# tests-scaled, compile_time, compile_time-regional,
+# tests-scaled, linear-sweep (widths x M x bf16/fp16 on two shapes), compile_time, compile_time-regional,
 # profile (Nsight Compute of the tuned W4 kernels). README "GPU runs" says more.
 #   device run: bash bench/gpu.sh tests:300 linear-m1:200     (carry .whl: the wheels below)
 set -uo pipefail
@@ -28,6 +28,8 @@ stage() {
           --no-tinygemm --name linear-m1-bits --out "$R" ;;
     gemv-tests) python -m pytest -q -n 16 --tb=short -p no:cacheprovider tests/test_wq_gemm.py ;;
     linear) python -m bench.linear --out "$R"; python -m bench.plot "$R"/*-linear.json ;;
+    linear-sweep) python -m bench.linear --shapes 4096x4096,14336x4096 --m 1,16,128,1024 --dtypes bf16,fp16 --inductor "" \
+        --configs affine:4:128,affine:2:128,affine:3:128,affine:8:128,bipolar:4:128,affine:4:-1 --name linear-sweep --out "$R" ;;
     linear-spot) python -m bench.linear --shapes 4096x4096,28672x8192 --m 1,16,128,1024 --dtypes fp16 --inductor "" --no-tinygemm \
         --configs affine:2:128,affine:3:128,affine:8:128,bipolar:2:128,bipolar:3:128,affine:4:-1,affine:1:128,affine:5:128,affine:6:128,affine:7:128,bcq:3:128 \
         --name linear-spot --out "$R" ;;
