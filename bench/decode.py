@@ -39,13 +39,14 @@ def build(cfg, dtype, device, bits, skip):
 
 def decode(model, prompt, new_tokens, step_fn, profile=None):
     """Greedy tokens [B, new_tokens], seconds per step (None when new_tokens leaves no step to
-    queue), and seconds per step with a synchronization after each. The first WARM_STEPS steps (compiles, CUDA graph recording) are not timed.
+    queue), and seconds per step with a synchronization after each. The first WARM_STEPS steps
+    (compiles, CUDA graph recording) are not timed.
 
     Timed as gpt-fast does: the position lives on the GPU and each step is queued without
     waiting for the last, one synchronization at the end, so the CPU's work of a step (the
     graph replay) overlaps the GPU's. The synchronized figure waits for every token.
-    With ``profile`` (a path), PROFILE_STEPS more steps run under torch.profiler and the GPU time per
-    kernel goes there: where a step's time goes besides the quantized linears."""
+    With ``profile`` (a path), PROFILE_STEPS more steps run under torch.profiler and the GPU
+    time per kernel goes there: where a step's time goes besides the quantized linears."""
     from transformers import StaticCache
     b, p = prompt.shape
     cache = StaticCache(config=model.config, max_cache_len=p + new_tokens + PROFILE_STEPS)
@@ -78,8 +79,8 @@ def decode(model, prompt, new_tokens, step_fn, profile=None):
 
 
 def _profile_steps(step, tok, pos, path):
-    """Kernel time per name over PROFILE_STEPS steps (kernels replayed from CUDA graphs included), and the
-    counters that say whether Inductor skipped CUDA graphs."""
+    """Kernel time per name over PROFILE_STEPS steps (kernels replayed from CUDA graphs
+    included), and the counters that say whether Inductor skipped CUDA graphs."""
     from torch._dynamo.utils import counters
     acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * tok.is_cuda
     with torch.profiler.profile(activities=acts) as prof:

@@ -17,7 +17,7 @@ from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import match_blocked_reason
 
 from .specs import find_kv
-from .subgraph import canonical
+from .subgraph import _VIEWS, canonical
 from .wonly_linear import _call, _val
 
 aten = torch.ops.aten
@@ -25,7 +25,6 @@ OP = torch.ops.qcompile.kv_decode_attention.default
 SDPA = (aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_efficient_attention.default,
         aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_cudnn_attention.default,
         aten.scaled_dot_product_attention.default)
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 WRITES = {aten.index_put.default, aten.index_copy.default, aten.copy.default, aten.slice_scatter.default}
 
 
@@ -44,7 +43,7 @@ def _unrepeat(node: Node) -> Node:
     """transformers' repeat_kv, x[:, :, None].expand(B, H, rep, T, D).reshape(B, H * rep, T, D),
     undone: the kernel reads each KV head once for its query heads."""
     node = canonical(node)
-    if node.op == "call_function" and node.target in VIEWS:
+    if node.op == "call_function" and node.target in _VIEWS:
         src = canonical(node.args[0])
         if src.op == "call_function" and src.target == aten.clone.default:
             src = canonical(src.args[0])

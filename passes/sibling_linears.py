@@ -3,9 +3,10 @@ format (q, k and v; gate and up) become one ``qcompile::wq_linear_siblings`` cal
 joined columns, and each former call's users read its columns as a split of the result.
 
 One launch instead of three, and at M=1 the small k and v projections stop costing a kernel's
-fixed time each. Only linears whose tensors are column blocks of one buffer each (quantize() stores them so,
-qcompile/siblings.py; the fake tensors keep the storage sharing) are joined; the op checks it
-again at run time and runs one kernel per linear if the buffers were copied since.
+fixed time each. Only linears whose tensors are column blocks of one buffer each are joined
+(quantize() stores them so, qcompile/siblings.py; the fake tensors keep the storage sharing);
+the op checks it again at run time and runs one kernel per linear if the buffers were copied
+since.
 """
 import operator
 from collections import defaultdict
@@ -16,16 +17,16 @@ from torch.fx import Graph, Node
 from qcompile.report import Fused, Report
 from qcompile.runtime.ops import joined_view  # importing it registers qcompile::wq_linear_siblings
 
+from .subgraph import _VIEWS
 from .wonly_linear import JOINABLE, OP, _call, _val
 
 aten = torch.ops.aten
 SIBLINGS = torch.ops.qcompile.wq_linear_siblings.default
-_FLATTEN = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def _input_key(x: Node):
     """Equal for the flattening views that each linear makes of one tensor."""
-    if x.target in _FLATTEN:
+    if x.target in _VIEWS:
         return x.args[0], tuple(x.args[1])
     return x
 

@@ -41,11 +41,9 @@ def join_siblings(model: nn.Module) -> int:
             for name in TENSORS:
                 if getattr(group[0], name) is None:
                     continue
-                buffer = torch.cat([getattr(q, name) for q in group], dim=-1)
-                start = 0
-                for q in group:
-                    width = getattr(q, name).shape[-1]
-                    setattr(q, name, buffer[..., start:start + width])
-                    start += width
+                tensors = [getattr(q, name) for q in group]
+                views = torch.cat(tensors, dim=-1).split([t.shape[-1] for t in tensors], dim=-1)
+                for q, view in zip(group, views):
+                    setattr(q, name, view)
             joined += 1
     return joined

@@ -134,13 +134,11 @@ def wq_linear_siblings(x: torch.Tensor, qweights: list[torch.Tensor], scales: li
     [x @ W_0 | x @ W_1 | ...]. zeros and biases are empty lists when the linears have none.
     One launch over the joined columns when each tensor list is adjacent column blocks of one
     buffer (qcompile/siblings.py stores them so), else one launch per linear."""
-    lists = [ts for ts in (qweights, scales, zeros, biases) if ts]
-    joined = [joined_view(ts) for ts in lists]
-    if kernel_unavailable_reason(x.device) is None and all(j is not None for j in joined):
-        qweight, scale, *rest = joined
-        zero = rest.pop(0) if zeros else None
-        return _linear(x, qweight, scale, zero, rest[0] if biases else None, fmt, bits, group_size)
+    lists = (qweights, scales, zeros, biases)
     if kernel_unavailable_reason(x.device) is None:
+        joined = [joined_view(ts) if ts else None for ts in lists]
+        if all(j is not None for j, ts in zip(joined, lists) if ts):
+            return _linear(x, *joined, fmt, bits, group_size)
         warnings.warn("qcompile: sibling linears whose tensors are not column blocks of one buffer run one "
                       "kernel each; qcompile.join_siblings(model) joins them (after model.to(), for one)")
     return torch.cat([_linear(x, q, s, z, b, fmt, bits, group_size) for q, s, z, b in
