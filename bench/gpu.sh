@@ -5,7 +5,8 @@
 # tests-new (siblings, llama, w4a8), scaled, scaled-quick, scaled-new (w4a8, outliers), attention, attention-quick, kv-tests, bipolar, decode, decode-w4,
 # decode-b16, decode-w2, decode-profile (kernel time per name), decode-w4-all (lm_head quantized too), scaled-w4a8,
 # tests-scaled, linear-sweep (widths x M x bf16/fp16 on two shapes), compile_time, compile_time-regional,
-# profile (Nsight Compute of the tuned W4 kernels). README "GPU runs" says more.
+# profile (Nsight Compute of the tuned W4 kernels), gguf-part and accuracy (the 98 MB model file, split in
+# two parts under .gguf/ that two back-to-back calls carry: the device tool carries 64 MiB a call). README "GPU runs" says more.
 #   device run: bash bench/gpu.sh tests:300 linear-m1:200     (carry .whl: the wheels below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,9 @@ stage() {
     tests-gpu) python -m pytest -v -n 16 --dist loadgroup --tb=short -rfEs -p no:cacheprovider tests/test_compile.py tests/test_autotune_cache.py \
         tests/test_cli.py tests/test_scaled.py tests/test_kv_attention.py tests/test_wq_gemm.py::test_small_batches_tune_between_gemm_and_gemv_alternately ;;
     scaled) python -m bench.scaled --out "$R" ;;
+    gguf-part) mkdir -p /tmp/gguf && cp .gguf/* /tmp/gguf/ && ls -la /tmp/gguf ;;  # a call carries half the model file
+    accuracy) cat /tmp/gguf/* .gguf/* > /tmp/smol.gguf && sha256sum /tmp/smol.gguf && \
+        python -m bench.accuracy --gguf /tmp/smol.gguf --out "$R" ;;
     scaled-quick) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,128,1024,4096,8192 --out "$R" ;;
     attention) python -m bench.attention --out "$R" ;;
     attention-quick) python -m bench.attention --contexts 4096,16384,32768 --batches 1,8 --out "$R" ;;

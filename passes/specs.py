@@ -191,18 +191,33 @@ def find_w4a8(int8_node, k: int, n: int):
     return (cand.group_size, inputs) if cand else None
 
 
+def _shares_ancestors(activation, nodes) -> bool:
+    """Whether ``activation`` depends on one of ``nodes``; walked only for a weight that matched
+    nothing, so its cost (the graph's size) is paid once per unmatched matmul."""
+    nodes, seen, stack = set(nodes), set(), [activation]
+    while stack:
+        node = stack.pop()
+        if node in nodes:
+            return True
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return False
+
+
 def specs_for(act_dtype: torch.dtype):
     return [*(FormatSpec(name) for name in FORMATS), Int8LinearSpec(act_dtype=act_dtype)]
 
 
-def find(weight, k: int, n: int, specs):
+def find(weight, k: int, n: int, specs, activation=None):
     """(candidate, inputs in reference order) for the subgraph computing ``weight``, a [K, N]
     matmul operand, among ``specs``; (None, why) when it has integer inputs but matches none of
-    them; (None, None) when it is not a quantized weight at all."""
+    them; (None, None) when it is not a quantized weight at all, as when it depends on the
+    matmul's ``activation`` (LLM.int8()'s outlier rows, gathered by an index computed from x)."""
     roots = [weight]
     if weight.op == "call_function" and weight.target == torch.ops.prims.convert_element_type.default:
         roots.append(weight.args[0])  # the reference's trailing .to(x.dtype)
-    found_any, nearest = False, ""
+    why, unmatched = None, set()
     for root in roots:
         nodes = backward_slice(root)
         if nodes is None:
@@ -214,18 +229,20 @@ def find(weight, k: int, n: int, specs):
         ints, floats = metas
         if not ints:
             continue
-        found_any = True
+        unmatched.update(nodes)
         if any(not isinstance(d, int) for x in ins for d in x.meta["val"].shape):
-            return None, ("the weight's shapes are dynamic (symbolic), so bits and group size cannot be "
-                          "read from them; compile with dynamic=False or mark the weights static")
-        graph = None
+            why = ("the weight's shapes are dynamic (symbolic), so bits and group size cannot be "
+                   "read from them; compile with dynamic=False or mark the weights static")
+            break
+        why, graph = why or "a subgraph with integer inputs feeds this matmul, but it matches no qcompile format", None
         for spec in specs:
             for cand in spec.candidates(ints, floats, k, n):
                 graph = graph if graph is not None else to_digraph(nodes)
                 inputs, spec_graph = _matched_inputs(graph, spec, cand, k, ins[0].meta["val"].device.type)
                 if inputs is not None:
                     return cand, inputs
-                nearest = nearest or f" (nearest, {spec.name} bits={cand.bits}: {difference(graph, spec_graph)})"
-    if found_any:
-        return None, f"a subgraph with integer inputs feeds this matmul, but it matches no qcompile format{nearest}"
-    return None, None
+                if why.endswith("format"):
+                    why += f" (nearest, {spec.name} bits={cand.bits}: {difference(graph, spec_graph)})"
+    if why is None or (activation is not None and _shares_ancestors(activation, unmatched)):
+        return None, None
+    return None, why

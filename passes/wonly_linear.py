@@ -109,7 +109,7 @@ def rewrite_linears(graph: Graph, report: Report, inference: bool = True) -> Non
         shapes = {"M": m if isinstance(m, int) else str(m), "K": int(k), "N": int(n),
                   "dtype": str(_val(x).dtype).replace("torch.", "")}
         try:
-            cand, inputs = find(weight, k, n, specs_for(_val(x).dtype))
+            cand, inputs = find(weight, k, n, specs_for(_val(x).dtype), activation=x)
         except Exception as e:  # noqa: BLE001  a matcher bug must cost speed, not the compile
             report.fallbacks.append(Fallback("linear", f"qcompile matcher error: {type(e).__name__}: {e}",
                                              shapes, mm.name))
