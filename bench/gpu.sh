@@ -46,8 +46,8 @@ stage() {
         tests/test_cli.py tests/test_scaled.py tests/test_kv_attention.py tests/test_wq_gemm.py::test_small_batches_tune_between_gemm_and_gemv_alternately ;;
     scaled) python -m bench.scaled --out "$R" ;;
     gguf-part) mkdir -p /tmp/gguf && cp .gguf/* /tmp/gguf/ && ls -la /tmp/gguf ;;  # a call carries half the model file
-    accuracy) cat /tmp/gguf/* .gguf/* > /tmp/smol.gguf && sha256sum /tmp/smol.gguf && \
-        python -m bench.accuracy --gguf /tmp/smol.gguf --out "$R" ;;
+    accuracy) [ -f /tmp/smol.gguf ] || cat /tmp/gguf/* .gguf/* > /tmp/smol.gguf; sha256sum /tmp/smol.gguf && \
+        python -m bench.accuracy --gguf /tmp/smol.gguf --spread 4 --inductor --out "$R" ;;
     scaled-quick) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,128,1024,4096,8192 --out "$R" ;;
     attention) python -m bench.attention --out "$R" ;;
     attention-quick) python -m bench.attention --contexts 4096,16384,32768 --batches 1,8 --out "$R" ;;
