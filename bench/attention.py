@@ -15,9 +15,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_decode_attention
+import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_attention
 from bench.linear import L2_BYTES, copy_bandwidth, time_rotated
-from qcompile.formats.kv import decode_attention_reference, quantize_kv
+from qcompile.formats.kv import kv_attention_reference, quantize_kv
 
 HQ, HKV, D = 32, 8, 128
 CONTEXTS = [1024, 4096, 16384, 32768, 131072]
@@ -47,7 +47,7 @@ def main():
     rows = []
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw": bw, "rows": rows,
            "heads": [HQ, HKV, D]}
-    compiled_ref = torch.compile(decode_attention_reference)
+    compiled_ref = torch.compile(kv_attention_reference)
     for ctx in map(int, a.contexts.split(",")):
         for b in map(int, a.batches.split(",")):
             if 2 * b * HKV * ctx * D * 2 > a.max_gb * 2**30:
@@ -64,8 +64,8 @@ def main():
                 kq, vq = quantize_kv(k, bits, group), quantize_kv(v, bits, group)
                 cache = (*kq, *vq)
                 cbytes = nbytes(cache)
-                ref = decode_attention_reference(q, kq, vq, bits, ctx)
-                for impl, fn in ((f"qcompile {name}", lambda *c: torch.ops.qcompile.kv_decode_attention(q, *c, ctx, bits)),
+                ref = kv_attention_reference(q, kq, vq, bits, ctx)
+                for impl, fn in ((f"qcompile {name}", lambda *c: torch.ops.qcompile.kv_attention(q, *c, ctx, bits)),
                                  (f"inductor {name}", lambda *c: compiled_ref(q, c[:3], c[3:], bits, ctx))):
                     out = fn(*cache)
                     t = time_rotated(fn, copies_of(cache))

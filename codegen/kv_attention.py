@@ -1,13 +1,16 @@
-"""Split-KV decode attention over a quantized KV cache (flash-decoding), the K and V codes
-dequantized in registers after loading the packed bytes (issue 5, first part).
+"""Attention over a quantized KV cache, the K and V codes dequantized in registers after
+loading the packed bytes: split-KV flash decoding for a few new tokens, and the same kernel
+tiled over query rows for prefill (issue 5).
 
-Grid (B, Hkv, SPLITS): each program takes one KV head with all REP = Hq / Hkv query heads
-that share it (grouped-query attention: the cache is read once per KV head, not per query
-head) and all S new query tokens, over one range of the cache, with an online softmax. It
-leaves (acc, max, sum) partials per split; ``kv_combine_kernel`` merges them. Query s of S is
-the token at position length - S + s and sees the cache up to it; with HAS_MASK an additive
-mask [B, 1 or Hq, S, T] (strides, 0 where broadcast) says instead what each query sees, as
-transformers' static cache passes it to SDPA.
+The REP = Hq / Hkv query heads that share a KV head and the S new tokens make REP * S rows
+(grouped-query attention: the cache is read once per KV head, not per query head). Grid (B,
+Hkv, row blocks * SPLITS): each program takes ROWS rows over one range of the cache, with an
+online softmax. Decoding has one block of rows and splits the cache, leaving (acc, max, sum)
+partials that ``kv_combine_kernel`` merges; prefill has many blocks, one split, and stores the
+output itself. Query s of S is the token at position length - S + s and sees the cache up to
+it, so a block stops at its last row's position; with HAS_MASK an additive mask [B, 1 or Hq,
+S, T] (strides, 0 where broadcast) says instead what each query sees, as transformers' static
+cache passes it to SDPA, and tiles it hides from every row are skipped unread.
 
 BITS 8: one byte per code; 4: two per byte, channel 2i low nibble. Per token and group of
 GROUP channels: value = (code - zero) * scale. DOT is the dtype of the dots' operands (the
@@ -23,31 +26,32 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, rd, tmask, sct, scd, sst, ssg, BITS: tl.co
     """[BLOCK_T, D] float32 values of tokens rt: codes [BLOCK_T, D / GROUP, GROUP] against one
     scale and zero per group (loaded once per group, not per channel)."""
     D: tl.constexpr = rd.shape[0]
+    T: tl.constexpr = rt.shape[0]
     rg = tl.arange(0, D // GROUP)
-    d3 = rg[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [G, GROUP] channel numbers
     if BITS == 8:
-        codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
-    else:
-        byte = tl.load(c_ptr + rt[:, None, None] * sct + (d3 // 2)[None, :, :] * scd, mask=tmask[:, None, None],
-                       other=0)
-        codes = (byte >> ((d3 % 2) * 4)[None, :, :]) & 15
+        codes = tl.load(c_ptr + rt[:, None] * sct + rd[None, :] * scd, mask=tmask[:, None], other=0)
+    else:  # each byte loaded once, its nibbles interleaved back: channel 2i low, 2i + 1 high
+        byte = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
+        codes = tl.reshape(tl.join(byte & 15, byte >> 4), (T, D))
+    codes = tl.reshape(codes, (T, D // GROUP, GROUP))
     soff = rt[:, None] * sst + rg[None, :] * ssg
     scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)[:, :, None]
     zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)[:, :, None]
-    return tl.reshape((codes.to(tl.float32) - zero) * scale, (rt.shape[0], D))
+    return tl.reshape((codes.to(tl.float32) - zero) * scale, (T, D))
 
 
 @triton.jit
-def kv_decode_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, acc_ptr, stat_ptr,
+def kv_attention_kernel(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, o_ptr, acc_ptr, stat_ptr,
     length, sm_scale,
-    sqb, sqh, sqs, sqd, scb, sch, sct, scd, ssb, ssh, sst, ssg, smb, smh, sms, smt,
+    sqb, sqh, sqs, sqd, scb, sch, sct, scd, ssb, ssh, sst, ssg, smb, smh, sms, smt, sob, soh, sos, sod,
     REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     GROUP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
 ):
-    b, hkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r = tl.arange(0, ROWS)  # row r: query head hkv * REP + r // S, new token r % S
+    b, hkv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    split, block = pid % SPLITS, pid // SPLITS
+    r = block * ROWS + tl.arange(0, ROWS)  # row r: query head hkv * REP + r // S, new token r % S
     rvalid = r < REP * S
     rd = tl.arange(0, D)
     head = hkv * REP + r // S
@@ -57,34 +61,43 @@ def kv_decode_kernel(
     last = length - S + r % S  # the last position each row may see
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
     start = split * chunk
+    end = tl.minimum(start + chunk, length)
+    if not HAS_MASK:  # causal: no row of this block sees past its last query's position
+        end = tl.minimum(end, tl.max(tl.where(rvalid, last, 0)) + 1)
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
     kv = b * scb + hkv * sch
     sv = b * ssb + hkv * ssh
-    for t0 in range(start, tl.minimum(start + chunk, length), BLOCK_T):
+    for t0 in range(start, end, BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
         tmask = rt < length
-        k = _dequant(kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, rt, rd, tmask, sct, scd, sst, ssg, BITS, GROUP)
-        qk = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION)
-        if HAS_MASK:
-            qk += tl.load(mask_ptr + b * smb + head[:, None] * smh + (r % S)[:, None] * sms + rt[None, :] * smt,
-                          mask=rvalid[:, None] & tmask[None, :], other=0.0).to(tl.float32)
-            qk = tl.where(tmask[None, :], qk, float("-inf"))
+        if HAS_MASK:  # a tile the mask hides from every row (a static cache's unwritten tail) is not read
+            bias = tl.load(mask_ptr + b * smb + head[:, None] * smh + (r % S)[:, None] * sms + rt[None, :] * smt,
+                           mask=rvalid[:, None] & tmask[None, :], other=float("-inf")).to(tl.float32)
+            live = tl.max(tl.max(bias, 1), 0) > float("-inf")
         else:
-            qk = tl.where(rt[None, :] <= last[:, None], qk, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        v = _dequant(vc_ptr + kv, vs_ptr + sv, vz_ptr + sv, rt, rd, tmask, sct, scd, sst, ssg, BITS, GROUP)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
-        l = l * alpha + tl.sum(p, 1)
-        m = m_new
-    part = ((b * tl.num_programs(1) + hkv) * SPLITS + split) * ROWS + r
-    tl.store(acc_ptr + part[:, None] * D + rd[None, :], acc)
-    tl.store(stat_ptr + part * 2, m)
-    tl.store(stat_ptr + part * 2 + 1, l)
+            bias = tl.where(rt[None, :] <= last[:, None], 0.0, float("-inf"))
+            live = True
+        if live:
+            k = _dequant(kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, rt, rd, tmask, sct, scd, sst, ssg, BITS, GROUP)
+            qk = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias
+            m_new = tl.maximum(m, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+            p = tl.exp(qk - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            v = _dequant(vc_ptr + kv, vs_ptr + sv, vz_ptr + sv, rt, rd, tmask, sct, scd, sst, ssg, BITS, GROUP)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+    if SPLITS == 1:  # the whole cache in this program: the output directly
+        tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
+                 (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
+    else:  # partials for kv_combine_kernel (one block of rows)
+        part = ((b * tl.num_programs(1) + hkv) * SPLITS + split) * ROWS + r
+        tl.store(acc_ptr + part[:, None] * D + rd[None, :], acc)
+        tl.store(stat_ptr + part * 2, m)
+        tl.store(stat_ptr + part * 2 + 1, l)
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Attention over a quantized KV cache: SDPA whose K and V are ``dequantize_kv`` of int8/int4
 codes (qcompile/kv_cache.py, formats/kv.py), possibly repeated for grouped-query attention,
-becomes ``qcompile::kv_decode_attention``, which reads the codes instead of the float K and V.
+becomes ``qcompile::kv_attention``, which reads the codes instead of the float K and V.
 
 The SDPA node is found in whichever form Inductor's post-grad graph holds it (the CPU flash,
 CUDA flash, memory-efficient and cuDNN ops, or the undecomposed op). The dequantization is
@@ -12,7 +12,7 @@ import operator
 import torch
 from torch.fx import Graph, Node
 
-import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_decode_attention
+import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_attention
 from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import match_blocked_reason
 
@@ -21,7 +21,7 @@ from .subgraph import _VIEWS, canonical
 from .wonly_linear import _call, _val
 
 aten = torch.ops.aten
-OP = torch.ops.qcompile.kv_decode_attention.default
+OP = torch.ops.qcompile.kv_attention.default
 SDPA = (aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_efficient_attention.default,
         aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_cudnn_attention.default,
         aten.scaled_dot_product_attention.default)
@@ -108,5 +108,5 @@ def rewrite_kv_attention(graph: Graph, report: Report, inference: bool = True) -
             graph.erase_node(user)
         graph.erase_node(sdpa)
         report.matched.append(Matched("kv_attention", "kv", k_bits, group, shapes,
-                                      f"kv_decode_attention[bits={k_bits},group={group}]", sdpa.name))
+                                      f"kv_attention[bits={k_bits},group={group}]", sdpa.name))
     graph.eliminate_dead_code()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import DTYPES, assert_close
-from qcompile.formats.kv import decode_attention_reference, dequantize_kv, quantize_kv
-import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_decode_attention
+from qcompile.formats.kv import kv_attention_reference, dequantize_kv, quantize_kv
+import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_attention
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -35,30 +35,33 @@ def cache(b, hkv, t, d, bits, group, dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits, group", [(8, 64), (4, 32)])
-@pytest.mark.parametrize("s, length", [(1, 1), (1, 37), (3, 80)])
-def test_decode_attention_kernel_matches_the_reference(dtype, bits, group, s, length, device):
+@pytest.mark.parametrize("s, length", [(1, 1), (1, 37), (3, 80), (21, 50), (40, 40)])
+def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, device):
     """GQA (8 query heads on 2 KV heads), a cache longer than what is filled, several splits of
-    the cache combined (some empty), and S > 1 new tokens each seeing up to itself."""
+    the cache combined (some empty), S > 1 new tokens each seeing up to itself, and prefills
+    (of a whole prompt, and of a chunk after 29 cached tokens) in several blocks of query rows."""
     torch.manual_seed(length)
     k, v = cache(2, 2, 80, 64, bits, group, dtype, device)
     q = torch.randn(2, 8, s, 64, dtype=dtype, device=device)
-    out = torch.ops.qcompile.kv_decode_attention(q, *k, *v, length, bits)
-    assert_close(out, decode_attention_reference(q, k, v, bits, length), dtype)
+    out = torch.ops.qcompile.kv_attention(q, *k, *v, length, bits)
+    assert_close(out, kv_attention_reference(q, k, v, bits, length), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("mask_dtype", [torch.bool, "additive"])
-def test_an_explicit_mask_decides_what_each_query_sees(dtype, mask_dtype, device):
+@pytest.mark.parametrize("s", [2, 20])
+def test_an_explicit_mask_decides_what_each_query_sees(dtype, mask_dtype, s, device):
     """As transformers' static cache calls SDPA: the whole cache length with a mask [B, 1, S, T]
-    that hides the unwritten tail (and here a hole), and its own softmax scale."""
+    that hides the unwritten tail (whose tiles the kernel skips) and here a hole, and its own
+    softmax scale; a decode step of 2 tokens and a prefill of 20 (two blocks of rows)."""
     torch.manual_seed(5)
     k, v = cache(2, 2, 48, 32, 4, 16, dtype, device)
-    q = torch.randn(2, 4, 2, 32, dtype=dtype, device=device)
-    seen = torch.arange(48, device=device) <= torch.tensor([[30], [31]], device=device)  # [S, T]
-    seen = seen.expand(2, 1, 2, 48).clone()
+    q = torch.randn(2, 4, s, 32, dtype=dtype, device=device)
+    seen = torch.arange(48, device=device) <= torch.arange(32 - s, 32, device=device)[:, None]  # [S, T]
+    seen = seen.expand(2, 1, s, 48).clone()
     seen[1, :, :, 5:9] = False
     mask = seen if mask_dtype == torch.bool else torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(
         ~seen, float("-inf"))
-    out = torch.ops.qcompile.kv_decode_attention(q, *k, *v, 48, 4, mask, 0.3)
-    assert_close(out, decode_attention_reference(q, k, v, 4, 48, mask, 0.3), dtype)
-    assert not torch.allclose(out, decode_attention_reference(q, k, v, 4, 48, None, 0.3)), "the mask matters"
+    out = torch.ops.qcompile.kv_attention(q, *k, *v, 48, 4, mask, 0.3)
+    assert_close(out, kv_attention_reference(q, k, v, 4, 48, mask, 0.3), dtype)
+    assert not torch.allclose(out, kv_attention_reference(q, k, v, 4, 48, None, 0.3)), "the mask matters"

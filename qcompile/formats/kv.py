@@ -4,7 +4,7 @@ channels along D (the whole head, 32 or 64), as QServe's KV4 does.
 
 Codes are unsigned (affine, min-max per group): 8-bit codes are one byte each, [B, H, T, D];
 4-bit codes are two per byte, [B, H, T, D // 2], channel 2i in the low nibble and 2i + 1 in the
-high one. ``dequantize_kv`` and ``decode_attention_reference`` are the specification that the
+high one. ``dequantize_kv`` and ``kv_attention_reference`` are the specification that the
 attention kernel (codegen/kv_attention.py) is tested against.
 """
 import torch
@@ -44,10 +44,10 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     return ((g - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).flatten(-2)
 
 
-def decode_attention_reference(q, k, v, bits: int, length: int, attn_mask=None, scale=None) -> torch.Tensor:
+def kv_attention_reference(q, k, v, bits: int, length: int, attn_mask=None, scale=None) -> torch.Tensor:
     """Attention of the queries q [B, Hq, S, D], the last S of ``length`` tokens already in the
-    cache (S = 1 for decoding, a few for speculative decoding; query s sees the tokens up to
-    its own, unless ``attn_mask`` says otherwise), over the cache's k and v, each a (codes,
+    cache (S = 1 for decoding, a few for speculative decoding, the prompt for a prefill; query s
+    sees the tokens up to its own, unless ``attn_mask`` says otherwise), over the cache's k and v, each a (codes,
     scale, zero) triple with Hkv heads dividing Hq (grouped-query attention)."""
     k, v = (dequantize_kv(*t, bits)[:, :, :length] for t in (k, v))
     rep = q.shape[1] // k.shape[1]
