@@ -6,6 +6,12 @@ batch 1/8/32 (pairs whose fp16 cache exceeds --max-gb are skipped). Caches small
 the L2 are rotated across copies, as bench/linear.py does with weights. Reports us, speed-up
 over fp16 SDPA, % of the HBM roofline (cache bytes read / copy bandwidth), cache memory, and
 the max abs error of the output against fp16 SDPA on the unquantized K and V.
+
+Also, with ``--prefill``: causal prefill of a whole prompt (batch 1) against fp16 flash SDPA;
+``--tail``: a decode step over a static cache of ``--tail`` tokens of which only the context
+is written, the rest hidden by the mask as transformers passes it (the kernel skips those
+tiles), against the same context without a tail; ``--append``: quantizing and writing one new
+token per sequence (``qcompile::kv_append``) against Inductor's compiled quantize + index_copy.
 """
 import argparse
 import datetime
@@ -34,21 +40,106 @@ def copies_of(tensors):
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 
+def prefill(lengths):
+    """Causal prefill of one prompt: us and speed-up over fp16 flash SDPA."""
+    rows = []
+    for n in lengths:
+        torch.manual_seed(0)
+        k, v = (torch.randn(1, HKV, n, D, dtype=torch.float16, device="cuda") for _ in range(2))
+        q = torch.randn(1, HQ, n, D, dtype=torch.float16, device="cuda")
+        t_fp16 = time_rotated(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), [()])
+        exact = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        row = {"length": n, "fp16_us": t_fp16, "impl": {}}
+        for name, (bits, group) in KV.items():
+            cache = (*quantize_kv(k, bits, group), *quantize_kv(v, bits, group))
+            out = torch.ops.qcompile.kv_attention(q, *cache, n, bits)
+            t = time_rotated(lambda: torch.ops.qcompile.kv_attention(q, *cache, n, bits), [()])
+            row["impl"][f"qcompile {name}"] = {"us": t, "speedup": t_fp16 / t,
+                                              "max_abs_err_vs_fp16": (out - exact).abs().max().item()}
+        rows.append(row)
+        print(f"prefill {n:6d} fp16 {t_fp16:8.1f}us " + "  ".join(
+            f"{i} {r['us']:.1f}us {r['speedup']:.2f}x (err {r['max_abs_err_vs_fp16']:.1e})"
+            for i, r in row["impl"].items()), flush=True)
+    return rows
+
+
+def tail(cache_len, contexts, batches):
+    """One decode step over a static cache of ``cache_len`` with ``context`` tokens written, the
+    tail hidden by a bool mask [B, 1, 1, T]: us against the same context without a tail."""
+    rows = []
+    for ctx in map(int, contexts.split(",")):
+        for b in map(int, batches.split(",")):
+            if ctx >= cache_len:
+                continue
+            torch.manual_seed(0)
+            q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
+            row = {"context": ctx, "cache": cache_len, "batch": b, "impl": {}}
+            for name, (bits, group) in KV.items():
+                cache = tuple(t for x in range(2) for t in quantize_kv(
+                    torch.randn(b, HKV, cache_len, D, dtype=torch.float16, device="cuda"), bits, group))
+                mask = (torch.arange(cache_len, device="cuda") < ctx).expand(b, 1, 1, cache_len)
+                masked = time_rotated(lambda: torch.ops.qcompile.kv_attention(q, *cache, cache_len, bits, mask), [()])
+                exact = time_rotated(lambda: torch.ops.qcompile.kv_attention(q, *cache, ctx, bits), [()])
+                row["impl"][f"qcompile {name}"] = {"masked_us": masked, "context_only_us": exact}
+            rows.append(row)
+            print(f"tail ctx {ctx} of {cache_len} batch {b}: " + "  ".join(
+                f"{i} {r['masked_us']:.1f}us masked, {r['context_only_us']:.1f}us without the tail"
+                for i, r in row["impl"].items()), flush=True)
+    return rows
+
+
+def append(batches):
+    """One new token per sequence into a 4k cache: the fused append against Inductor's
+    compiled quantize_kv + index_copy_ (what the cache did before)."""
+    def inductor_append(x, pos, codes, scale, zero, bits):
+        for buffer, new in zip((codes, scale, zero), quantize_kv(x, bits, D // scale.shape[-1])):
+            buffer.index_copy_(2, pos, new)
+    compiled = torch.compile(inductor_append)
+    rows = []
+    for b in map(int, batches.split(",")):
+        x = torch.randn(b, HKV, 1, D, dtype=torch.float16, device="cuda")
+        pos = torch.tensor([100], device="cuda")
+        row = {"batch": b, "impl": {}}
+        for name, (bits, group) in KV.items():
+            bufs = quantize_kv(torch.randn(b, HKV, 4096, D, dtype=torch.float16, device="cuda"), bits, group)
+            fused = time_rotated(lambda: torch.ops.qcompile.kv_append(x, pos, *bufs, bits), [()])
+            ind = time_rotated(lambda: compiled(x, pos, *bufs, bits), [()])
+            row["impl"][f"qcompile {name}"] = {"fused_us": fused, "inductor_us": ind}
+        rows.append(row)
+        print(f"append batch {b}: " + "  ".join(f"{i} fused {r['fused_us']:.1f}us, inductor {r['inductor_us']:.1f}us"
+                                               for i, r in row["impl"].items()), flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--max-gb", type=float, default=9.0, help="skip fp16 caches larger than this")
+    p.add_argument("--prefill", default="", help="prompt lengths for the prefill rows")
+    p.add_argument("--tail", type=int, default=0, help="static cache length for the masked-tail rows")
+    p.add_argument("--append", action="store_true")
+    p.add_argument("--name", default="attention")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name().split()[1].lower()
-    path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-attention.json")
+    path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-{a.name}.json")
     rows = []
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw": bw, "rows": rows,
            "heads": [HQ, HKV, D]}
+    extras = {"prefill": a.prefill and (lambda: prefill(map(int, a.prefill.split(",")))),
+              "tail": a.tail and (lambda: tail(a.tail, a.contexts, a.batches)),
+              "append": a.append and (lambda: append(a.batches))}
+    for key, run in extras.items():
+        if run:
+            res[key] = run()
+            with open(path, "w") as f:
+                json.dump(res, f, indent=1)
+    if any(extras.values()):  # these instead of the decode sweep
+        a.contexts = ""
     compiled_ref = torch.compile(kv_attention_reference)
-    for ctx in map(int, a.contexts.split(",")):
+    for ctx in (map(int, a.contexts.split(",")) if a.contexts else []):
         for b in map(int, a.batches.split(",")):
             if 2 * b * HKV * ctx * D * 2 > a.max_gb * 2**30:
                 continue

@@ -124,3 +124,54 @@ def kv_combine_kernel(
     head = hkv * REP + r // S
     tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
              out.to(o_ptr.dtype.element_ty), mask=(r < REP * S)[:, None])
+
+
+@triton.jit
+def _round(x):
+    """Round half to even, as torch.round: adding 1.5 * 2**23 leaves no fraction bits in float32
+    (|x| < 2**22 here: codes up to 255)."""
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _rounded_to(x, dtype: tl.constexpr):
+    """float32 x rounded to nearest-even in ``dtype`` (bf16 by its bits: the interpreter's own
+    conversion truncates)."""
+    if dtype == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def kv_append_kernel(
+    x_ptr, pos_ptr, c_ptr, s_ptr, z_ptr, H, S,
+    sxb, sxh, sxs, sxd, scb, sch, sct, scd, ssb, ssh, sst, ssg,
+    D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """New tokens x [B, H, S, D] quantized as formats.kv.quantize_kv does and written at their
+    positions pos [S] into the cache's codes, scale and zero: one launch instead of Inductor's
+    quantization kernel and three scatters. Grid (B * H, S blocks)."""
+    b, h, block = tl.program_id(0) // H, tl.program_id(0) % H, tl.program_id(1)
+    rs = block * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = rs < S
+    x = tl.load(x_ptr + b * sxb + h * sxh + rs[:, None] * sxs + tl.arange(0, D)[None, :] * sxd, mask=smask[:, None],
+                other=0.0)
+    g = tl.reshape(x.to(tl.float32), (BLOCK_S, D // GROUP, GROUP))
+    qmax: tl.constexpr = 2**BITS - 1
+    lo, hi = tl.min(g, 2), tl.max(g, 2)
+    scale = _rounded_to(tl.maximum((hi - lo) / qmax, 1e-8), s_ptr.dtype.element_ty)  # as stored, then used
+    zero = tl.minimum(tl.maximum(_round(-lo / scale), 0.0), qmax)
+    codes = tl.minimum(tl.maximum(_round(g / scale[:, :, None] + zero[:, :, None]), 0.0), qmax).to(tl.uint8)
+    codes = tl.reshape(codes, (BLOCK_S, D))
+    t = tl.load(pos_ptr + rs, mask=smask)
+    if BITS == 4:  # channel 2i in the low nibble, 2i + 1 in the high one
+        low, high = tl.split(tl.reshape(codes, (BLOCK_S, D // 2, 2)))
+        codes = low | (high << 4)
+    rc = tl.arange(0, codes.shape[1])
+    tl.store(c_ptr + b * scb + h * sch + t[:, None] * sct + rc[None, :] * scd, codes, mask=smask[:, None])
+    rg = tl.arange(0, D // GROUP)
+    soff = b * ssb + h * ssh + t[:, None] * sst + rg[None, :] * ssg
+    tl.store(s_ptr + soff, scale.to(s_ptr.dtype.element_ty), mask=smask[:, None])
+    tl.store(z_ptr + soff, zero.to(z_ptr.dtype.element_ty), mask=smask[:, None])

@@ -12,7 +12,7 @@ import operator
 import torch
 from torch.fx import Graph, Node
 
-import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_attention
+import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_attention and kv_append
 from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import match_blocked_reason
 
@@ -25,6 +25,8 @@ OP = torch.ops.qcompile.kv_attention.default
 SDPA = (aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_efficient_attention.default,
         aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_cudnn_attention.default,
         aten.scaled_dot_product_attention.default)
+APPEND = torch.ops.qcompile.kv_append.default
+FUNCTIONALIZED = {torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2}
 WRITES = {aten.index_put.default, aten.index_copy.default, aten.copy.default, aten.slice_scatter.default}
 
 
@@ -55,7 +57,11 @@ def _unrepeat(node: Node) -> Node:
 
 
 def _is_cache_write(node: Node) -> bool:
-    """Where the dequantization's slice stops: the cache buffers as this graph writes them."""
+    """Where the dequantization's slice stops: the cache buffers as this graph writes them, by
+    ATen writes or as the functionalized ``qcompile::kv_append`` returns them."""
+    if node.target is operator.getitem and isinstance(node.args[0], Node):
+        write = node.args[0]
+        return write.target in FUNCTIONALIZED and write.args[0] == APPEND
     return node.target in WRITES
 
 

@@ -5,7 +5,7 @@ StaticCache goes (``generate(past_key_values=...)`` or a hand-written decode loo
 not). Each layer keeps K and V as int8 or int4 codes with a scale and a zero point per token,
 head and ``group`` channels (formats/kv.py), in buffers of fixed address, as StaticCache does,
 so a compiled decode step reads and writes them in place and CUDA graphs can capture it. New
-tokens are quantized on the way in; ``update`` returns K and V dequantized in plain PyTorch,
+tokens are quantized on the way in, in one kernel per tensor (``qcompile::kv_append``); ``update`` returns K and V dequantized in plain PyTorch,
 which the model's attention hands to scaled_dot_product_attention: the eager reference that a
 fused kernel reading the codes directly (codegen/kv_attention.py) is measured against.
 
@@ -16,7 +16,8 @@ layer's own count of tokens (``cumulative_length``, a tensor, as StaticLayer kee
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-from qcompile.formats.kv import check_kv_args, dequantize_kv, quantize_kv
+import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_append
+from qcompile.formats.kv import check_kv_args, dequantize_kv
 
 
 class QuantizedStaticLayer(StaticLayer):
@@ -65,10 +66,8 @@ class QuantizedStaticLayer(StaticLayer):
         if position is None:
             position = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
         self.cumulative_length.copy_(position[-1] + 1)
-        for states, parts in ((key_states, (self.keys, self.key_scale, self.key_zero)),
-                              (value_states, (self.values, self.value_scale, self.value_zero))):
-            for buffer, new in zip(parts, quantize_kv(states, self.bits, self.group)):
-                buffer.index_copy_(2, position, new)
+        torch.ops.qcompile.kv_append(key_states, position, self.keys, self.key_scale, self.key_zero, self.bits)
+        torch.ops.qcompile.kv_append(value_states, position, self.values, self.value_scale, self.value_zero, self.bits)
         return (dequantize_kv(self.keys, self.key_scale, self.key_zero, self.bits),
                 dequantize_kv(self.values, self.value_scale, self.value_zero, self.bits))
 

@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.codegen.kv_attention import kv_attention_kernel, kv_combine_kernel
-from qcompile.formats.kv import kv_attention_reference
+from qcompile.codegen.kv_attention import kv_append_kernel, kv_attention_kernel, kv_combine_kernel
+from qcompile.formats.kv import kv_attention_reference, quantize_kv
 
 from .device import interpreting, kernel_unavailable_reason
 
@@ -79,3 +79,21 @@ def kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, 
 @kv_attention.register_fake
 def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, bits, attn_mask=None, sm_scale=None):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("qcompile::kv_append", mutates_args=("codes", "scale", "zero"))
+def kv_append(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+              zero: torch.Tensor, bits: int) -> None:
+    """Quantize the new tokens ``states`` [B, H, S, D] (formats.kv.quantize_kv, its group read
+    from ``scale``) and write them at ``position`` [S] along the cache's token dim, in one
+    kernel; where none can run, quantize_kv and index_copy_."""
+    group = states.shape[-1] // scale.shape[-1]
+    if kernel_unavailable_reason(states.device) is not None:
+        for buffer, new in zip((codes, scale, zero), quantize_kv(states, bits, group)):
+            buffer.index_copy_(2, position, new)
+        return
+    b, h, s, d = states.shape
+    block_s = min(16, triton.next_power_of_2(s))
+    kv_append_kernel[(b * h, triton.cdiv(s, block_s))](
+        states, position, codes, scale, zero, h, s, *states.stride(), *codes.stride(), *scale.stride(),
+        D=d, BITS=bits, GROUP=group, BLOCK_S=block_s)

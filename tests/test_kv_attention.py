@@ -65,3 +65,19 @@ def test_an_explicit_mask_decides_what_each_query_sees(dtype, mask_dtype, s, dev
     out = torch.ops.qcompile.kv_attention(q, *k, *v, 48, 4, mask, 0.3)
     assert_close(out, kv_attention_reference(q, k, v, 4, 48, mask, 0.3), dtype)
     assert not torch.allclose(out, kv_attention_reference(q, k, v, 4, 48, None, 0.3)), "the mask matters"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits, group", [(8, 32), (4, 16)])
+def test_append_quantizes_and_writes_new_tokens_as_the_reference(dtype, bits, group, device):
+    """The fused append gives quantize_kv's codes, scales and zeros bit for bit at the given
+    positions (states transposed, as attention layers pass them) and leaves the rest alone."""
+    torch.manual_seed(3)
+    states = (torch.randn(2, 19, 3, 64, dtype=dtype, device=device) * 4).transpose(1, 2)  # [B, H, S, D]
+    position = torch.arange(5, 24, device=device)
+    codes = torch.full((2, 3, 32, 64 * bits // 8), 7, dtype=torch.uint8, device=device)
+    scale, zero = (torch.full((2, 3, 32, 64 // group), 9.0, dtype=dtype, device=device) for _ in range(2))
+    torch.ops.qcompile.kv_append(states, position, codes, scale, zero, bits)
+    for got, want, fill in zip((codes, scale, zero), quantize_kv(states, bits, group), (7, 9, 9)):
+        assert torch.equal(got[:, :, 5:24], want)
+        assert (got[:, :, :5] == fill).all() and (got[:, :, 24:] == fill).all()
