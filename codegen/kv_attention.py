@@ -161,9 +161,12 @@ def kv_append_kernel(
     g = tl.reshape(x.to(tl.float32), (BLOCK_S, D // GROUP, GROUP))
     qmax: tl.constexpr = 2**BITS - 1
     lo, hi = tl.min(g, 2), tl.max(g, 2)
-    scale = _rounded_to(tl.maximum((hi - lo) / qmax, 1e-8), s_ptr.dtype.element_ty)  # as stored, then used
-    zero = tl.minimum(tl.maximum(_round(-lo / scale), 0.0), qmax)
-    codes = tl.minimum(tl.maximum(_round(g / scale[:, :, None] + zero[:, :, None]), 0.0), qmax).to(tl.uint8)
+    # IEEE divisions (div_rn): the GPU's default float32 division is approximate, and a code
+    # next to a rounding boundary would then differ from quantize_kv's
+    scale = _rounded_to(tl.maximum(tl.div_rn(hi - lo, qmax + 0.0), 1e-8), s_ptr.dtype.element_ty)  # as stored
+    zero = tl.minimum(tl.maximum(_round(tl.div_rn(-lo, scale)), 0.0), qmax)
+    codes = tl.div_rn(g, tl.broadcast_to(scale[:, :, None], g.shape)) + zero[:, :, None]
+    codes = tl.minimum(tl.maximum(_round(codes), 0.0), qmax).to(tl.uint8)
     codes = tl.reshape(codes, (BLOCK_S, D))
     t = tl.load(pos_ptr + rs, mask=smask)
     if BITS == 4:  # channel 2i in the low nibble, 2i + 1 in the high one
