@@ -163,7 +163,7 @@ def kv_append_kernel(
     lo, hi = tl.min(g, 2), tl.max(g, 2)
     # IEEE divisions (div_rn): the GPU's default float32 division is approximate, and a code
     # next to a rounding boundary would then differ from quantize_kv's
-    scale = _rounded_to(tl.maximum(tl.div_rn(hi - lo, qmax + 0.0), 1e-8), s_ptr.dtype.element_ty)  # as stored
+    scale = _rounded_to(tl.maximum((hi - lo) * (1.0 / qmax), 1e-8), s_ptr.dtype.element_ty)  # as stored
     zero = tl.minimum(tl.maximum(_round(tl.div_rn(-lo, scale)), 0.0), qmax)
     codes = tl.div_rn(g, tl.broadcast_to(scale[:, :, None], g.shape)) + zero[:, :, None]
     codes = tl.minimum(tl.maximum(_round(codes), 0.0), qmax).to(tl.uint8)

@@ -28,7 +28,7 @@ def quantize_kv(x: torch.Tensor, bits: int, group: int):
     qmax = 2**bits - 1
     g = x.float().unflatten(-1, (-1, group))  # [B, H, T, G, group]
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scale = ((hi - lo) / qmax).clamp(min=1e-8).to(x.dtype).float()
+    scale = ((hi - lo) * (1 / qmax)).clamp(min=1e-8).to(x.dtype).float()  # as CUDA's tensor / scalar does
     zero = (-lo / scale).round().clamp(0, qmax)
     codes = (g / scale + zero).round().clamp(0, qmax).to(torch.uint8).flatten(-2)
     if bits == 4:
