@@ -111,6 +111,25 @@ def append(batches):
     return rows
 
 
+def plot(path):
+    """Speed-up over fp16 SDPA against context, one line per batch and cache width, beside the JSON."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = json.load(open(path))["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl in ("qcompile int8", "qcompile int4"):
+        for b in sorted({r["batch"] for r in rows}):
+            pts = [(r["context"], r["impl"][impl]["speedup"]) for r in rows if r["batch"] == b]
+            ax.plot(*zip(*pts), marker="o", label=f"{impl}, batch {b}", ls="-" if "int8" in impl else "--")
+    ax.axhline(1, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="context (tokens)", ylabel="speed-up over fp16 SDPA",
+           title="decode attention over a quantized KV cache (32 q heads, 8 KV heads, D 128)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.replace(".json", ".png"), dpi=110)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
@@ -120,8 +139,11 @@ def main():
     p.add_argument("--tail", type=int, default=0, help="static cache length for the masked-tail rows")
     p.add_argument("--append", action="store_true")
     p.add_argument("--name", default="attention")
+    p.add_argument("--plot", help="only draw the plot of this results JSON")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
+    if a.plot:
+        return plot(a.plot)
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name().split()[1].lower()
     path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-{a.name}.json")
@@ -172,6 +194,8 @@ def main():
                 for n, r in row["impl"].items()), flush=True)
             del k, v, fp16
             torch.cuda.empty_cache()
+    if rows:
+        plot(path)
     print("wrote", path)
 
 
