@@ -7,6 +7,10 @@ qcompile format, eager and compiled: compiled must equal eager to rounding.
 The model's linears except lm_head are quantized. On a GPU it runs in fp16; on a CPU in fp32
 with the kernels in Triton's interpreter (minutes: a 135M model through interpreted kernels),
 untuned. Writes bench/results/<date>-<device>-accuracy.json.
+
+``--kv`` instead keeps the model unquantized and reads keys and values back from a static
+cache: transformers' float StaticCache, or qcompile's QuantizedStaticCache in int8 (whole-head
+groups) and int4 (groups of 32); compiled, the attention runs in qcompile's KV kernel.
 """
 import argparse
 import collections
@@ -51,9 +55,15 @@ def gguf_path(given: str | None = None) -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def perplexity(model, ids) -> float:
+KV_CONFIGS = {"kv fp": None, "kv int8": (8, 64), "kv int4 g32": (4, 32)}  # SmolLM2-135M: head_dim 64
+
+
+def perplexity(model, ids, cache=None) -> float:
+    """Of the text in one forward; with ``cache`` (a fresh static cache) the attention reads
+    the keys and values back from it, so its quantization counts."""
     with torch.no_grad():
-        logits = model(ids, use_cache=False).logits.float()
+        kw = {"past_key_values": cache(), "use_cache": True} if cache else {"use_cache": False}
+        logits = model(ids, **kw).logits.float()
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
     return math.exp(loss.item())
 
@@ -80,6 +90,7 @@ def perturbed(model, ids, seeds: int, eps: float) -> list[float]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--kv", action="store_true", help="the unquantized model with a float, int8 and int4 KV cache")
     ap.add_argument("--eager-only", action="store_true", help="skip the compiled runs (slow on a CPU)")
     ap.add_argument("--spread", type=int, default=0, help="eager runs under input jitter of one rounding step")
     ap.add_argument("--inductor", action="store_true", help="also the reference compiled by plain Inductor")
@@ -95,17 +106,24 @@ def main():
 
     import qcompile
     from qcompile.backend import listen
+    from qcompile.kv_cache import QuantizedStaticCache
     path = gguf_path(a.gguf)
     device, dtype = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     ids = tok(TEXT, return_tensors="pt").input_ids.to(device)
     rows = []
-    for name in a.configs.split(","):
+    for name in (KV_CONFIGS if a.kv else a.configs.split(",")):
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         model = model.to(device).eval()
-        if CONFIGS[name]:
+        cache = None
+        if a.kv:
+            kv = KV_CONFIGS[name]
+            cache = (lambda: transformers.StaticCache(config=model.config, max_cache_len=ids.shape[1])) if kv is None \
+                else (lambda kv=kv: QuantizedStaticCache(model.config, ids.shape[1], bits=kv[0], group=kv[1]))
+        elif CONFIGS[name]:
             qcompile.quantize(model, skip=["lm_head"], **CONFIGS[name])
-        row = {"config": name, "eager": perplexity(model, ids)}
+        quantized = bool(a.kv and KV_CONFIGS[name] or not a.kv and CONFIGS[name])
+        row = {"config": name, "eager": perplexity(model, ids, cache)}
         rows.append(row)
         if a.spread:  # one rounding step of the activations' dtype
             row["eager_jitter"] = {"eps": torch.finfo(dtype).eps, "perplexity": perturbed(model, ids, a.spread,
@@ -115,17 +133,17 @@ def main():
             continue
         start, report = time.perf_counter(), qcompile.Report()
         with listen(report), torch._inductor.config.patch(fx_graph_cache=False):  # the pass must run
-            row["compiled"] = perplexity(torch.compile(model, backend="qcompile" if CONFIGS[name] else "inductor"), ids)
+            row["compiled"] = perplexity(torch.compile(model, backend="qcompile" if quantized else "inductor"), ids, cache)
         row["compile_and_run_s"] = time.perf_counter() - start
-        if a.inductor and CONFIGS[name]:  # Inductor alone compiles the reference's dequantization
+        if a.inductor and quantized:  # Inductor alone compiles the reference's dequantization
             torch._dynamo.reset()
-            row["inductor"] = perplexity(torch.compile(model, backend="inductor"), ids)
+            row["inductor"] = perplexity(torch.compile(model, backend="inductor"), ids, cache)
         row["matched"], row["fallbacks"] = len(report.matched), len(report.fallbacks)
         row["fallback_reasons"] = dict(collections.Counter(f"{f.kind}: {f.reason}" for f in report.fallbacks))
         print(json.dumps(row), flush=True)
         torch._dynamo.reset()
     dev = torch.cuda.get_device_name().split()[1].lower() if gpu else "cpu"
-    out = Path(a.out) / f"{datetime.date.today()}-{dev}-accuracy{'-eager' if a.eager_only else ''}.json"
+    out = Path(a.out) / f"{datetime.date.today()}-{dev}-accuracy{'-kv' if a.kv else ''}{'-eager' if a.eager_only else ''}.json"
     out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized by transformers)",
                                "tokens": ids.shape[1], "device": dev, "dtype": str(dtype), "torch": torch.__version__,
                                "rows": rows}, indent=1))

@@ -195,7 +195,7 @@ def test_mul_sum_form_of_a_matmul_is_matched(dtype, device):
 def test_a_matcher_error_falls_back_instead_of_failing_the_compile(monkeypatch, device):
     import qcompile.passes.wonly_linear as pass_module
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(pass_module, "find", broken)
