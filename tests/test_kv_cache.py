@@ -77,3 +77,24 @@ def test_generate_and_a_compiled_decode_loop_agree_with_eager(bits):
     assert torch.equal(compiled, eager)
     # each layer's SDPA over the dequantized cache became the kernel reading the codes
     assert [(m.kind, m.bits, m.group_size) for m in report.matched] == [("kv_attention", bits, 8)] * 2, str(report)
+
+
+def test_a_compiled_prefill_reads_the_codes_in_blocks_of_query_rows(device):
+    """A 20-token prompt compiled on a fresh cache of 24 (40 query rows per KV head: several
+    blocks of rows). transformers attends to the cache's first 20 tokens, causally, through a
+    slice of the dequantized cache; each layer's attention becomes the KV kernel over those
+    20, reading the codes the fused append wrote, and the logits are eager's."""
+    if reason := kernel_unavailable_reason(torch.device(device)):
+        pytest.skip(reason)
+    model = tiny_llama(torch.float32, device)
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        eager = model(ids, past_key_values=QuantizedStaticCache(model.config, 24, bits=4, group=8),
+                      use_cache=True).logits
+        torch._dynamo.reset()
+        with qcompile.backend.listen(qcompile.Report()) as report, torch._inductor.config.patch(fx_graph_cache=False):
+            compiled = torch.compile(model, backend="qcompile")(
+                ids, past_key_values=QuantizedStaticCache(model.config, 24, bits=4, group=8), use_cache=True).logits
+    assert [(m.kind, m.shapes["S"], m.shapes["T"]) for m in report.matched] == [("kv_attention", 20, 20)] * 2, \
+        str(report)
+    assert_close(compiled, eager, torch.float32)
