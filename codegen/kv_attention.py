@@ -146,13 +146,13 @@ def _rounded_to(x, dtype: tl.constexpr):
 
 @triton.jit
 def kv_append_kernel(
-    x_ptr, pos_ptr, c_ptr, s_ptr, z_ptr, H, S,
+    x_ptr, pos_ptr, c_ptr, s_ptr, z_ptr, H, S, T,
     sxb, sxh, sxs, sxd, scb, sch, sct, scd, ssb, ssh, sst, ssg,
     D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """New tokens x [B, H, S, D] quantized as formats.kv.quantize_kv does and written at their
-    positions pos [S] into the cache's codes, scale and zero: one launch instead of Inductor's
-    quantization kernel and three scatters. Grid (B * H, S blocks)."""
+    positions pos [S] into the cache's codes, scale and zero (T tokens long): one launch instead
+    of Inductor's quantization kernel and three scatters. Grid (B * H, S blocks)."""
     b, h, block = tl.program_id(0) // H, tl.program_id(0) % H, tl.program_id(1)
     rs = block * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = rs < S
@@ -168,7 +168,8 @@ def kv_append_kernel(
     codes = tl.div_rn(g, tl.broadcast_to(scale[:, :, None], g.shape)) + zero[:, :, None]
     codes = tl.minimum(tl.maximum(_round(codes), 0.0), qmax).to(tl.uint8)
     codes = tl.reshape(codes, (BLOCK_S, D))
-    t = tl.load(pos_ptr + rs, mask=smask)
+    t = tl.load(pos_ptr + rs, mask=smask, other=0)
+    smask &= (t >= 0) & (t < T)  # a position past the cache is dropped, never written out of bounds
     if BITS == 4:  # channel 2i in the low nibble, 2i + 1 in the high one
         low, high = tl.split(tl.reshape(codes, (BLOCK_S, D // 2, 2)))
         codes = low | (high << 4)

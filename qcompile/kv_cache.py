@@ -5,9 +5,10 @@ StaticCache goes (``generate(past_key_values=...)`` or a hand-written decode loo
 not). Each layer keeps K and V as int8 or int4 codes with a scale and a zero point per token,
 head and ``group`` channels (formats/kv.py), in buffers of fixed address, as StaticCache does,
 so a compiled decode step reads and writes them in place and CUDA graphs can capture it. New
-tokens are quantized on the way in, in one kernel per tensor (``qcompile::kv_append``); ``update`` returns K and V dequantized in plain PyTorch,
-which the model's attention hands to scaled_dot_product_attention: the eager reference that a
-fused kernel reading the codes directly (codegen/kv_attention.py) is measured against.
+tokens are quantized on the way in, in one kernel per tensor (``qcompile::kv_append``);
+``update`` returns K and V dequantized in plain PyTorch, which the model's attention hands to
+scaled_dot_product_attention: the eager reference that a fused kernel reading the codes
+directly (codegen/kv_attention.py) is measured against.
 
 Written against the layer API of transformers 5.x, which changed within 5.x: the write
 position comes from ``cache_kwargs["cache_position"]`` when the model passes it, else from the

@@ -86,8 +86,13 @@ def kv_append(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor,
               zero: torch.Tensor, bits: int) -> None:
     """Quantize the new tokens ``states`` [B, H, S, D] (formats.kv.quantize_kv, its group read
     from ``scale``) and write them at ``position`` [S] along the cache's token dim, in one
-    kernel; where none can run, quantize_kv and index_copy_."""
+    kernel; where none can run, quantize_kv and index_copy_. A position past the cache raises
+    on CPU; on a GPU the kernel drops that token, as a check would cost a synchronization."""
     group = states.shape[-1] // scale.shape[-1]
+    if position.device.type == "cpu" and position.numel() and not 0 <= int(position.min()) <= int(position.max()) \
+            < codes.shape[2]:  # on a GPU the kernel drops such tokens: checking there would synchronize
+        raise IndexError(f"kv_append: position holds {position.min()}..{position.max()}, allowed values are "
+                         f"0..{codes.shape[2] - 1} (the cache's length)")
     if kernel_unavailable_reason(states.device) is not None:
         for buffer, new in zip((codes, scale, zero), quantize_kv(states, bits, group)):
             buffer.index_copy_(2, position, new)
@@ -95,5 +100,5 @@ def kv_append(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor,
     b, h, s, d = states.shape
     block_s = min(16, triton.next_power_of_2(s))
     kv_append_kernel[(b * h, triton.cdiv(s, block_s))](
-        states, position, codes, scale, zero, h, s, *states.stride(), *codes.stride(), *scale.stride(),
+        states, position, codes, scale, zero, h, s, codes.shape[2], *states.stride(), *codes.stride(), *scale.stride(),
         D=d, BITS=bits, GROUP=group, BLOCK_S=block_s)

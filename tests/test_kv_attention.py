@@ -81,3 +81,12 @@ def test_append_quantizes_and_writes_new_tokens_as_the_reference(dtype, bits, gr
     for got, want, fill in zip((codes, scale, zero), quantize_kv(states, bits, group), (7, 9, 9)):
         assert torch.equal(got[:, :, 5:24], want)
         assert (got[:, :, :5] == fill).all() and (got[:, :, 24:] == fill).all()
+
+
+def test_append_past_the_cache_names_the_allowed_positions():
+    states = torch.randn(1, 2, 2, 32)
+    codes = torch.zeros(1, 2, 4, 32, dtype=torch.uint8)
+    scale, zero = torch.zeros(1, 2, 4, 1), torch.zeros(1, 2, 4, 1)
+    with pytest.raises(IndexError, match=r"position holds 3..4, allowed values are 0..3"):
+        torch.ops.qcompile.kv_append(states, torch.tensor([3, 4]), codes, scale, zero, 8)
+    assert not codes.any(), "nothing written"
