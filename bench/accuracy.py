@@ -123,14 +123,14 @@ def main():
         model = model.to(device).eval()
         if a.layers:
             model.model.layers = model.model.layers[:a.layers]
-        cache = None
+        config, cache = (KV_CONFIGS if a.kv else CONFIGS)[name], None
+        quantized = config is not None
         if a.kv:
-            kv = KV_CONFIGS[name]
-            cache = (lambda: transformers.StaticCache(config=model.config, max_cache_len=ids.shape[1])) if kv is None \
-                else (lambda kv=kv: QuantizedStaticCache(model.config, ids.shape[1], bits=kv[0], group=kv[1]))
-        elif CONFIGS[name]:
-            qcompile.quantize(model, skip=["lm_head"], **CONFIGS[name])
-        quantized = bool(a.kv and KV_CONFIGS[name] or not a.kv and CONFIGS[name])
+            length = ids.shape[1]
+            cache = (lambda: transformers.StaticCache(config=model.config, max_cache_len=length)) if config is None \
+                else (lambda: QuantizedStaticCache(model.config, length, bits=config[0], group=config[1]))
+        elif quantized:
+            qcompile.quantize(model, skip=["lm_head"], **config)
         eager = logits_of(model, ids, cache)
         row = {"config": name, "eager": perplexity(eager, ids), "mean_abs_logit_dev": {}}
         rows.append(row)
@@ -147,7 +147,8 @@ def main():
             continue
         start, report = time.perf_counter(), qcompile.Report()
         with listen(report), torch._inductor.config.patch(fx_graph_cache=False):  # the pass must run
-            record("compiled", logits_of(torch.compile(model, backend="qcompile" if quantized else "inductor"), ids, cache))
+            compiled = torch.compile(model, backend="qcompile" if quantized else "inductor")
+            record("compiled", logits_of(compiled, ids, cache))
         row["compile_and_run_s"] = time.perf_counter() - start
         if a.inductor and quantized:  # Inductor alone compiles the reference's dequantization
             torch._dynamo.reset()
@@ -157,11 +158,11 @@ def main():
         print(json.dumps(row), flush=True)
         torch._dynamo.reset()
     dev = torch.cuda.get_device_name().split()[1].lower() if gpu else "cpu"
-    tags = ["kv"] * a.kv + [str(dtype).replace("torch.", "")] * bool(a.dtype) + [f"{a.layers}layers"] * bool(a.layers)
-    out = Path(a.out) / f"{datetime.date.today()}-{dev}-accuracy{''.join('-' + t for t in tags)}{'-eager' if a.eager_only else ''}.json"
+    tags = ["kv"] * a.kv + [a.dtype] * bool(a.dtype) + [f"{a.layers}layers"] * bool(a.layers) + ["eager"] * a.eager_only
+    out = Path(a.out) / f"{datetime.date.today()}-{dev}-accuracy{''.join('-' + t for t in tags)}.json"
     out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized by transformers)",
-                               "tokens": ids.shape[1], "layers": a.layers or "all", "device": dev, "dtype": str(dtype), "torch": torch.__version__,
-                               "rows": rows}, indent=1))
+                               "tokens": ids.shape[1], "layers": a.layers or "all", "device": dev, "dtype": str(dtype),
+                               "torch": torch.__version__, "rows": rows}, indent=1))
     print("wrote", out)
 
 

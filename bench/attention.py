@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_attention
 from bench.linear import L2_BYTES, copy_bandwidth, time_rotated
-from qcompile.formats.kv import kv_attention_reference, quantize_kv
+from qcompile.formats.kv import append_kv, kv_attention_reference, quantize_kv
 
 HQ, HKV, D = 32, 8, 128
 CONTEXTS = [1024, 4096, 16384, 32768, 131072]
@@ -89,12 +89,9 @@ def tail(cache_len, contexts, batches):
 
 
 def append(batches):
-    """One new token per sequence into a 4k cache: the fused append against Inductor's
-    compiled quantize_kv + index_copy_ (what the cache did before)."""
-    def inductor_append(x, pos, codes, scale, zero, bits):
-        for buffer, new in zip((codes, scale, zero), quantize_kv(x, bits, D // scale.shape[-1])):
-            buffer.index_copy_(2, pos, new)
-    compiled = torch.compile(inductor_append)
+    """One new token per sequence into a 4k cache: the fused append against Inductor compiling
+    its reference, quantize_kv + index_copy_ (what the cache did before)."""
+    compiled = torch.compile(append_kv)
     rows = []
     for b in map(int, batches.split(",")):
         x = torch.randn(b, HKV, 1, D, dtype=torch.float16, device="cuda")
@@ -158,10 +155,8 @@ def main():
             res[key] = run()
             with open(path, "w") as f:
                 json.dump(res, f, indent=1)
-    if any(extras.values()):  # these instead of the decode sweep
-        a.contexts = ""
     compiled_ref = torch.compile(kv_attention_reference)
-    for ctx in (map(int, a.contexts.split(",")) if a.contexts else []):
+    for ctx in [] if any(extras.values()) else map(int, a.contexts.split(",")):  # those instead of the sweep
         for b in map(int, a.batches.split(",")):
             if 2 * b * HKV * ctx * D * 2 > a.max_gb * 2**30:
                 continue

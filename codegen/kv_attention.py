@@ -161,8 +161,9 @@ def kv_append_kernel(
     g = tl.reshape(x.to(tl.float32), (BLOCK_S, D // GROUP, GROUP))
     qmax: tl.constexpr = 2**BITS - 1
     lo, hi = tl.min(g, 2), tl.max(g, 2)
-    # IEEE divisions (div_rn): the GPU's default float32 division is approximate, and a code
-    # next to a rounding boundary would then differ from quantize_kv's
+    # the arithmetic of quantize_kv: times the reciprocal for the scale, then IEEE divisions
+    # (div_rn: the GPU's default float32 division is approximate, and a code next to a rounding
+    # boundary would then differ)
     scale = _rounded_to(tl.maximum((hi - lo) * (1.0 / qmax), 1e-8), s_ptr.dtype.element_ty)  # as stored
     zero = tl.minimum(tl.maximum(_round(tl.div_rn(-lo, scale)), 0.0), qmax)
     codes = tl.div_rn(g, tl.broadcast_to(scale[:, :, None], g.shape)) + zero[:, :, None]

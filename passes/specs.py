@@ -217,7 +217,7 @@ def find(weight, k: int, n: int, specs, activation=None):
     roots = [weight]
     if weight.op == "call_function" and weight.target == torch.ops.prims.convert_element_type.default:
         roots.append(weight.args[0])  # the reference's trailing .to(x.dtype)
-    why, unmatched = None, set()
+    symbolic, nearest, unmatched = False, "", set()
     for root in roots:
         nodes = backward_slice(root)
         if nodes is None:
@@ -231,18 +231,19 @@ def find(weight, k: int, n: int, specs, activation=None):
             continue
         unmatched.update(nodes)
         if any(not isinstance(d, int) for x in ins for d in x.meta["val"].shape):
-            why = ("the weight's shapes are dynamic (symbolic), so bits and group size cannot be "
-                   "read from them; compile with dynamic=False or mark the weights static")
+            symbolic = True
             break
-        why, graph = why or "a subgraph with integer inputs feeds this matmul, but it matches no qcompile format", None
+        graph = None
         for spec in specs:
             for cand in spec.candidates(ints, floats, k, n):
                 graph = graph if graph is not None else to_digraph(nodes)
                 inputs, spec_graph = _matched_inputs(graph, spec, cand, k, ins[0].meta["val"].device.type)
                 if inputs is not None:
                     return cand, inputs
-                if why.endswith("format"):
-                    why += f" (nearest, {spec.name} bits={cand.bits}: {difference(graph, spec_graph)})"
-    if why is None or (activation is not None and _shares_ancestors(activation, unmatched)):
+                nearest = nearest or f" (nearest, {spec.name} bits={cand.bits}: {difference(graph, spec_graph)})"
+    if not unmatched or (activation is not None and _shares_ancestors(activation, unmatched)):
         return None, None
-    return None, why
+    if symbolic:
+        return None, ("the weight's shapes are dynamic (symbolic), so bits and group size cannot be "
+                      "read from them; compile with dynamic=False or mark the weights static")
+    return None, f"a subgraph with integer inputs feeds this matmul, but it matches no qcompile format{nearest}"

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from qcompile.codegen.kv_attention import kv_append_kernel, kv_attention_kernel, kv_combine_kernel
-from qcompile.formats.kv import kv_attention_reference, quantize_kv
+from qcompile.formats.kv import append_kv, kv_attention_reference
 
 from .device import interpreting, kernel_unavailable_reason
 
@@ -84,20 +84,18 @@ def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, bits, attn_
 @torch.library.custom_op("qcompile::kv_append", mutates_args=("codes", "scale", "zero"))
 def kv_append(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
               zero: torch.Tensor, bits: int) -> None:
-    """Quantize the new tokens ``states`` [B, H, S, D] (formats.kv.quantize_kv, its group read
-    from ``scale``) and write them at ``position`` [S] along the cache's token dim, in one
-    kernel; where none can run, quantize_kv and index_copy_. A position past the cache raises
-    on CPU; on a GPU the kernel drops that token, as a check would cost a synchronization."""
-    group = states.shape[-1] // scale.shape[-1]
-    if position.device.type == "cpu" and position.numel() and not 0 <= int(position.min()) <= int(position.max()) \
-            < codes.shape[2]:  # on a GPU the kernel drops such tokens: checking there would synchronize
-        raise IndexError(f"kv_append: position holds {position.min()}..{position.max()}, allowed values are "
-                         f"0..{codes.shape[2] - 1} (the cache's length)")
+    """formats.kv.append_kv in one kernel (where none can run, append_kv itself). A position past
+    the cache raises on CPU; on a GPU the kernel drops that token, as a check would cost a
+    synchronization."""
+    if position.device.type == "cpu" and position.numel():
+        first, last = int(position.min()), int(position.max())
+        if first < 0 or last >= codes.shape[2]:
+            raise IndexError(f"kv_append: position holds {first}..{last}, allowed values are "
+                             f"0..{codes.shape[2] - 1} (the cache's length)")
     if kernel_unavailable_reason(states.device) is not None:
-        for buffer, new in zip((codes, scale, zero), quantize_kv(states, bits, group)):
-            buffer.index_copy_(2, position, new)
-        return
+        return append_kv(states, position, codes, scale, zero, bits)
     b, h, s, d = states.shape
+    group = d // scale.shape[-1]
     block_s = min(16, triton.next_power_of_2(s))
     kv_append_kernel[(b * h, triton.cdiv(s, block_s))](
         states, position, codes, scale, zero, h, s, codes.shape[2], *states.stride(), *codes.stride(), *scale.stride(),

@@ -36,6 +36,15 @@ def quantize_kv(x: torch.Tensor, bits: int, group: int):
     return codes, scale.squeeze(-1).to(x.dtype), zero.squeeze(-1).to(x.dtype)
 
 
+def append_kv(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+              zero: torch.Tensor, bits: int) -> None:
+    """Quantize the new tokens ``states`` [B, H, S, D] (their group read from ``scale``) and write
+    them at ``position`` [S] along the cache's token dim: the reference of the fused append."""
+    new = quantize_kv(states, bits, states.shape[-1] // scale.shape[-1])
+    for buffer, part in zip((codes, scale, zero), new):
+        buffer.index_copy_(2, position, part)
+
+
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """The [B, H, T, D] tensor in the scale's dtype."""
     if bits == 4:
