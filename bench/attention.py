@@ -21,7 +21,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_attention
+from triton.runtime.errors import OutOfResources
+
+from qcompile.codegen import kv_tiling
+from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 from bench.linear import L2_BYTES, copy_bandwidth, time_rotated
 from qcompile.formats.kv import append_kv, kv_attention_reference, quantize_kv
 
@@ -108,6 +111,51 @@ def append(batches):
     return rows
 
 
+def sweep(contexts, batches):
+    """Every tile the tuner may choose (codegen/kv_tiling.py), timed on decode steps (caches
+    rotated as in the main sweep): the landscape behind the tuned choice, and how far the
+    untuned first guess is from it."""
+    rows = []
+    for ctx in map(int, contexts.split(",")):
+        for b in map(int, batches.split(",")):
+            torch.manual_seed(0)
+            q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
+            for name, (bits, group) in KV.items():
+                k, v = (quantize_kv(torch.randn(b, HKV, ctx, D, dtype=torch.float16, device="cuda"), bits, group)
+                        for _ in range(2))
+                cands = kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device)
+                copies = copies_of((*k, *v))
+                times = {}
+                for c in cands:
+                    try:
+                        times[str(c)] = time_rotated(
+                            lambda *kv: kv_ops._attention(q, kv[:3], kv[3:], ctx, bits, None, None, c), copies)
+                    except OutOfResources:
+                        times[str(c)] = None
+                done = {c: t for c, t in times.items() if t is not None}
+                best = min(done, key=done.get)
+                rows.append({"context": ctx, "batch": b, "kv": name, "us": times, "best": best,
+                             "first": str(cands[0])})
+                print(f"sweep ctx {ctx} batch {b} {name}: best {best} {done[best]:.1f}us, first guess "
+                      f"{done.get(str(cands[0]), float('nan')):.1f}us; " + ", ".join(
+                          f"{c.replace('kv_attention ', '')} {t:.1f}" for c, t in sorted(done.items(), key=lambda x: x[1])[:6]),
+                      flush=True)
+    return rows
+
+
+def ncu_target(contexts, batches):
+    """A few plain decode launches per case, for Nsight Compute to profile (no timing loop)."""
+    for ctx in map(int, contexts.split(",")):
+        for b in map(int, batches.split(",")):
+            q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
+            for bits, group in KV.values():
+                k, v = (quantize_kv(torch.randn(b, HKV, ctx, D, dtype=torch.float16, device="cuda"), bits, group)
+                        for _ in range(2))
+                for _ in range(3):
+                    torch.ops.qcompile.kv_attention(q, *k, *v, ctx, bits)
+    torch.cuda.synchronize()
+
+
 def plot(path):
     """Speed-up over fp16 SDPA against context, one line per batch and cache width, beside the JSON."""
     import matplotlib
@@ -135,12 +183,16 @@ def main():
     p.add_argument("--prefill", default="", help="prompt lengths for the prefill rows")
     p.add_argument("--tail", type=int, default=0, help="static cache length for the masked-tail rows")
     p.add_argument("--append", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="time every candidate tile of the decode kernel")
+    p.add_argument("--ncu", action="store_true", help="only launch the kernels, for ncu")
     p.add_argument("--name", default="attention")
     p.add_argument("--plot", help="only draw the plot of this results JSON")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     if a.plot:
         return plot(a.plot)
+    if a.ncu:
+        return ncu_target(a.contexts, a.batches)
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name().split()[1].lower()
     path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-{a.name}.json")
@@ -149,7 +201,8 @@ def main():
            "heads": [HQ, HKV, D]}
     extras = {"prefill": a.prefill and (lambda: prefill(map(int, a.prefill.split(",")))),
               "tail": a.tail and (lambda: tail(a.tail, a.contexts, a.batches)),
-              "append": a.append and (lambda: append(a.batches))}
+              "append": a.append and (lambda: append(a.batches)),
+              "sweep": a.sweep and (lambda: sweep(a.contexts, a.batches))}
     for key, run in extras.items():
         if run:
             res[key] = run()

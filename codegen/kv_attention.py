@@ -22,10 +22,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _dequant(c_ptr, s_ptr, z_ptr, rt, rd, tmask, sct, scd, sst, ssg, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """[BLOCK_T, D] float32 values of tokens rt: codes [BLOCK_T, D / GROUP, GROUP] against one
-    scale and zero per group (loaded once per group, not per channel)."""
-    D: tl.constexpr = rd.shape[0]
+def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr, BITS: tl.constexpr,
+             GROUP: tl.constexpr, DEQ: tl.constexpr):
+    """[BLOCK_T, D] values of tokens rt in DEQ, the scale's dtype (float32 for bf16 under the
+    interpreter, whose bf16 arithmetic is wrong): (code - zero) * scale rounded once as the
+    reference rounds it, without a float32 detour (two conversions fewer per element). Codes
+    [BLOCK_T, D / GROUP, GROUP] against one scale and zero per group, loaded once per group."""
     T: tl.constexpr = rt.shape[0]
     rg = tl.arange(0, D // GROUP)
     if BITS == 8:  # loaded in the [T, G, GROUP] shape it is used in (a 2D load and a reshape ran slower)
@@ -35,66 +37,211 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, rd, tmask, sct, scd, sst, ssg, BITS: tl.co
         byte = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
         codes = tl.reshape(tl.reshape(tl.join(byte & 15, byte >> 4), (T, D)), (T, D // GROUP, GROUP))
     soff = rt[:, None] * sst + rg[None, :] * ssg
-    scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)[:, :, None]
-    zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)[:, :, None]
-    return tl.reshape((codes.to(tl.float32) - zero) * scale, (T, D))
+    scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
+    zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
+    return tl.reshape((codes.to(DEQ) - zero) * scale, (T, D))
+
+
+@triton.jit
+def _softmax_step(qk, l, m):
+    """Online softmax: p of this tile, the factor alpha for what came before, and l, m after it."""
+    m_new = tl.maximum(m, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+    p = tl.exp(qk - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    return p, alpha, l * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _tile_dequant(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sct, scd, sst, ssg,
+                  D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One tile with K and V dequantized before the dots (groups too small to be a dot's K of
+    16 bytes): (acc [ROWS, D], l, m) updated with tokens rt."""
+    k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, sct, scd, sst, ssg, D, BITS, GROUP, DEQ)
+    p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
+    v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, sct, scd, sst, ssg, D, BITS, GROUP, DEQ)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
+    return acc, l, m
+
+
+@triton.jit
+def _dequant_apart(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr, BITS: tl.constexpr,
+                   GROUP: tl.constexpr, DEQ: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Values of tokens rt in DEQ, 2D and with no reshape: the low nibbles' channels 2i and the
+    high nibbles' 2i + 1 apart (8 bits: all channels, twice), each [D / 2, T] when TRANSPOSED
+    (K, loaded in the shape of the dot's B operand) else [T, D / 2]. Scale and zero are
+    gathered per byte (the group of channel 2i), in the codes' own layout."""
+    NIB: tl.constexpr = 8 // BITS
+    rb = tl.arange(0, D // NIB)
+    g = rb // (GROUP // NIB)
+    if TRANSPOSED:
+        off, soff, mask = rb[:, None] * scd + rt[None, :] * sct, g[:, None] * ssg + rt[None, :] * sst, tmask[None, :]
+    else:
+        off, soff, mask = rt[:, None] * sct + rb[None, :] * scd, rt[:, None] * sst + g[None, :] * ssg, tmask[:, None]
+    byte = tl.load(c_ptr + off, mask=mask, other=0)
+    scale = tl.load(s_ptr + soff, mask=mask, other=0.0).to(DEQ)
+    zero = tl.load(z_ptr + soff, mask=mask, other=0.0).to(DEQ)
+    if BITS == 8:
+        low = (byte.to(DEQ) - zero) * scale
+        return low, low
+    return ((byte & 15).to(DEQ) - zero) * scale, ((byte >> 4).to(DEQ) - zero) * scale
+
+
+@triton.jit
+def _tile_apart(ql, qh, acc_l, acc_h, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sct, scd,
+                sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr,
+                DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile with the nibbles kept apart (_dequant_apart): q.k = ql.k_low + qh.k_high, and
+    acc_l/acc_h [ROWS, D / 2] gather the low and high nibbles' channels (acc_h unused for 8 bits)."""
+    kl, kh = _dequant_apart(kc_ptr, ks_ptr, kz_ptr, rt, tmask, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, True)
+    qk = tl.dot(ql, kl.to(DOT), input_precision=PRECISION)
+    if BITS == 4:
+        qk += tl.dot(qh, kh.to(DOT), input_precision=PRECISION)
+    p, alpha, l, m = _softmax_step(qk + bias, l, m)
+    vl, vh = _dequant_apart(vc_ptr, vs_ptr, vz_ptr, rt, tmask, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, False)
+    p = p.to(DOT)
+    acc_l = acc_l * alpha[:, None] + tl.dot(p, vl.to(DOT), input_precision=PRECISION)
+    if BITS == 4:
+        acc_h = acc_h * alpha[:, None] + tl.dot(p, vh.to(DOT), input_precision=PRECISION)
+    return acc_l, acc_h, l, m
+
+
+@triton.jit
+def _bias(mask_ptr, r, rvalid, head, last, rt, tmask, smh, sms, smt, S: tl.constexpr, HAS_MASK: tl.constexpr):
+    """[ROWS, T] additive mask of a tile: the given mask's, or causal (row r sees up to last[r])."""
+    if HAS_MASK:
+        return tl.load(mask_ptr + head[:, None] * smh + (r % S)[:, None] * sms + rt[None, :] * smt,
+                       mask=rvalid[:, None] & tmask[None, :], other=float("-inf")).to(tl.float32)
+    return tl.where(rt[None, :] <= last[:, None], 0.0, float("-inf"))
+
+
+@triton.jit
+def _attend_dequant(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, start, end, length, sm_scale,
+                    r, rvalid, head, last, sqh, sqs, sqd, sct, scd, sst, ssg, smh, sms, smt,
+                    S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                    HAS_MASK: tl.constexpr, SKIP_HIDDEN: tl.constexpr):
+    """The tiles start..end with K and V dequantized first: (acc [ROWS, D], l, m)."""
+    rd = tl.arange(0, D)
+    q = tl.load(q_ptr + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd, mask=rvalid[:, None],
+                other=0.0)
+    q = (q.to(tl.float32) * sm_scale).to(DOT)
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    l = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        tmask = rt < length
+        bias = _bias(mask_ptr, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
+        if SKIP_HIDDEN:
+            if tl.max(tl.max(bias, 1), 0) > float("-inf"):
+                acc, l, m = _tile_dequant(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
+                                          vz_ptr, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+        else:
+            acc, l, m = _tile_dequant(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+                                      sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+    return acc, l, m
+
+
+@triton.jit
+def _attend_apart(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, start, end, length, sm_scale,
+                  r, rvalid, head, last, sqh, sqs, sqd, sct, scd, sst, ssg, smh, sms, smt,
+                  S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                  HAS_MASK: tl.constexpr, SKIP_HIDDEN: tl.constexpr):
+    """The tiles start..end with the nibbles kept apart (_tile_apart): (acc [ROWS, D], l, m)."""
+    NIB: tl.constexpr = 8 // BITS
+    chan = tl.arange(0, D // NIB) * NIB
+    qoff = q_ptr + head[:, None] * sqh + (r % S)[:, None] * sqs
+    ql = (tl.load(qoff + chan[None, :] * sqd, mask=rvalid[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT)
+    qh = ql
+    if BITS == 4:
+        qh = (tl.load(qoff + (chan + 1)[None, :] * sqd, mask=rvalid[:, None], other=0.0).to(tl.float32)
+              * sm_scale).to(DOT)
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    l = tl.zeros((ROWS,), tl.float32)
+    acc_l = tl.zeros((ROWS, D // NIB), tl.float32)
+    acc_h = tl.zeros((ROWS, D // NIB), tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        tmask = rt < length
+        bias = _bias(mask_ptr, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
+        if SKIP_HIDDEN:
+            if tl.max(tl.max(bias, 1), 0) > float("-inf"):
+                acc_l, acc_h, l, m = _tile_apart(ql, qh, acc_l, acc_h, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr,
+                                                 vc_ptr, vs_ptr, vz_ptr, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT,
+                                                 PRECISION)
+        else:
+            acc_l, acc_h, l, m = _tile_apart(ql, qh, acc_l, acc_h, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr,
+                                             vc_ptr, vs_ptr, vz_ptr, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT,
+                                             PRECISION)
+    if BITS == 8:
+        return acc_l, l, m
+    return tl.reshape(tl.join(acc_l, acc_h), (ROWS, D)), l, m  # channel 2i from acc_l[:, i], 2i + 1 from acc_h
+
+
+@triton.jit
+def kv_live_kernel(mask_ptr, live_ptr, length, rows, smb, smh, sms, smt, nlive,
+                   S: tl.constexpr, MROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per batch and block of BLOCK tokens, one past the last token the mask's first ``rows``
+    rows ([B, rows // S, S, T], MROWS a power of two above) show to any query (0 if none): what a decode step over a static cache splits, instead
+    of the whole cache with its unwritten tail. Grid (B, nlive)."""
+    b, blk = tl.program_id(0), tl.program_id(1)
+    rt = blk * BLOCK + tl.arange(0, BLOCK)
+    r = tl.arange(0, MROWS)
+    bias = tl.load(mask_ptr + b * smb + (r // S)[:, None] * smh + (r % S)[:, None] * sms + rt[None, :] * smt,
+                   mask=(r < rows)[:, None] & (rt < length)[None, :], other=float("-inf"))
+    seen = tl.max(bias.to(tl.float32), 0) > float("-inf")
+    tl.store(live_ptr + b * nlive + blk, tl.max(tl.where(seen, rt + 1, 0)))
 
 
 @triton.jit
 def kv_attention_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, o_ptr, acc_ptr, stat_ptr,
-    length, sm_scale,
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, live_ptr, o_ptr, acc_ptr, stat_ptr,
+    length, sm_scale, splits, nlive,
     sqb, sqh, sqs, sqd, scb, sch, sct, scd, ssb, ssh, sst, ssg, smb, smh, sms, smt, sob, soh, sos, sod,
     REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-    GROUP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_MASK: tl.constexpr, LIVE: tl.constexpr, SKIP_HIDDEN: tl.constexpr, APART: tl.constexpr,
 ):
+    """LIVE (a decode step with a mask): the cache is split up to the end kv_live_kernel found,
+    not up to ``length``. SKIP_HIDDEN (a prefill with a mask): each tile's mask is checked and
+    a tile hidden from every row of the block is not read; that branch keeps Triton from
+    pipelining the loads, so decoding, whose loop is all loads, does without it."""
     b, hkv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    split, block = pid % SPLITS, pid // SPLITS
+    split, block = pid % splits, pid // splits
     r = block * ROWS + tl.arange(0, ROWS)  # row r: query head hkv * REP + r // S, new token r % S
     rvalid = r < REP * S
     rd = tl.arange(0, D)
     head = hkv * REP + r // S
-    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
-                mask=rvalid[:, None], other=0.0)
-    q = (q.to(tl.float32) * sm_scale).to(DOT)
     last = length - S + r % S  # the last position each row may see
-    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_T) * BLOCK_T
+    span = length
+    if LIVE:
+        rl = tl.arange(0, LIVE)
+        span = tl.max(tl.load(live_ptr + b * nlive + rl, mask=rl < nlive, other=0))
+    chunk = tl.cdiv(tl.cdiv(span, splits), BLOCK_T) * BLOCK_T
     start = split * chunk
-    end = tl.minimum(start + chunk, length)
+    end = tl.minimum(start + chunk, span)
     if not HAS_MASK:  # causal: no row of this block sees past its last query's position
         end = tl.minimum(end, tl.max(tl.where(rvalid, last, 0)) + 1)
-    m = tl.full((ROWS,), float("-inf"), tl.float32)
-    l = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
     kv = b * scb + hkv * sch
     sv = b * ssb + hkv * ssh
-    for t0 in range(start, end, BLOCK_T):
-        rt = t0 + tl.arange(0, BLOCK_T)
-        tmask = rt < length
-        if HAS_MASK:  # a tile the mask hides from every row (a static cache's unwritten tail) is not read
-            bias = tl.load(mask_ptr + b * smb + head[:, None] * smh + (r % S)[:, None] * sms + rt[None, :] * smt,
-                           mask=rvalid[:, None] & tmask[None, :], other=float("-inf")).to(tl.float32)
-            live = tl.max(tl.max(bias, 1), 0) > float("-inf")
-        else:
-            bias = tl.where(rt[None, :] <= last[:, None], 0.0, float("-inf"))
-            live = True
-        if live:
-            k = _dequant(kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, rt, rd, tmask, sct, scd, sst, ssg, BITS, GROUP)
-            qk = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias
-            m_new = tl.maximum(m, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-            p = tl.exp(qk - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            v = _dequant(vc_ptr + kv, vs_ptr + sv, vz_ptr + sv, rt, rd, tmask, sct, scd, sst, ssg, BITS, GROUP)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
-            l = l * alpha + tl.sum(p, 1)
-            m = m_new
-    if SPLITS == 1:  # the whole cache in this program: the output directly
+    if APART:
+        acc, l, m = _attend_apart(
+            q_ptr + b * sqb, kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, vc_ptr + kv, vs_ptr + sv, vz_ptr + sv,
+            mask_ptr + b * smb, start, end, length, sm_scale, r, rvalid, head, last, sqh, sqs, sqd, sct, scd, sst,
+            ssg, smh, sms, smt, S, ROWS, D, BITS, GROUP, DEQ, DOT, PRECISION, BLOCK_T, HAS_MASK, SKIP_HIDDEN)
+    else:
+        acc, l, m = _attend_dequant(
+            q_ptr + b * sqb, kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, vc_ptr + kv, vs_ptr + sv, vz_ptr + sv,
+            mask_ptr + b * smb, start, end, length, sm_scale, r, rvalid, head, last, sqh, sqs, sqd, sct, scd, sst,
+            ssg, smh, sms, smt, S, ROWS, D, BITS, GROUP, DEQ, DOT, PRECISION, BLOCK_T, HAS_MASK, SKIP_HIDDEN)
+    if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
     else:  # partials for kv_combine_kernel (one block of rows)
-        part = ((b * tl.num_programs(1) + hkv) * SPLITS + split) * ROWS + r
+        part = ((b * tl.num_programs(1) + hkv) * splits + split) * ROWS + r
         tl.store(acc_ptr + part[:, None] * D + rd[None, :], acc)
         tl.store(stat_ptr + part * 2, m)
         tl.store(stat_ptr + part * 2 + 1, l)
@@ -102,20 +249,20 @@ def kv_attention_kernel(
 
 @triton.jit
 def kv_combine_kernel(
-    acc_ptr, stat_ptr, o_ptr, sob, soh, sos, sod,
-    REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    acc_ptr, stat_ptr, o_ptr, splits, sob, soh, sos, sod,
+    REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
 ):
     """out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M) over the splits, M = max_i m_i."""
     b, hkv = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, ROWS)
     rd = tl.arange(0, D)
-    base = (b * tl.num_programs(1) + hkv) * SPLITS * ROWS
+    base = (b * tl.num_programs(1) + hkv) * splits * ROWS
     mx = tl.full((ROWS,), float("-inf"), tl.float32)
-    for i in range(SPLITS):
+    for i in range(splits):
         mx = tl.maximum(mx, tl.load(stat_ptr + (base + i * ROWS + r) * 2))
     num = tl.zeros((ROWS, D), tl.float32)
     den = tl.zeros((ROWS,), tl.float32)
-    for i in range(SPLITS):
+    for i in range(splits):
         part = base + i * ROWS + r
         w = tl.exp(tl.load(stat_ptr + part * 2) - mx)  # an empty split has m = -inf: weight 0
         num += tl.load(acc_ptr + part[:, None] * D + rd[None, :]) * w[:, None]

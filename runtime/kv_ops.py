@@ -1,28 +1,24 @@
 """``qcompile::kv_attention``: attention reading a quantized KV cache, decode and prefill
 (codegen/kv_attention.py); where no kernel can run, the reference (qcompile/formats/kv.py)."""
 import math
+from collections import Counter
 
 import torch
 import triton
 import triton.language as tl
 
-from qcompile.codegen.kv_attention import kv_append_kernel, kv_attention_kernel, kv_combine_kernel
+from qcompile.codegen import kv_tiling
+from qcompile.codegen.kv_attention import kv_append_kernel, kv_attention_kernel, kv_combine_kernel, kv_live_kernel
 from qcompile.formats.kv import append_kv, kv_attention_reference
 
+from .autotune import TUNER
 from .device import interpreting, kernel_unavailable_reason
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-# Compiled offline for sm_90 (head_dim 128, 64-token tiles), 4 warps spill about 200 registers
-# to local memory and 8 spill none; on the H100 that took int8 from 0.32-0.62x of fp16 SDPA to
-# 0.64-0.72x (contexts 4k-16k, bench/results/2026-11-25-h100-attention-8warps.json).
-WARPS = 8
-
-
-def _splits(programs: int, length: int, block_t: int, device) -> int:
-    """Enough programs to cover every SM twice, each with at least one tile of the cache (the
-    interpreter counts 8 SMs, so that tests on CPU split and combine too)."""
-    sms = 8 if device.type == "cpu" else torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(length, block_t), 64))
+LIVE_MAX_ROWS = 32  # distinct mask rows (heads x new tokens) up to which a decode step scans the mask
+LIVE_SCAN = 8192  # mask elements one kv_live_kernel program reads
+chosen = {}  # tuning key -> the tiling.Choice that ran: tests assert what was tuned
+launches = Counter()  # "apart" or "grouped": the code layout each launch took (codegen/kv_tiling.py)
 
 
 def _row_block(rows: int) -> int:
@@ -30,6 +26,34 @@ def _row_block(rows: int) -> int:
     prefill (16 under the interpreter: small tests still take several blocks)."""
     limit = 16 if interpreting() else 64
     return max(16, triton.next_power_of_2(rows)) if rows <= limit else limit
+
+
+def _sms(device) -> int:
+    """SMs to fill (the interpreter counts 8, so that tests on CPU split and combine too)."""
+    return 8 if device.type == "cpu" else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _live_ends(mask: torch.Tensor, s: int, length: int):
+    """kv_live_kernel's partial ends [B, nlive] of a decode step's mask [B, Hq, S, T] (heads
+    broadcast or not), or None when it has more distinct rows than LIVE_MAX_ROWS."""
+    mrows = (mask.shape[1] if mask.stride(1) else 1) * s
+    if mrows > LIVE_MAX_ROWS:
+        return None
+    mp2 = triton.next_power_of_2(mrows)
+    block = max(16, LIVE_SCAN // mp2)
+    nlive = triton.cdiv(length, block)
+    live = torch.empty(mask.shape[0], nlive, dtype=torch.int32, device=mask.device)
+    kv_live_kernel[(mask.shape[0], nlive)](mask, live, length, mrows, *mask.stride(), nlive, S=s, MROWS=mp2,
+                                           BLOCK=block, num_warps=4)
+    return live
+
+
+def tuning_key(bits, group, d, rows, decode, programs, length, dtype, mask) -> tuple:
+    """What the best tile depends on: the cache's format, the rows of a block, decode (split)
+    or prefill, the programs and the cache length (powers of two), the dtype, a mask."""
+    p2 = triton.next_power_of_2
+    return ("kv_attention", bits, group, d, rows, decode, p2(programs), p2(length), str(dtype).replace("torch.", ""),
+            mask)
 
 
 @torch.library.custom_op("qcompile::kv_attention", mutates_args=())
@@ -44,6 +68,13 @@ def kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, 
     if kernel_unavailable_reason(q.device) is not None:
         return kv_attention_reference(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), bits, length,
                                       attn_mask, sm_scale)
+    return _attention(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), length, bits, attn_mask, sm_scale)
+
+
+def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
+    """Launch the tuner's choice of tile for this shape (runtime/autotune.py), or ``choice``
+    (a tiling.Choice: the benchmark's sweep)."""
+    (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero) = k, v
     b, hq, s, d = q.shape
     hkv = k_codes.shape[1]
     group = d // k_scale.shape[-1]
@@ -53,26 +84,46 @@ def kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, 
         k_scale, v_scale, k_zero, v_zero = (t.contiguous() for t in (k_scale, v_scale, k_zero, v_zero))
     rows = _row_block(hq // hkv * s)
     blocks = triton.cdiv(hq // hkv * s, rows)
-    block_t = 16 if interpreting() else 64
-    splits = 1 if blocks > 1 else _splits(b * hkv, length, block_t, q.device)
-    acc = torch.empty(b * hkv * splits * rows * d if splits > 1 else 0, dtype=torch.float32, device=q.device)
-    stat = torch.empty(b * hkv * splits * rows * 2 if splits > 1 else 0, dtype=torch.float32, device=q.device)
+    decode = blocks == 1
     dot = tl.float32 if interpreting() or q.dtype == torch.float32 else _DOT[q.dtype]
-    consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(~attn_mask, float("-inf"))
         attn_mask = attn_mask.expand(b, hq, s, length)  # stride 0 where it broadcasts
+    live = _live_ends(attn_mask, s, length) if attn_mask is not None and decode else None
     mask = attn_mask if attn_mask is not None else q
     out = torch.empty_like(q)
-    kv_attention_kernel[(b, hkv, blocks * splits)](
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, mask, out, acc, stat, length,
-        1 / math.sqrt(d) if sm_scale is None else sm_scale,
-        *q.stride(), *k_codes.stride(), *k_scale.stride(), *(mask.stride() if attn_mask is not None else (0,) * 4),
-        *out.stride(), **consts, BITS=bits, GROUP=group, DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
-        BLOCK_T=block_t, SPLITS=splits, HAS_MASK=attn_mask is not None, num_warps=WARPS)
-    if splits > 1:
-        kv_combine_kernel[(b, hkv)](acc, stat, out, *out.stride(), **consts, SPLITS=splits)
+    sms = _sms(q.device)
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, mask, live if live is not None else q, out)
+    strides = (*q.stride(), *k_codes.stride(), *k_scale.stride(),
+               *(mask.stride() if attn_mask is not None else (0,) * 4), *out.stride())
+    consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d)
+    deq = tl.float32 if interpreting() and k_scale.dtype == torch.bfloat16 else _DOT[k_scale.dtype]
+    own = dict(BITS=bits, GROUP=group, DEQ=deq, DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
+               HAS_MASK=attn_mask is not None, LIVE=0 if live is None else triton.next_power_of_2(live.shape[1]),
+               SKIP_HIDDEN=attn_mask is not None and not decode)
+
+    def run(c):
+        cfg = c.config
+        splits = kv_tiling.splits(b * hkv, length, cfg.kwargs["BLOCK_T"], cfg.kwargs["WAVES"], sms) if decode else 1
+        acc = q.new_empty(b * hkv * splits * rows * d if splits > 1 else 0, dtype=torch.float32)
+        stat = q.new_empty(b * hkv * splits * rows * 2 if splits > 1 else 0, dtype=torch.float32)
+        binary = kv_attention_kernel[(b, hkv, blocks * splits)](
+            *args, acc, stat, length, 1 / math.sqrt(d) if sm_scale is None else sm_scale, splits,
+            live.shape[1] if live is not None else 0, *strides, **consts, **own, BLOCK_T=cfg.kwargs["BLOCK_T"],
+            APART=cfg.kwargs["APART"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if splits > 1:
+            kv_combine_kernel[(b, hkv)](acc, stat, out, splits, *out.stride(), **consts)
+        return binary
+
+    key = tuning_key(bits, group, d, rows, decode, b * hkv, length, q.dtype, attn_mask is not None)
+    if choice is None:
+        choice = TUNER.pick("kv_attention", key, lambda: kv_tiling.candidates(
+            decode, rows, d, d // group, bits, k_scale.element_size(), 4 if dot == tl.float32 else 2,
+            attn_mask is not None, q.device), run, q.device)
+    run(choice)
+    chosen[key] = choice
+    launches["apart" if choice.config.kwargs["APART"] else "grouped"] += 1
     return out
 
 

@@ -2,10 +2,12 @@
 split-KV decode attention kernel that reads it, against the dequantize + SDPA reference."""
 import pytest
 import torch
+import triton
 
 from conftest import DTYPES, assert_close
+from qcompile.codegen.tiling import Choice
 from qcompile.formats.kv import kv_attention_reference, dequantize_kv, quantize_kv
-import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_attention
+from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -34,28 +36,38 @@ def cache(b, hkv, t, d, bits, group, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bits, group", [(8, 64), (4, 32)])
+@pytest.mark.parametrize("bits, group", [(8, 64), (4, 32), (8, 8)])
 @pytest.mark.parametrize("s, length", [(1, 1), (1, 37), (3, 80), (21, 50), (40, 40)])
 def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, device):
     """GQA (8 query heads on 2 KV heads), a cache longer than what is filled, several splits of
     the cache combined (some empty), S > 1 new tokens each seeing up to itself, and prefills
-    (of a whole prompt, and of a chunk after 29 cached tokens) in several blocks of query rows."""
+    (of a whole prompt, and of a chunk after 29 cached tokens) in several blocks of query rows;
+    each layout of the codes (kv_tiling: grouped, or K transposed and nibbles apart), and the
+    tuned op."""
     torch.manual_seed(length)
     k, v = cache(2, 2, 80, 64, bits, group, dtype, device)
     q = torch.randn(2, 8, s, 64, dtype=dtype, device=device)
-    out = torch.ops.qcompile.kv_attention(q, *k, *v, length, bits)
-    assert_close(out, kv_attention_reference(q, k, v, bits, length), dtype)
+    ref = kv_attention_reference(q, k, v, bits, length)
+    for layout, apart in (("grouped", 0), ("apart", 1)):
+        choice = Choice("kv_attention", triton.Config({"BLOCK_T": 16, "WAVES": 2, "APART": apart}, num_warps=4))
+        before = kv_ops.launches[layout]
+        assert_close(kv_ops._attention(q, k, v, length, bits, None, None, choice), ref, dtype)
+        assert kv_ops.launches[layout] == before + 1
+    assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, length, bits), ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("mask_dtype", [torch.bool, "additive"])
 @pytest.mark.parametrize("s", [2, 20])
-def test_an_explicit_mask_decides_what_each_query_sees(dtype, mask_dtype, s, device):
+@pytest.mark.parametrize("group", [16, 32])
+def test_an_explicit_mask_decides_what_each_query_sees(dtype, mask_dtype, s, group, device):
     """As transformers' static cache calls SDPA: the whole cache length with a mask [B, 1, S, T]
-    that hides the unwritten tail (whose tiles the kernel skips) and here a hole, and its own
-    softmax scale; a decode step of 2 tokens and a prefill of 20 (two blocks of rows)."""
+    that hides the unwritten tail and here a hole, and its own softmax scale; a decode step of
+    2 tokens (its cache split up to the last token the mask shows) and a prefill of 20 (two
+    blocks of rows, skipping the tiles the mask hides); int4 codes dequantized before the dots
+    (groups of 16) or after (32)."""
     torch.manual_seed(5)
-    k, v = cache(2, 2, 48, 32, 4, 16, dtype, device)
+    k, v = cache(2, 2, 48, 32, 4, group, dtype, device)
     q = torch.randn(2, 4, s, 32, dtype=dtype, device=device)
     seen = torch.arange(48, device=device) <= torch.arange(32 - s, 32, device=device)[:, None]  # [S, T]
     seen = seen.expand(2, 1, s, 48).clone()

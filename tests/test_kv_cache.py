@@ -82,8 +82,9 @@ def test_generate_and_a_compiled_decode_loop_agree_with_eager(bits):
 def test_a_compiled_prefill_reads_the_codes_in_blocks_of_query_rows(device):
     """A 20-token prompt compiled on a fresh cache of 24 (40 query rows per KV head: several
     blocks of rows). transformers attends to the cache's first 20 tokens, causally, through a
-    slice of the dequantized cache; each layer's attention becomes the KV kernel over those
-    20, reading the codes the fused append wrote, and the logits are eager's."""
+    slice of the dequantized cache (5.24), or to all 24 with a mask hiding the last 4 (5.17);
+    each layer's attention becomes the KV kernel, reading the codes the fused append wrote,
+    and the logits are eager's."""
     if reason := kernel_unavailable_reason(torch.device(device)):
         pytest.skip(reason)
     model = tiny_llama(torch.float32, device)
@@ -95,6 +96,6 @@ def test_a_compiled_prefill_reads_the_codes_in_blocks_of_query_rows(device):
         with qcompile.backend.listen(qcompile.Report()) as report, torch._inductor.config.patch(fx_graph_cache=False):
             compiled = torch.compile(model, backend="qcompile")(
                 ids, past_key_values=QuantizedStaticCache(model.config, 24, bits=4, group=8), use_cache=True).logits
-    assert [(m.kind, m.shapes["S"], m.shapes["T"]) for m in report.matched] == [("kv_attention", 20, 20)] * 2, \
-        str(report)
+    found = [(m.kind, m.shapes["S"], m.shapes["T"]) for m in report.matched]
+    assert found in ([("kv_attention", 20, 20)] * 2, [("kv_attention", 20, 24)] * 2), str(report)
     assert_close(compiled, eager, torch.float32)

@@ -1,0 +1,66 @@
+"""Launch configurations of the KV attention kernel (codegen/kv_attention.py) and the
+shared-memory model that prunes them, as codegen/tiling.py does for the linear kernels.
+
+A configuration is a tile of BLOCK_T cached tokens, warps, pipeline stages, WAVES, the
+programs per SM that the split of a decode step's cache aims at (a runtime argument: it
+changes the split, not the compiled kernel), and APART, how the kernel lays out the codes:
+0 loads each group's codes as [tokens, groups, group] and interleaves 4-bit nibbles back, 1
+loads K transposed (the dot's B operand) and keeps the nibbles' channels apart in two dots
+(codegen/kv_attention.py); APART needs D / 2 >= 16 for 4 bits, a dot's smallest K. Shared memory, a sympy expression: each stage
+holds the K and V code tiles, their scales and zeros and (with a mask) the mask tile; the
+dequantized K and V tiles and the probabilities are staged once more as the dots' operands.
+"""
+import itertools
+
+import sympy
+import triton
+
+from qcompile.runtime.device import interpreting, max_shared_mem
+
+from .tiling import Choice
+
+BT, STAGES, ROWS, D, G = sympy.symbols("BLOCK_T STAGES ROWS D G", positive=True, integer=True)
+CODE_BYTES, S_BYTES, DOT_BYTES, MASK_BYTES = sympy.symbols("code_bytes s_bytes dot_bytes mask_bytes", positive=True)
+SMEM_BYTES = (STAGES * BT * (2 * D * CODE_BYTES + 4 * G * S_BYTES + ROWS * MASK_BYTES)
+              + (2 * BT * D + ROWS * BT) * DOT_BYTES)
+_smem = sympy.lambdify((BT, STAGES, ROWS, D, G, CODE_BYTES, S_BYTES, DOT_BYTES, MASK_BYTES), SMEM_BYTES)
+
+# Under the interpreter every config costs a slow run: two small ones, so that tuning and its
+# cache have a choice to make there too.
+INTERPRETED = [triton.Config({"BLOCK_T": 16, "WAVES": 2, "APART": 0}, num_warps=4, num_stages=1),
+               triton.Config({"BLOCK_T": 32, "WAVES": 1, "APART": 1}, num_warps=4, num_stages=1)]
+SMALLEST = triton.Config({"BLOCK_T": 16, "WAVES": 1, "APART": 0}, num_warps=4, num_stages=1)
+
+
+def apart_fits(d: int, bits: int) -> bool:
+    return d * bits // 8 >= 16
+
+
+def smem_bytes(cfg: triton.Config, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,
+               mask: bool) -> int:
+    return int(_smem(cfg.kwargs["BLOCK_T"], cfg.num_stages, rows, d, groups, bits / 8, s_bytes, dot_bytes,
+                     2 if mask else 0))
+
+
+def _grid(decode: bool, apart: tuple):
+    """Best guess first: what won most decode cases of the H100 sweep (128-token tiles, 4
+    warps, 1 stage, two programs per SM; bench/results/2026-11-25-h100-attention-sweep*.json).
+    A prefill has one split, so WAVES does not matter there."""
+    waves = (2, 4, 1) if decode else (1,)
+    return [triton.Config({"BLOCK_T": bt, "WAVES": w, "APART": a}, num_warps=nw, num_stages=s)
+            for a, nw, s, bt, w in itertools.product(apart, (4, 8), (1, 3), (128, 64, 32), waves)]
+
+
+def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,
+               mask: bool, device) -> list:
+    """The Choices worth timing, those over the device's shared memory pruned."""
+    if interpreting():
+        return [Choice("kv_attention", c) for c in INTERPRETED if apart_fits(d, bits) or not c.kwargs["APART"]]
+    limit = max_shared_mem(device.index or 0)
+    fits = [c for c in _grid(decode, (0, 1) if apart_fits(d, bits) else (0,)) if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
+    return [Choice("kv_attention", c) for c in fits or [SMALLEST]]
+
+
+def splits(programs: int, length: int, block_t: int, waves: int, sms: int) -> int:
+    """Enough programs for ``waves`` per SM, each with at least one tile of the cache."""
+    return max(1, min(triton.cdiv(waves * sms, programs), triton.cdiv(length, block_t), 64))
