@@ -230,7 +230,8 @@ def main():
                                  (f"inductor {name}", lambda *c: compiled_ref(q, c[:3], c[3:], bits, ctx))):
                     out = fn(*cache)
                     t = time_rotated(fn, copies_of(cache))
-                    row["impl"][impl] = {"us": t, "speedup": t_fp16 / t, "roofline": cbytes / (t * 1e-6) / bw,
+                    key = kv_ops.tuning_key(bits, group, D, 16, True, b * HKV, ctx, q.dtype, False)
+                    row["impl"][impl] = {"config": str(kv_ops.chosen[key]) if "qcompile" in impl else None,"us": t, "speedup": t_fp16 / t, "roofline": cbytes / (t * 1e-6) / bw,
                                          "cache_bytes": cbytes, "max_abs_err_vs_fp16": (out - exact).abs().max().item(),
                                          "max_abs_err_vs_reference": (out - ref).abs().max().item()}
                 del kq, vq, cache

@@ -4,18 +4,28 @@ tiled over query rows for prefill (issue 5).
 
 The REP = Hq / Hkv query heads that share a KV head and the S new tokens make REP * S rows
 (grouped-query attention: the cache is read once per KV head, not per query head). Grid (B,
-Hkv, row blocks * SPLITS): each program takes ROWS rows over one range of the cache, with an
+Hkv, row blocks * splits): each program takes ROWS rows over one range of the cache, with an
 online softmax. Decoding has one block of rows and splits the cache, leaving (acc, max, sum)
 partials that ``kv_combine_kernel`` merges; prefill has many blocks, one split, and stores the
 output itself. Query s of S is the token at position length - S + s and sees the cache up to
 it, so a block stops at its last row's position; with HAS_MASK an additive mask [B, 1 or Hq,
 S, T] (strides, 0 where broadcast) says instead what each query sees, as transformers' static
-cache passes it to SDPA, and tiles it hides from every row are skipped unread.
+cache passes it to SDPA. A static cache's unwritten tail, hidden by that mask, is not read: a
+decode step splits only up to the last token the mask shows (``kv_live_kernel``), a prefill
+skips the tiles its block cannot see. The tile (BLOCK_T, warps, stages) and the split are
+tuned per shape (codegen/kv_tiling.py).
 
 BITS 8: one byte per code; 4: two per byte, channel 2i low nibble. Per token and group of
-GROUP channels: value = (code - zero) * scale. DOT is the dtype of the dots' operands (the
-query's; float32 under the interpreter, whose bf16 dot is wrong); PRECISION "ieee" keeps float32
-dots exact, which the GPU would otherwise round to tf32.
+GROUP channels: value = (code - zero) * scale, computed in the scale's dtype. DOT is the dtype
+of the dots' operands (the query's; float32 under the interpreter, whose bf16 dot is wrong);
+PRECISION "ieee" keeps float32 dots exact, which the GPU would otherwise round to tf32.
+
+Measured on the H100 and not kept (bench/results/2026-11-25-h100-attention-sweep*.json): 8-bit
+codes loaded as 2D tiles with K transposed into the dot's B operand shape (1.4-2.2x slower);
+dequantization deferred to the dots' results through a batched dot over the groups (the
+scale applied per token and group, not per element: 1.6-3.7x slower, 255 registers, 76% of the
+shared-memory wavefronts in bank conflicts); 4-bit nibbles kept apart in two dots (wrong
+results with 16-row blocks in fp16/bf16 under Triton 3.6).
 """
 import triton
 import triton.language as tl
@@ -53,58 +63,15 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _tile_dequant(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sct, scd, sst, ssg,
-                  D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """One tile with K and V dequantized before the dots (groups too small to be a dot's K of
-    16 bytes): (acc [ROWS, D], l, m) updated with tokens rt."""
+def _tile(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sct, scd, sst, ssg,
+          D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
+          PRECISION: tl.constexpr):
+    """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
     k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, sct, scd, sst, ssg, D, BITS, GROUP, DEQ)
     p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
     v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, sct, scd, sst, ssg, D, BITS, GROUP, DEQ)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
     return acc, l, m
-
-
-@triton.jit
-def _dequant_apart(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr, BITS: tl.constexpr,
-                   GROUP: tl.constexpr, DEQ: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Values of tokens rt in DEQ, 2D and with no reshape: the low nibbles' channels 2i and the
-    high nibbles' 2i + 1 apart (8 bits: all channels, twice), each [D / 2, T] when TRANSPOSED
-    (K, loaded in the shape of the dot's B operand) else [T, D / 2]. Scale and zero are
-    gathered per byte (the group of channel 2i), in the codes' own layout."""
-    NIB: tl.constexpr = 8 // BITS
-    rb = tl.arange(0, D // NIB)
-    g = rb // (GROUP // NIB)
-    if TRANSPOSED:
-        off, soff, mask = rb[:, None] * scd + rt[None, :] * sct, g[:, None] * ssg + rt[None, :] * sst, tmask[None, :]
-    else:
-        off, soff, mask = rt[:, None] * sct + rb[None, :] * scd, rt[:, None] * sst + g[None, :] * ssg, tmask[:, None]
-    byte = tl.load(c_ptr + off, mask=mask, other=0)
-    scale = tl.load(s_ptr + soff, mask=mask, other=0.0).to(DEQ)
-    zero = tl.load(z_ptr + soff, mask=mask, other=0.0).to(DEQ)
-    if BITS == 8:
-        low = (byte.to(DEQ) - zero) * scale
-        return low, low
-    return ((byte & 15).to(DEQ) - zero) * scale, ((byte >> 4).to(DEQ) - zero) * scale
-
-
-@triton.jit
-def _tile_apart(ql, qh, acc_l, acc_h, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sct, scd,
-                sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr,
-                DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """One tile with the nibbles kept apart (_dequant_apart): q.k = ql.k_low + qh.k_high, and
-    acc_l/acc_h [ROWS, D / 2] gather the low and high nibbles' channels (acc_h unused for 8 bits)."""
-    kl, kh = _dequant_apart(kc_ptr, ks_ptr, kz_ptr, rt, tmask, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, True)
-    qk = tl.dot(ql, kl.to(DOT), input_precision=PRECISION)
-    if BITS == 4:
-        qk += tl.dot(qh, kh.to(DOT), input_precision=PRECISION)
-    p, alpha, l, m = _softmax_step(qk + bias, l, m)
-    vl, vh = _dequant_apart(vc_ptr, vs_ptr, vz_ptr, rt, tmask, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, False)
-    p = p.to(DOT)
-    acc_l = acc_l * alpha[:, None] + tl.dot(p, vl.to(DOT), input_precision=PRECISION)
-    if BITS == 4:
-        acc_h = acc_h * alpha[:, None] + tl.dot(p, vh.to(DOT), input_precision=PRECISION)
-    return acc_l, acc_h, l, m
 
 
 @triton.jit
@@ -114,71 +81,6 @@ def _bias(mask_ptr, r, rvalid, head, last, rt, tmask, smh, sms, smt, S: tl.const
         return tl.load(mask_ptr + head[:, None] * smh + (r % S)[:, None] * sms + rt[None, :] * smt,
                        mask=rvalid[:, None] & tmask[None, :], other=float("-inf")).to(tl.float32)
     return tl.where(rt[None, :] <= last[:, None], 0.0, float("-inf"))
-
-
-@triton.jit
-def _attend_dequant(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, start, end, length, sm_scale,
-                    r, rvalid, head, last, sqh, sqs, sqd, sct, scd, sst, ssg, smh, sms, smt,
-                    S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                    DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-                    HAS_MASK: tl.constexpr, SKIP_HIDDEN: tl.constexpr):
-    """The tiles start..end with K and V dequantized first: (acc [ROWS, D], l, m)."""
-    rd = tl.arange(0, D)
-    q = tl.load(q_ptr + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd, mask=rvalid[:, None],
-                other=0.0)
-    q = (q.to(tl.float32) * sm_scale).to(DOT)
-    m = tl.full((ROWS,), float("-inf"), tl.float32)
-    l = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
-    for t0 in range(start, end, BLOCK_T):
-        rt = t0 + tl.arange(0, BLOCK_T)
-        tmask = rt < length
-        bias = _bias(mask_ptr, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
-        if SKIP_HIDDEN:
-            if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc, l, m = _tile_dequant(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
-                                          vz_ptr, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
-        else:
-            acc, l, m = _tile_dequant(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                                      sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
-    return acc, l, m
-
-
-@triton.jit
-def _attend_apart(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, start, end, length, sm_scale,
-                  r, rvalid, head, last, sqh, sqs, sqd, sct, scd, sst, ssg, smh, sms, smt,
-                  S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                  DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-                  HAS_MASK: tl.constexpr, SKIP_HIDDEN: tl.constexpr):
-    """The tiles start..end with the nibbles kept apart (_tile_apart): (acc [ROWS, D], l, m)."""
-    NIB: tl.constexpr = 8 // BITS
-    chan = tl.arange(0, D // NIB) * NIB
-    qoff = q_ptr + head[:, None] * sqh + (r % S)[:, None] * sqs
-    ql = (tl.load(qoff + chan[None, :] * sqd, mask=rvalid[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT)
-    qh = ql
-    if BITS == 4:
-        qh = (tl.load(qoff + (chan + 1)[None, :] * sqd, mask=rvalid[:, None], other=0.0).to(tl.float32)
-              * sm_scale).to(DOT)
-    m = tl.full((ROWS,), float("-inf"), tl.float32)
-    l = tl.zeros((ROWS,), tl.float32)
-    acc_l = tl.zeros((ROWS, D // NIB), tl.float32)
-    acc_h = tl.zeros((ROWS, D // NIB), tl.float32)
-    for t0 in range(start, end, BLOCK_T):
-        rt = t0 + tl.arange(0, BLOCK_T)
-        tmask = rt < length
-        bias = _bias(mask_ptr, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
-        if SKIP_HIDDEN:
-            if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc_l, acc_h, l, m = _tile_apart(ql, qh, acc_l, acc_h, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr,
-                                                 vc_ptr, vs_ptr, vz_ptr, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT,
-                                                 PRECISION)
-        else:
-            acc_l, acc_h, l, m = _tile_apart(ql, qh, acc_l, acc_h, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr,
-                                             vc_ptr, vs_ptr, vz_ptr, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT,
-                                             PRECISION)
-    if BITS == 8:
-        return acc_l, l, m
-    return tl.reshape(tl.join(acc_l, acc_h), (ROWS, D)), l, m  # channel 2i from acc_l[:, i], 2i + 1 from acc_h
 
 
 @triton.jit
@@ -203,7 +105,7 @@ def kv_attention_kernel(
     sqb, sqh, sqs, sqd, scb, sch, sct, scd, ssb, ssh, sst, ssg, smb, smh, sms, smt, sob, soh, sos, sod,
     REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_MASK: tl.constexpr, LIVE: tl.constexpr, SKIP_HIDDEN: tl.constexpr, APART: tl.constexpr,
+    HAS_MASK: tl.constexpr, LIVE: tl.constexpr, SKIP_HIDDEN: tl.constexpr,
 ):
     """LIVE (a decode step with a mask): the cache is split up to the end kv_live_kernel found,
     not up to ``length``. SKIP_HIDDEN (a prefill with a mask): each tile's mask is checked and
@@ -227,16 +129,23 @@ def kv_attention_kernel(
         end = tl.minimum(end, tl.max(tl.where(rvalid, last, 0)) + 1)
     kv = b * scb + hkv * sch
     sv = b * ssb + hkv * ssh
-    if APART:
-        acc, l, m = _attend_apart(
-            q_ptr + b * sqb, kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, vc_ptr + kv, vs_ptr + sv, vz_ptr + sv,
-            mask_ptr + b * smb, start, end, length, sm_scale, r, rvalid, head, last, sqh, sqs, sqd, sct, scd, sst,
-            ssg, smh, sms, smt, S, ROWS, D, BITS, GROUP, DEQ, DOT, PRECISION, BLOCK_T, HAS_MASK, SKIP_HIDDEN)
-    else:
-        acc, l, m = _attend_dequant(
-            q_ptr + b * sqb, kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, vc_ptr + kv, vs_ptr + sv, vz_ptr + sv,
-            mask_ptr + b * smb, start, end, length, sm_scale, r, rvalid, head, last, sqh, sqs, sqd, sct, scd, sst,
-            ssg, smh, sms, smt, S, ROWS, D, BITS, GROUP, DEQ, DOT, PRECISION, BLOCK_T, HAS_MASK, SKIP_HIDDEN)
+    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
+                mask=rvalid[:, None], other=0.0)
+    q = (q.to(tl.float32) * sm_scale).to(DOT)
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    l = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        tmask = rt < length
+        bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
+        if SKIP_HIDDEN:
+            if tl.max(tl.max(bias, 1), 0) > float("-inf"):
+                acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, vc_ptr + kv,
+                                  vs_ptr + sv, vz_ptr + sv, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+        else:
+            acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, vc_ptr + kv,
+                              vs_ptr + sv, vz_ptr + sv, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])

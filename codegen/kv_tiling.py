@@ -1,12 +1,9 @@
 """Launch configurations of the KV attention kernel (codegen/kv_attention.py) and the
 shared-memory model that prunes them, as codegen/tiling.py does for the linear kernels.
 
-A configuration is a tile of BLOCK_T cached tokens, warps, pipeline stages, WAVES, the
+A configuration is a tile of BLOCK_T cached tokens, warps, pipeline stages and WAVES, the
 programs per SM that the split of a decode step's cache aims at (a runtime argument: it
-changes the split, not the compiled kernel), and APART, how the kernel lays out the codes:
-0 loads each group's codes as [tokens, groups, group] and interleaves 4-bit nibbles back, 1
-loads K transposed (the dot's B operand) and keeps the nibbles' channels apart in two dots
-(codegen/kv_attention.py); APART needs D / 2 >= 16 for 4 bits, a dot's smallest K. Shared memory, a sympy expression: each stage
+changes the split, not the compiled kernel). Shared memory, a sympy expression: each stage
 holds the K and V code tiles, their scales and zeros and (with a mask) the mask tile; the
 dequantized K and V tiles and the probabilities are staged once more as the dots' operands.
 """
@@ -26,14 +23,14 @@ SMEM_BYTES = (STAGES * BT * (2 * D * CODE_BYTES + 4 * G * S_BYTES + ROWS * MASK_
 _smem = sympy.lambdify((BT, STAGES, ROWS, D, G, CODE_BYTES, S_BYTES, DOT_BYTES, MASK_BYTES), SMEM_BYTES)
 
 # Under the interpreter every config costs a slow run: two small ones, so that tuning and its
-# cache have a choice to make there too.
-INTERPRETED = [triton.Config({"BLOCK_T": 16, "WAVES": 2, "APART": 0}, num_warps=4, num_stages=1),
-               triton.Config({"BLOCK_T": 32, "WAVES": 1, "APART": 1}, num_warps=4, num_stages=1)]
-SMALLEST = triton.Config({"BLOCK_T": 16, "WAVES": 1, "APART": 0}, num_warps=4, num_stages=1)
-
-
-def apart_fits(d: int, bits: int) -> bool:
-    return d * bits // 8 >= 16
+# cache have a choice to make there too. A GPU gets no 16-token tiles: with 4 warps, fp16 and
+# 4-bit codes they gave wrong results on the H100 (Triton 3.6; max error 1.5, fine with 8
+# warps, in fp32 and with 32-token tiles).
+INTERPRETED = [triton.Config({"BLOCK_T": 16, "WAVES": 2}, num_warps=4, num_stages=1),
+               triton.Config({"BLOCK_T": 32, "WAVES": 1}, num_warps=4, num_stages=1)]
+SMALLEST = triton.Config({"BLOCK_T": 32, "WAVES": 1}, num_warps=4, num_stages=1)
+# (warps, stages) in the order the H100 sweep's winners had them (all with 128-token tiles)
+WARPS_STAGES = ((4, 1), (8, 3), (8, 1), (4, 3))
 
 
 def smem_bytes(cfg: triton.Config, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,
@@ -42,22 +39,23 @@ def smem_bytes(cfg: triton.Config, rows: int, d: int, groups: int, bits: int, s_
                      2 if mask else 0))
 
 
-def _grid(decode: bool, apart: tuple):
-    """Best guess first: what won most decode cases of the H100 sweep (128-token tiles, 4
-    warps, 1 stage, two programs per SM; bench/results/2026-11-25-h100-attention-sweep*.json).
-    A prefill has one split, so WAVES does not matter there."""
+def _grid(decode: bool):
+    """Best guess first: what won the H100 sweep's decode cases (bench/results/
+    2026-11-25-h100-attention-sweep.json: 128-token tiles, 4 warps and 1 stage or 8 and 3, two
+    or four programs per SM), so that a tuning budget cut still times the likely winners. A
+    prefill has one split, so WAVES does not matter there."""
     waves = (2, 4, 1) if decode else (1,)
-    return [triton.Config({"BLOCK_T": bt, "WAVES": w, "APART": a}, num_warps=nw, num_stages=s)
-            for a, nw, s, bt, w in itertools.product(apart, (4, 8), (1, 3), (128, 64, 32), waves)]
+    return [triton.Config({"BLOCK_T": bt, "WAVES": w}, num_warps=nw, num_stages=s)
+            for bt, (nw, s), w in itertools.product((128, 64, 32), WARPS_STAGES, waves)]
 
 
 def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,
                mask: bool, device) -> list:
     """The Choices worth timing, those over the device's shared memory pruned."""
     if interpreting():
-        return [Choice("kv_attention", c) for c in INTERPRETED if apart_fits(d, bits) or not c.kwargs["APART"]]
+        return [Choice("kv_attention", c) for c in INTERPRETED]
     limit = max_shared_mem(device.index or 0)
-    fits = [c for c in _grid(decode, (0, 1) if apart_fits(d, bits) else (0,)) if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
+    fits = [c for c in _grid(decode) if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
     return [Choice("kv_attention", c) for c in fits or [SMALLEST]]
 
 

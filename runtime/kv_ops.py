@@ -1,7 +1,6 @@
 """``qcompile::kv_attention``: attention reading a quantized KV cache, decode and prefill
 (codegen/kv_attention.py); where no kernel can run, the reference (qcompile/formats/kv.py)."""
 import math
-from collections import Counter
 
 import torch
 import triton
@@ -18,7 +17,6 @@ _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: t
 LIVE_MAX_ROWS = 32  # distinct mask rows (heads x new tokens) up to which a decode step scans the mask
 LIVE_SCAN = 8192  # mask elements one kv_live_kernel program reads
 chosen = {}  # tuning key -> the tiling.Choice that ran: tests assert what was tuned
-launches = Counter()  # "apart" or "grouped": the code layout each launch took (codegen/kv_tiling.py)
 
 
 def _row_block(rows: int) -> int:
@@ -111,7 +109,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
         binary = kv_attention_kernel[(b, hkv, blocks * splits)](
             *args, acc, stat, length, 1 / math.sqrt(d) if sm_scale is None else sm_scale, splits,
             live.shape[1] if live is not None else 0, *strides, **consts, **own, BLOCK_T=cfg.kwargs["BLOCK_T"],
-            APART=cfg.kwargs["APART"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if splits > 1:
             kv_combine_kernel[(b, hkv)](acc, stat, out, splits, *out.stride(), **consts)
         return binary
@@ -120,10 +118,9 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     if choice is None:
         choice = TUNER.pick("kv_attention", key, lambda: kv_tiling.candidates(
             decode, rows, d, d // group, bits, k_scale.element_size(), 4 if dot == tl.float32 else 2,
-            attn_mask is not None, q.device), run, q.device)
+            attn_mask is not None, q.device), run, q.device, graphed=True)
     run(choice)
     chosen[key] = choice
-    launches["apart" if choice.config.kwargs["APART"] else "grouped"] += 1
     return out
 
 
