@@ -11,7 +11,9 @@ Also, with ``--prefill``: causal prefill of a whole prompt (batch 1) against fp1
 ``--tail``: a decode step over a static cache of ``--tail`` tokens of which only the context
 is written, the rest hidden by the mask as transformers passes it (the kernel skips those
 tiles), against the same context without a tail; ``--append``: quantizing and writing one new
-token per sequence (``qcompile::kv_append``) against Inductor's compiled quantize + index_copy.
+token per sequence (``qcompile::kv_append``) against Inductor's compiled quantize + index_copy;
+``--sweep``: every candidate tile of the decode kernel (codegen/kv_tiling.py) timed; ``--ncu``:
+only a few plain launches, for Nsight Compute. The qcompile rows record the tuned tile.
 """
 import argparse
 import datetime
