@@ -56,6 +56,26 @@ def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, d
     for config in kv_tiling.INTERPRETED if device == "cpu" else GPU_CONFIGS:
         assert_close(kv_ops._attention(q, k, v, length, bits, None, None, Choice("kv_attention", config)), ref, dtype)
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, length, bits), ref, dtype)
+    rows = kv_ops._row_block(4 * s)
+    key = kv_ops.tuning_key(bits, group, 64, rows, rows >= 4 * s, 4, length, dtype, False)
+    tiles = {c.kwargs["BLOCK_T"] for c in kv_tiling.INTERPRETED} if device == "cpu" else {32, 64, 128}
+    assert kv_ops.chosen[key].config.kwargs["BLOCK_T"] in tiles, "the tuner chose among the candidates"
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_a_decode_step_splits_only_what_the_mask_shows(heads, device, monkeypatch):
+    """kv_live_kernel: per sequence, one past the last token the mask shows to any query (the
+    written part of a static cache, here 37 and 5 of 100, in blocks the kernel scans apart);
+    with more distinct mask rows than it scans (heads x new tokens > 32) the split covers it all."""
+    seen = torch.arange(100, device=device) < torch.tensor([[37], [5]], device=device)  # [B, T]
+    mask = seen[:, None, None, :].expand(2, heads, 2, 100).clone()
+    mask[0, -1, 0, 36] = False  # one query sees less: the other still sees token 36
+    additive = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
+    monkeypatch.setattr(kv_ops, "LIVE_SCAN", 64)  # blocks of 32 or 16 tokens
+    live = kv_ops._live_ends(additive, 2, 100)
+    assert live.shape[1] > 1, "several blocks of the mask scanned"
+    assert live.amax(1).tolist() == [37, 5]
+    assert kv_ops._live_ends(additive[:, :1].expand(2, 32, 2, 100).contiguous(), 2, 100) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
