@@ -138,10 +138,10 @@ def sweep(contexts, batches):
                 best = min(done, key=done.get)
                 rows.append({"context": ctx, "batch": b, "kv": name, "us": times, "best": best,
                              "first": str(cands[0])})
+                fastest = sorted(done.items(), key=lambda x: x[1])[:6]
                 print(f"sweep ctx {ctx} batch {b} {name}: best {best} {done[best]:.1f}us, first guess "
-                      f"{done.get(str(cands[0]), float('nan')):.1f}us; " + ", ".join(
-                          f"{c.replace('kv_attention ', '')} {t:.1f}" for c, t in sorted(done.items(), key=lambda x: x[1])[:6]),
-                      flush=True)
+                      f"{done.get(str(cands[0]), float('nan')):.1f}us; "
+                      + ", ".join(f"{c.replace('kv_attention ', '')} {t:.1f}" for c, t in fastest), flush=True)
     return rows
 
 
@@ -233,7 +233,8 @@ def main():
                     out = fn(*cache)
                     t = time_rotated(fn, copies_of(cache))
                     key = kv_ops.tuning_key(bits, group, D, 16, True, b * HKV, ctx, q.dtype, False)
-                    row["impl"][impl] = {"config": str(kv_ops.chosen[key]) if "qcompile" in impl else None,"us": t, "speedup": t_fp16 / t, "roofline": cbytes / (t * 1e-6) / bw,
+                    row["impl"][impl] = {"config": str(kv_ops.chosen[key]) if "qcompile" in impl else None,
+                                         "us": t, "speedup": t_fp16 / t, "roofline": cbytes / (t * 1e-6) / bw,
                                          "cache_bytes": cbytes, "max_abs_err_vs_fp16": (out - exact).abs().max().item(),
                                          "max_abs_err_vs_reference": (out - ref).abs().max().item()}
                 del kq, vq, cache

@@ -87,8 +87,9 @@ def _bias(mask_ptr, r, rvalid, head, last, rt, tmask, smh, sms, smt, S: tl.const
 def kv_live_kernel(mask_ptr, live_ptr, length, rows, smb, smh, sms, smt, nlive,
                    S: tl.constexpr, MROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Per batch and block of BLOCK tokens, one past the last token the mask's first ``rows``
-    rows ([B, rows // S, S, T], MROWS a power of two above) show to any query (0 if none): what a decode step over a static cache splits, instead
-    of the whole cache with its unwritten tail. Grid (B, nlive)."""
+    rows ([B, rows // S, S, T], MROWS a power of two above) show to any query (0 if none):
+    what a decode step over a static cache splits, instead of the whole cache with its
+    unwritten tail. Grid (B, nlive)."""
     b, blk = tl.program_id(0), tl.program_id(1)
     rt = blk * BLOCK + tl.arange(0, BLOCK)
     r = tl.arange(0, MROWS)
