@@ -12,8 +12,8 @@ from qcompile.formats.kv import append_kv, kv_attention_reference
 
 from .autotune import TUNER
 from .device import interpreting, kernel_unavailable_reason
+from .ops import dot_dtype
 
-_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 LIVE_MAX_ROWS = 32  # distinct mask rows (heads x new tokens) up to which a decode step scans the mask
 LIVE_SCAN = 8192  # mask elements one kv_live_kernel program reads
 chosen = {}  # tuning key -> the tiling.Choice that ran: tests assert what was tuned
@@ -83,7 +83,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     rows = _row_block(hq // hkv * s)
     blocks = triton.cdiv(hq // hkv * s, rows)
     decode = blocks == 1
-    dot = tl.float32 if interpreting() or q.dtype == torch.float32 else _DOT[q.dtype]
+    dot = tl.float32 if interpreting() else dot_dtype(q.dtype)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(~attn_mask, float("-inf"))
@@ -96,8 +96,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     strides = (*q.stride(), *k_codes.stride(), *k_scale.stride(),
                *(mask.stride() if attn_mask is not None else (0,) * 4), *out.stride())
     consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d)
-    deq = tl.float32 if interpreting() and k_scale.dtype == torch.bfloat16 else _DOT[k_scale.dtype]
-    own = dict(BITS=bits, GROUP=group, DEQ=deq, DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
+    own = dict(BITS=bits, GROUP=group, DEQ=dot_dtype(k_scale.dtype), DOT=dot,
+               PRECISION="ieee" if dot == tl.float32 else "tf32",
                HAS_MASK=attn_mask is not None, LIVE=0 if live is None else triton.next_power_of_2(live.shape[1]),
                SKIP_HIDDEN=attn_mask is not None and not decode)
 

@@ -30,8 +30,10 @@ _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: t
 _locks = {}  # device -> int32 counters of split-K tiles; each launch leaves them at zero
 
 
-def _dot_dtype(dtype):
-    """The dot runs in the activation dtype; the interpreter's bf16 dot is wrong, so fp32 there."""
+def dot_dtype(dtype):
+    """The Triton dtype a kernel computes ``dtype``'s values in (dots, and the KV kernel's
+    dequantization): ``dtype`` itself, but fp32 for bf16 under the interpreter, whose bf16 dot
+    and arithmetic are wrong."""
     return tl.float32 if dtype == torch.bfloat16 and interpreting() else _DOT[dtype]
 
 
@@ -75,7 +77,7 @@ def _launch(x2, qweight, scale, zero, bias, fmt, bits, group, out, choice=None):
             s3.stride(0), s3.stride(1), s3.stride(2), out.stride(0), out.stride(1))
     consts = dict(BITS=bits, GROUP=group, FMT=fmt_code, HAS_BIAS=bias is not None,
                   CODES=tiling.codes_per_word_padded(bits, fmt_code >= 2))
-    dot = _dot_dtype(x2.dtype)
+    dot = dot_dtype(x2.dtype)
     per = tiling.codes_per_word(bits, fmt_code >= 2)
     own = {"gemm": dict(DOT=dot, PRECISION="ieee" if dot == tl.float32 else "tf32"), "gemv": dict(EVEN_K=k % per == 0)}
 
