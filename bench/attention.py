@@ -9,8 +9,8 @@ the max abs error of the output against fp16 SDPA on the unquantized K and V.
 
 Also, with ``--prefill``: causal prefill of a whole prompt (batch 1) against fp16 flash SDPA;
 ``--tail``: a decode step over a static cache of ``--tail`` tokens of which only the context
-is written, the rest hidden by the mask as transformers passes it (the kernel skips those
-tiles), against the same context without a tail; ``--append``: quantizing and writing one new
+is written, the rest hidden by the mask as transformers passes it (the kernel splits only
+what the mask shows), against the same context without a tail; ``--append``: quantizing and writing one new
 token per sequence (``qcompile::kv_append``) against Inductor's compiled quantize + index_copy;
 ``--sweep``: every candidate tile of the decode kernel (codegen/kv_tiling.py) timed; ``--ncu``:
 only a few plain launches, for Nsight Compute. The qcompile rows record the tuned tile.
@@ -43,6 +43,12 @@ def nbytes(tensors):
 def copies_of(tensors):
     n = max(1, min(8, int(2 * L2_BYTES // nbytes(tensors)) + 1))
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+
+
+def random_cache(b, t, bits, group):
+    """K and V of ``t`` random tokens per sequence, quantized: two (codes, scale, zero)."""
+    return tuple(quantize_kv(torch.randn(b, HKV, t, D, dtype=torch.float16, device="cuda"), bits, group)
+                 for _ in range(2))
 
 
 def prefill(lengths):
@@ -80,8 +86,8 @@ def tail(cache_len, contexts, batches):
             q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
             row = {"context": ctx, "cache": cache_len, "batch": b, "impl": {}}
             for name, (bits, group) in KV.items():
-                cache = tuple(t for x in range(2) for t in quantize_kv(
-                    torch.randn(b, HKV, cache_len, D, dtype=torch.float16, device="cuda"), bits, group))
+                k, v = random_cache(b, cache_len, bits, group)
+                cache = (*k, *v)
                 mask = (torch.arange(cache_len, device="cuda") < ctx).expand(b, 1, 1, cache_len)
                 masked = time_rotated(lambda: torch.ops.qcompile.kv_attention(q, *cache, cache_len, bits, mask), [()])
                 exact = time_rotated(lambda: torch.ops.qcompile.kv_attention(q, *cache, ctx, bits), [()])
@@ -123,8 +129,7 @@ def sweep(contexts, batches):
             torch.manual_seed(0)
             q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
             for name, (bits, group) in KV.items():
-                k, v = (quantize_kv(torch.randn(b, HKV, ctx, D, dtype=torch.float16, device="cuda"), bits, group)
-                        for _ in range(2))
+                k, v = random_cache(b, ctx, bits, group)
                 cands = kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device)
                 copies = copies_of((*k, *v))
                 times = {}
@@ -151,8 +156,7 @@ def ncu_target(contexts, batches):
         for b in map(int, batches.split(",")):
             q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
             for bits, group in KV.values():
-                k, v = (quantize_kv(torch.randn(b, HKV, ctx, D, dtype=torch.float16, device="cuda"), bits, group)
-                        for _ in range(2))
+                k, v = random_cache(b, ctx, bits, group)
                 for _ in range(3):
                     torch.ops.qcompile.kv_attention(q, *k, *v, ctx, bits)
     torch.cuda.synchronize()

@@ -86,8 +86,7 @@ def test_an_explicit_mask_decides_what_each_query_sees(dtype, mask_dtype, s, gro
     """As transformers' static cache calls SDPA: the whole cache length with a mask [B, 1, S, T]
     that hides the unwritten tail and here a hole, and its own softmax scale; a decode step of
     2 tokens (its cache split up to the last token the mask shows) and a prefill of 20 (two
-    blocks of rows, skipping the tiles the mask hides); int4 codes dequantized before the dots
-    (groups of 16) or after (32)."""
+    blocks of rows, skipping the tiles the mask hides); int4 codes in groups of 16 and of 32."""
     torch.manual_seed(5)
     k, v = cache(2, 2, 48, 32, 4, group, dtype, device)
     q = torch.randn(2, 4, s, 32, dtype=dtype, device=device)
