@@ -62,6 +62,25 @@ def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, d
     assert kv_ops.chosen[key].config.kwargs["BLOCK_T"] in tiles, "the tuner chose among the candidates"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits, group", [(8, 64), (4, 32)])
+def test_zero_points_with_a_fraction_are_kept(dtype, bits, group, device):
+    """The op takes any (codes, scale, zero) that dequantize_kv does, as the pass matches that
+    graph whoever quantized it: zeros between the integers (an unrounded -min / scale) shift
+    the values by their fraction, which the kernel keeps (1024 + zero in fp16 would round it
+    off), as the reference does. Codes of every value from 0 to the top."""
+    torch.manual_seed(3)
+    (kc, ks, kz), (vc, vs, vz) = cache(2, 2, 48, 64, bits, group, dtype, device)
+    top = 2**bits - 1
+    kc = torch.arange(kc.numel(), device=device).remainder(256).to(torch.uint8).view(kc.shape)
+    k, v = (kc, ks, (kz + torch.rand_like(kz) * 0.9).clamp(max=top)), (vc, vs * 4, vz + 0.5)
+    q = torch.randn(2, 4, 1, 64, dtype=dtype, device=device) * 4  # peaked: the shift shows in the output
+    ref = kv_attention_reference(q, k, v, bits, 48)
+    rounded = kv_attention_reference(q, (kc, ks, k[2].round()), (vc, vs * 4, v[2].round()), bits, 48)
+    assert (ref - rounded).abs().max() > 0.05, "the fraction matters at this size"
+    assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 48, bits), ref, dtype)
+
+
 @pytest.mark.parametrize("heads", [1, 4])
 def test_a_decode_step_splits_only_what_the_mask_shows(heads, device, monkeypatch):
     """kv_live_kernel: per sequence, one past the last token the mask shows to any query (the
