@@ -12,7 +12,8 @@ Also, with ``--prefill``: causal prefill of a whole prompt (batch 1) against fp1
 is written, the rest hidden by the mask as transformers passes it (the kernel splits only
 what the mask shows), against the same context without a tail; ``--append``: quantizing and writing one new
 token per sequence (``qcompile::kv_append``) against Inductor's compiled quantize + index_copy;
-``--sweep``: every candidate tile of the decode kernel (codegen/kv_tiling.py) timed; ``--ncu``:
+``--sweep``: every candidate tile of the decode kernel (codegen/kv_tiling.py) timed, and with
+``--kernels`` other versions of that kernel on the same caches (an A/B in one run); ``--ncu``:
 only a few plain launches, for Nsight Compute. The qcompile rows record the tuned tile.
 """
 import argparse
@@ -28,6 +29,7 @@ from triton.runtime.errors import OutOfResources
 from qcompile.codegen import kv_tiling
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 from bench.linear import L2_BYTES, copy_bandwidth, time_rotated
+from bench.sass import kernel_module
 from qcompile.formats.kv import append_kv, kv_attention_reference, quantize_kv
 
 HQ, HKV, D = 32, 8, 128
@@ -119,11 +121,14 @@ def append(batches):
     return rows
 
 
-def sweep(contexts, batches):
+def sweep(contexts, batches, kernels=()):
     """Every tile the tuner may choose (codegen/kv_tiling.py), timed on decode steps (caches
     rotated as in the main sweep): the landscape behind the tuned choice, and how far the
-    untuned first guess is from it."""
+    untuned first guess is from it. With ``kernels`` (files of other versions of
+    codegen/kv_attention.py), each of them too on the same caches, after the package's: an A/B
+    in one run, its best tiles compared at the end."""
     rows = []
+    versions = {"package": kv_ops.kv_attention_kernel} | {f: kernel_module(f).kv_attention_kernel for f in kernels}
     for ctx in map(int, contexts.split(",")):
         for b in map(int, batches.split(",")):
             torch.manual_seed(0)
@@ -132,21 +137,34 @@ def sweep(contexts, batches):
                 k, v = random_cache(b, ctx, bits, group)
                 cands = kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device)
                 copies = copies_of((*k, *v))
-                times = {}
-                for c in cands:
-                    try:
-                        times[str(c)] = time_rotated(
-                            lambda *kv: kv_ops._attention(q, kv[:3], kv[3:], ctx, bits, None, None, c), copies)
-                    except OutOfResources:
-                        times[str(c)] = None
-                done = {c: t for c, t in times.items() if t is not None}
-                best = min(done, key=done.get)
-                rows.append({"context": ctx, "batch": b, "kv": name, "us": times, "best": best,
-                             "first": str(cands[0])})
-                fastest = sorted(done.items(), key=lambda x: x[1])[:6]
-                print(f"sweep ctx {ctx} batch {b} {name}: best {best} {done[best]:.1f}us, first guess "
-                      f"{done.get(str(cands[0]), float('nan')):.1f}us; "
-                      + ", ".join(f"{c.replace('kv_attention ', '')} {t:.1f}" for c, t in fastest), flush=True)
+                ref = kv_attention_reference(q, k, v, bits, ctx)
+                for version, kernel in versions.items():
+                    kv_ops.kv_attention_kernel = kernel
+                    err = (kv_ops._attention(q, k, v, ctx, bits, None, None, cands[0]) - ref).abs().max().item()
+                    times = {}
+                    for c in cands:
+                        try:
+                            times[str(c)] = time_rotated(
+                                lambda *kv: kv_ops._attention(q, kv[:3], kv[3:], ctx, bits, None, None, c), copies)
+                        except OutOfResources:
+                            times[str(c)] = None
+                    done = {c: t for c, t in times.items() if t is not None}
+                    best = min(done, key=done.get)
+                    rows.append({"context": ctx, "batch": b, "kv": name, "kernel": version, "us": times, "best": best,
+                                 "first": str(cands[0]), "max_abs_err_vs_reference": err})
+                    fastest = sorted(done.items(), key=lambda x: x[1])[:6]
+                    print(f"sweep ctx {ctx} batch {b} {name} {version} (err {err:.1e}): best {best} "
+                          f"{done[best]:.1f}us, first guess "
+                          f"{done.get(str(cands[0]), float('nan')):.1f}us; "
+                          + ", ".join(f"{c.replace('kv_attention ', '')} {t:.1f}" for c, t in fastest), flush=True)
+                kv_ops.kv_attention_kernel = versions["package"]
+    for row in rows if kernels else []:
+        base = next(r for r in rows
+                    if r["kernel"] == "package" and all(r[x] == row[x] for x in ("context", "batch", "kv")))
+        row["best_vs_package"] = base["us"][base["best"]] / row["us"][row["best"]]
+        if row["kernel"] != "package":
+            print(f"A/B ctx {row['context']} batch {row['batch']} {row['kv']}: {row['kernel']} "
+                  f"{row['best_vs_package']:.2f}x the package's best tile")
     return rows
 
 
@@ -190,6 +208,8 @@ def main():
     p.add_argument("--tail", type=int, default=0, help="static cache length for the masked-tail rows")
     p.add_argument("--append", action="store_true")
     p.add_argument("--sweep", action="store_true", help="time every candidate tile of the decode kernel")
+    p.add_argument("--kernels", default="", help="with --sweep: files of other versions of codegen/kv_attention.py "
+                                                "to time against the package's (git show REV:codegen/kv_attention.py)")
     p.add_argument("--ncu", action="store_true", help="only launch the kernels, for ncu")
     p.add_argument("--name", default="attention")
     p.add_argument("--plot", help="only draw the plot of this results JSON")
@@ -208,7 +228,7 @@ def main():
     extras = {"prefill": a.prefill and (lambda: prefill(map(int, a.prefill.split(",")))),
               "tail": a.tail and (lambda: tail(a.tail, a.contexts, a.batches)),
               "append": a.append and (lambda: append(a.batches)),
-              "sweep": a.sweep and (lambda: sweep(a.contexts, a.batches))}
+              "sweep": a.sweep and (lambda: sweep(a.contexts, a.batches, a.kernels.split(",") if a.kernels else ()))}
     for key, run in extras.items():
         if run:
             res[key] = run()

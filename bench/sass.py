@@ -1,0 +1,184 @@
+"""python -m bench.sass: the machine code of the KV decode kernel, compiled for a GPU that this
+machine need not have, and what its main loop costs per tile. No device time: Triton compiles
+for an sm_90 target with the ptxas its wheel carries.
+
+For each width, dtype and launch shape (decode: 32 query heads on 8 KV heads, head_dim 128,
+tiles of 128 tokens), it counts the instructions of one iteration of the loop over the cache
+(the longest backward branch of the SASS) and sets three bounds on that tile, in cycles of one
+of the SM's four schedulers, as if one program had the SM:
+- issue: every instruction of every warp takes one issue slot;
+- conversion: int-to-float and float-to-float conversions (I2F, F2F, F2FP) run at 16 a clock
+  per SM (CUDA's throughput table for compute capability 9.0), 8 cycles a warp;
+- memory: the tile's codes, scales and zeros at the copy bandwidth per SM.
+When issue or conversion exceeds memory, the kernel cannot reach the bandwidth roofline
+whatever its occupancy: the figure ``roofline_bound`` is memory / the largest of the three.
+Below that, what is left is latency, hidden by the programs an SM holds at once: its 64K
+registers and 228 KB of shared memory (1 KB of it reserved per program) divided by a program's.
+
+The arguments mirror runtime/kv_ops.py's launch of a decode step with Triton's specialization
+(integers equal to 1 are constants, pointers and multiples of 16 are marked divisible by 16).
+"""
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from qcompile.codegen import kv_attention, kv_tiling
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+HQ, HKV, D, BLOCK_T = 32, 8, 128, 128
+KV = {"int8": (8, 128), "int4": (4, 32)}  # bits, group: the benchmark's formats
+TILES = ((4, 1), (8, 3))  # (warps, stages): the tuner's two first guesses
+CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP", "F2I")
+SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 233472, 64
+GPUS = {"h100": (3.0e12, 132, 1.755e9), "h200": (4.3e12, 132, 1.755e9)}  # copy B/s measured here, SMs, clock
+
+
+def available() -> str | None:
+    """None when this Triton can compile for an NVIDIA target here, else why not."""
+    missing = [t for t in ("ptxas", "nvdisasm") if not os.path.exists(os.path.join(BIN, t))]
+    return f"no {', '.join(missing)} in {BIN}" if missing else None
+
+
+def _decode_args(bits: int, group: int, dtype: str, context: int = 16384) -> dict:
+    """kv_attention_kernel's arguments in a decode step of batch 1, contiguous tensors: a type
+    for pointers and floats, the value for integers."""
+    groups, code_d, ptr = D // group, D * bits // 8, f"*{dtype}"
+    return {"q_ptr": ptr, "kc_ptr": "*u8", "ks_ptr": ptr, "kz_ptr": ptr, "vc_ptr": "*u8", "vs_ptr": ptr,
+            "vz_ptr": ptr, "mask_ptr": ptr, "live_ptr": "*i32", "o_ptr": ptr, "acc_ptr": "*fp32",
+            "stat_ptr": "*fp32", "length": context, "sm_scale": "fp32", "splits": 32, "nlive": 0,
+            **dict(zip(("sqb", "sqh", "sqs", "sqd"), (HQ * D, D, D, 1))),
+            **dict(zip(("scb", "sch", "sct", "scd"), (HKV * context * code_d, context * code_d, code_d, 1))),
+            **dict(zip(("ssb", "ssh", "sst", "ssg"), (HKV * context * groups, context * groups, groups, 1))),
+            **dict(zip(("smb", "smh", "sms", "smt"), (0, 0, 0, 0))),  # no mask
+            **dict(zip(("sob", "soh", "sos", "sod"), (HQ * D, D, D, 1)))}
+
+
+def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages: int, arch: int = 90):
+    """The kernel compiled as a decode step launches it, for sm_``arch``."""
+    tdtype = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
+    consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
+                  PRECISION="tf32", BLOCK_T=BLOCK_T, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False)
+    signature, attrs = {}, {}
+    for i, (name, value) in enumerate(_decode_args(bits, group, dtype).items()):
+        if isinstance(value, int) and value == 1:
+            consts[name] = 1
+        elif isinstance(value, int):
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = value
+            if value.startswith("*"):
+                attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    signature.update({name: "constexpr" for name in consts})
+    src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def _sass(compiled) -> tuple[str, int]:
+    """The disassembly and the registers per thread."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    return text, int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def loop_mix(text: str) -> collections.Counter:
+    """Opcodes of the longest loop: the lines from a label to the branch back to it."""
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    start, end = max(loops, key=lambda se: se[1] - se[0])
+    ops = collections.Counter()
+    for line in lines[start:end + 1]:
+        if m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line):
+            ops[m.group(1)] += 1
+    return ops
+
+
+def tile_bounds(ops: collections.Counter, warps: int, bits: int, group: int, dtype_bytes: int, gpu: str) -> dict:
+    """Cycles of one scheduler per tile (module docstring) and the roofline fraction they allow."""
+    bandwidth, sms, clock = GPUS[gpu]
+    tile_bytes = 2 * BLOCK_T * (D * bits // 8 + 2 * (D // group) * dtype_bytes)  # K and V: codes, scales, zeros
+    issue = sum(ops.values()) * warps / 4
+    conversion = sum(ops[c] for c in CONVERSIONS) * warps * 8 / 4
+    memory = tile_bytes / (bandwidth / sms / clock)
+    return {"issue": issue, "conversion": conversion, "memory": memory,
+            "roofline_bound": min(1.0, memory / max(issue, conversion, memory))}
+
+
+def programs_per_sm(registers: int, shared: int, warps: int) -> int:
+    """Programs one SM holds at once (registers allocated in multiples of 8 a thread)."""
+    by_registers = SM_REGISTERS // (-(-registers // 8) * 8 * 32 * warps)
+    return min(by_registers, SM_SHARED // (shared + 1024), SM_WARPS // warps)
+
+
+def report(kernel, gpu: str) -> list:
+    rows = []
+    for name, (bits, group) in KV.items():
+        for dtype in ("fp16", "bf16"):
+            for warps, stages in TILES:
+                compiled = compile_decode(kernel, bits, group, dtype, warps, stages)
+                text, regs = _sass(compiled)
+                programs = programs_per_sm(regs, compiled.metadata.shared, warps)
+                ops = loop_mix(text)
+                elements = 2 * BLOCK_T * D / (32 * warps)  # K and V codes one thread dequantizes per tile
+                keep = ("I2F", "F2FP", "PRMT", "LOP3", "HADD2", "HMUL2", "IMAD", "LDS", "STS", "BAR", "HMMA")
+                config = triton.Config({"BLOCK_T": BLOCK_T}, num_warps=warps, num_stages=stages)
+                row = {"kv": name, "dtype": dtype, "warps": warps, "stages": stages, "registers": regs,
+                       "shared": compiled.metadata.shared, "programs_per_sm": programs,
+                       "shared_model": kv_tiling.smem_bytes(config, 16, D, D // group, bits, 2, 2, False),
+                       "loop_instructions": sum(ops.values()), "per_code": sum(ops.values()) / elements,
+                       "mix": {op: ops[op] for op in keep}, **tile_bounds(ops, warps, bits, group, 2, gpu)}
+                rows.append(row)
+                print(f"{name} {dtype} {warps} warps {stages} stages: {regs} registers, {programs} programs an SM, "
+                      f"{row['loop_instructions']} instructions a tile ({row['per_code']:.1f} a code); cycles "
+                      f"issue {row['issue']:.0f}, conversion {row['conversion']:.0f}, memory {row['memory']:.0f} "
+                      f"({gpu}): at most {row['roofline_bound']:.0%} of the roofline; {row['mix']}", flush=True)
+    return rows
+
+
+def kernel_module(path: str | None):
+    """The module defining the KV kernels: the package's, or a file of another version of it
+    (``git show REV:codegen/kv_attention.py > FILE``) to compare against."""
+    if path is None:
+        return kv_attention
+    spec = importlib.util.spec_from_file_location("kv_attention_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--kernel", help="a file defining kv_attention_kernel to compile instead of the package's "
+                                    "(git show REV:codegen/kv_attention.py > FILE: an older version)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    p.add_argument("--out", help="write the rows to this JSON file")
+    a = p.parse_args()
+    if reason := available():
+        raise SystemExit(f"bench.sass: {reason}")
+    rows = report(kernel_module(a.kernel).kv_attention_kernel, a.gpu)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"kernel": a.kernel or "qcompile.codegen.kv_attention", "gpu": a.gpu,
+                       "triton": triton.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""bench/sass.py compiles the KV decode kernel for an sm_90 GPU on a machine without one: the
+static profile (loop instructions, registers, shared memory) that a session without device
+time still has. Run as a user runs it, in a process without the interpreter (under
+TRITON_INTERPRET=1 @triton.jit gives functions that only the interpreter runs)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.sass import available
+
+
+@pytest.mark.skipif(available() is not None, reason=f"bench.sass cannot compile here: {available()}")
+def test_the_decode_kernel_compiles_for_sm90_within_the_shared_memory_model(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "bench.sass", "--gpu", "h200", "--out", tmp_path / "sass.json"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "sass.json").read_text())["rows"]
+    assert {(r["kv"], r["dtype"], r["warps"]) for r in rows} == {
+        (kv, dt, w) for kv in ("int8", "int4") for dt in ("fp16", "bf16") for w in (4, 8)}
+    for row in rows:
+        assert row["mix"]["HMMA"] > 0, "both dots on the tensor cores, inside the loop found"
+        assert 0 < row["shared"] <= row["shared_model"], "kv_tiling's model never under-counts (no launch failure)"
+        assert 1 <= row["programs_per_sm"] <= 64 // row["warps"]
+        assert row["memory"] > 0 and 0 < row["roofline_bound"] <= 1
