@@ -14,7 +14,8 @@ what the mask shows), against the same context without a tail; ``--append``: qua
 token per sequence (``qcompile::kv_append``) against Inductor's compiled quantize + index_copy;
 ``--sweep``: every candidate tile of the decode kernel (codegen/kv_tiling.py) timed, and with
 ``--kernels`` other versions of that kernel on the same caches (an A/B in one run); ``--ncu``:
-only a few plain launches, for Nsight Compute. The qcompile rows record the tuned tile.
+only a few plain launches, for Nsight Compute. The qcompile rows record the tuned tile. With
+``--v-token-major`` V's codes are stored token-contiguous, [B, H, C, T] seen transposed.
 """
 import argparse
 import datetime
@@ -47,10 +48,20 @@ def copies_of(tensors):
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 
+V_TOKEN_MAJOR = False  # --v-token-major: V's codes stored token-contiguous
+
+
+def quantized_kv(k, v, bits, group):
+    """K and V quantized, V's codes in the layout the run measures."""
+    (vc, vs, vz) = quantize_kv(v, bits, group)
+    if V_TOKEN_MAJOR:
+        vc = vc.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return quantize_kv(k, bits, group), (vc, vs, vz)
+
+
 def random_cache(b, t, bits, group):
     """K and V of ``t`` random tokens per sequence, quantized: two (codes, scale, zero)."""
-    return tuple(quantize_kv(torch.randn(b, HKV, t, D, dtype=torch.float16, device="cuda"), bits, group)
-                 for _ in range(2))
+    return quantized_kv(*(torch.randn(b, HKV, t, D, dtype=torch.float16, device="cuda") for _ in range(2)), bits, group)
 
 
 def prefill(lengths):
@@ -64,7 +75,7 @@ def prefill(lengths):
         exact = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         row = {"length": n, "fp16_us": t_fp16, "impl": {}}
         for name, (bits, group) in KV.items():
-            cache = (*quantize_kv(k, bits, group), *quantize_kv(v, bits, group))
+            cache = tuple(t for kv in quantized_kv(k, v, bits, group) for t in kv)
             out = torch.ops.qcompile.kv_attention(q, *cache, n, bits)
             t = time_rotated(lambda: torch.ops.qcompile.kv_attention(q, *cache, n, bits), [()])
             row["impl"][f"qcompile {name}"] = {"us": t, "speedup": t_fp16 / t,
@@ -211,10 +222,13 @@ def main():
     p.add_argument("--kernels", default="", help="with --sweep: files of other versions of codegen/kv_attention.py "
                                                 "to time against the package's (git show REV:codegen/kv_attention.py)")
     p.add_argument("--ncu", action="store_true", help="only launch the kernels, for ncu")
+    p.add_argument("--v-token-major", action="store_true", help="V's codes stored token-contiguous")
     p.add_argument("--name", default="attention")
     p.add_argument("--plot", help="only draw the plot of this results JSON")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
+    global V_TOKEN_MAJOR
+    V_TOKEN_MAJOR = a.v_token_major
     if a.plot:
         return plot(a.plot)
     if a.ncu:
@@ -224,7 +238,7 @@ def main():
     path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-{a.name}.json")
     rows = []
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw": bw, "rows": rows,
-           "heads": [HQ, HKV, D]}
+           "heads": [HQ, HKV, D], "v_token_major": V_TOKEN_MAJOR}
     extras = {"prefill": a.prefill and (lambda: prefill(map(int, a.prefill.split(",")))),
               "tail": a.tail and (lambda: tail(a.tail, a.contexts, a.batches)),
               "append": a.append and (lambda: append(a.batches)),
@@ -248,7 +262,7 @@ def main():
             row = {"context": ctx, "batch": b, "fp16_us": t_fp16, "fp16_cache_bytes": nbytes((k, v)),
                    "fp16_roofline": nbytes((k, v)) / (t_fp16 * 1e-6) / bw, "impl": {}}
             for name, (bits, group) in KV.items():
-                kq, vq = quantize_kv(k, bits, group), quantize_kv(v, bits, group)
+                kq, vq = quantized_kv(k, v, bits, group)
                 cache = (*kq, *vq)
                 cbytes = nbytes(cache)
                 ref = kv_attention_reference(q, kq, vq, bits, ctx)

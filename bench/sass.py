@@ -49,27 +49,32 @@ def available() -> str | None:
     return f"no {', '.join(missing)} in {BIN}" if missing else None
 
 
-def _decode_args(bits: int, group: int, dtype: str, context: int = 16384) -> dict:
-    """kv_attention_kernel's arguments in a decode step of batch 1, contiguous tensors: a type
-    for pointers and floats, the value for integers."""
+def _decode_args(bits: int, group: int, dtype: str, v_token_major: bool, context: int = 16384) -> dict:
+    """kv_attention_kernel's arguments in a decode step of batch 1, contiguous tensors (V's codes
+    token-contiguous with ``v_token_major``): a type for pointers and floats, the value for
+    integers."""
     groups, code_d, ptr = D // group, D * bits // 8, f"*{dtype}"
+    head = context * code_d
+    v_token = (1, context) if v_token_major else (code_d, 1)
     return {"q_ptr": ptr, "kc_ptr": "*u8", "ks_ptr": ptr, "kz_ptr": ptr, "vc_ptr": "*u8", "vs_ptr": ptr,
             "vz_ptr": ptr, "mask_ptr": ptr, "live_ptr": "*i32", "o_ptr": ptr, "acc_ptr": "*fp32",
             "stat_ptr": "*fp32", "length": context, "sm_scale": "fp32", "splits": 32, "nlive": 0,
             **dict(zip(("sqb", "sqh", "sqs", "sqd"), (HQ * D, D, D, 1))),
-            **dict(zip(("scb", "sch", "sct", "scd"), (HKV * context * code_d, context * code_d, code_d, 1))),
+            **dict(zip(("skb", "skh", "skt", "skd"), (HKV * head, head, code_d, 1))),
+            **dict(zip(("svb", "svh", "svt", "svd"), (HKV * head, head, *v_token))),
             **dict(zip(("ssb", "ssh", "sst", "ssg"), (HKV * context * groups, context * groups, groups, 1))),
             **dict(zip(("smb", "smh", "sms", "smt"), (0, 0, 0, 0))),  # no mask
             **dict(zip(("sob", "soh", "sos", "sod"), (HQ * D, D, D, 1)))}
 
 
-def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages: int, arch: int = 90):
+def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages: int, v_token_major: bool = False,
+                   arch: int = 90):
     """The kernel compiled as a decode step launches it, for sm_``arch``."""
     tdtype = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
     consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
                   PRECISION="tf32", BLOCK_T=BLOCK_T, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False)
     signature, attrs = {}, {}
-    for i, (name, value) in enumerate(_decode_args(bits, group, dtype).items()):
+    for name, value in _decode_args(bits, group, dtype, v_token_major).items():
         if isinstance(value, int) and value == 1:
             consts[name] = 1
         elif isinstance(value, int):
@@ -128,12 +133,12 @@ def programs_per_sm(registers: int, shared: int, warps: int) -> int:
     return min(by_registers, SM_SHARED // (shared + 1024), SM_WARPS // warps)
 
 
-def report(kernel, gpu: str) -> list:
+def report(kernel, gpu: str, v_token_major: bool = False) -> list:
     rows = []
     for name, (bits, group) in KV.items():
         for dtype in ("fp16", "bf16"):
             for warps, stages in TILES:
-                compiled = compile_decode(kernel, bits, group, dtype, warps, stages)
+                compiled = compile_decode(kernel, bits, group, dtype, warps, stages, v_token_major)
                 text, regs = _sass(compiled)
                 programs = programs_per_sm(regs, compiled.metadata.shared, warps)
                 ops = loop_mix(text)
@@ -169,15 +174,16 @@ def main():
     p.add_argument("--kernel", help="a file defining kv_attention_kernel to compile instead of the package's "
                                     "(git show REV:codegen/kv_attention.py > FILE: an older version)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    p.add_argument("--v-token-major", action="store_true", help="V's codes stored token-contiguous")
     p.add_argument("--out", help="write the rows to this JSON file")
     a = p.parse_args()
     if reason := available():
         raise SystemExit(f"bench.sass: {reason}")
-    rows = report(kernel_module(a.kernel).kv_attention_kernel, a.gpu)
+    rows = report(kernel_module(a.kernel).kv_attention_kernel, a.gpu, a.v_token_major)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"kernel": a.kernel or "qcompile.codegen.kv_attention", "gpu": a.gpu,
-                       "triton": triton.__version__, "rows": rows}, f, indent=1)
+                       "v_token_major": a.v_token_major, "triton": triton.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ decode step splits only up to the last token the mask shows (``kv_live_kernel``)
 skips the tiles its block cannot see. The tile (BLOCK_T, warps, stages) and the split are
 tuned per shape (codegen/kv_tiling.py).
 
-BITS 8: one byte per code; 4: two per byte, channel 2i low nibble. Per token and group of
+BITS 8: one byte per code; 4: two per byte, channel 2i low nibble. K's and V's codes are read
+through their own strides: V may be stored token-contiguous, the order in which p @ V sums
+(bench.sass counts what that saves; the A/B on a GPU decides). Per token and group of
 GROUP channels: value = (code - zero) * scale, computed in the scale's dtype. DOT is the dtype
 of the dots' operands (the query's; float32 under the interpreter, whose bf16 dot is wrong);
 PRECISION "ieee" keeps float32 dots exact, which the GPU would otherwise round to tf32.
@@ -63,13 +65,13 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _tile(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, sct, scd, sst, ssg,
+def _tile(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd, sst, ssg,
           D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
           PRECISION: tl.constexpr):
     """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
-    k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, sct, scd, sst, ssg, D, BITS, GROUP, DEQ)
+    k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
     p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
-    v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, sct, scd, sst, ssg, D, BITS, GROUP, DEQ)
+    v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
     return acc, l, m
 
@@ -103,8 +105,8 @@ def kv_live_kernel(mask_ptr, live_ptr, length, rows, smb, smh, sms, smt, nlive,
 def kv_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, live_ptr, o_ptr, acc_ptr, stat_ptr,
     length, sm_scale, splits, nlive,
-    sqb, sqh, sqs, sqd, scb, sch, sct, scd, ssb, ssh, sst, ssg, smb, smh, sms, smt, sob, soh, sos, sod,
-    REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    sqb, sqh, sqs, sqd, skb, skh, skt, skd, svb, svh, svt, svd, ssb, ssh, sst, ssg, smb, smh, sms, smt,
+    sob, soh, sos, sod, REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_MASK: tl.constexpr, LIVE: tl.constexpr, SKIP_HIDDEN: tl.constexpr,
 ):
@@ -128,7 +130,8 @@ def kv_attention_kernel(
     end = tl.minimum(start + chunk, span)
     if not HAS_MASK:  # causal: no row of this block sees past its last query's position
         end = tl.minimum(end, tl.max(tl.where(rvalid, last, 0)) + 1)
-    kv = b * scb + hkv * sch
+    kc = kc_ptr + b * skb + hkv * skh
+    vc = vc_ptr + b * svb + hkv * svh
     sv = b * ssb + hkv * ssh
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
                 mask=rvalid[:, None], other=0.0)
@@ -142,11 +145,11 @@ def kv_attention_kernel(
         bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
         if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, vc_ptr + kv,
-                                  vs_ptr + sv, vz_ptr + sv, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+                acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                                  vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
         else:
-            acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc_ptr + kv, ks_ptr + sv, kz_ptr + sv, vc_ptr + kv,
-                              vs_ptr + sv, vz_ptr + sv, sct, scd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+            acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                              vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])

@@ -76,8 +76,6 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     b, hq, s, d = q.shape
     hkv = k_codes.shape[1]
     group = d // k_scale.shape[-1]
-    if v_codes.stride() != k_codes.stride():
-        k_codes, v_codes = k_codes.contiguous(), v_codes.contiguous()
     if not (k_scale.stride() == v_scale.stride() == k_zero.stride() == v_zero.stride()):
         k_scale, v_scale, k_zero, v_zero = (t.contiguous() for t in (k_scale, v_scale, k_zero, v_zero))
     rows = _row_block(hq // hkv * s)
@@ -93,7 +91,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     out = torch.empty_like(q)
     sms = _sms(q.device)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, mask, live if live is not None else q, out)
-    strides = (*q.stride(), *k_codes.stride(), *k_scale.stride(),
+    strides = (*q.stride(), *k_codes.stride(), *v_codes.stride(), *k_scale.stride(),
                *(mask.stride() if attn_mask is not None else (0,) * 4), *out.stride())
     consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d)
     own = dict(BITS=bits, GROUP=group, DEQ=dot_dtype(k_scale.dtype), DOT=dot,

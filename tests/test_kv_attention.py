@@ -7,7 +7,7 @@ import triton
 from conftest import DTYPES, assert_close
 from qcompile.codegen import kv_tiling
 from qcompile.codegen.tiling import Choice
-from qcompile.formats.kv import kv_attention_reference, dequantize_kv, quantize_kv
+from qcompile.formats.kv import append_kv, kv_attention_reference, dequantize_kv, quantize_kv
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 
 
@@ -79,6 +79,39 @@ def test_zero_points_with_a_fraction_are_kept(dtype, bits, group, device):
     rounded = kv_attention_reference(q, (kc, ks, k[2].round()), (vc, vs * 4, v[2].round()), bits, 48)
     assert (ref - rounded).abs().max() > 0.05, "the fraction matters at this size"
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 48, bits), ref, dtype)
+
+
+def token_major(codes: torch.Tensor) -> torch.Tensor:
+    """The same codes [B, H, T, C] stored token-contiguous: a [B, H, C, T] buffer seen transposed."""
+    return codes.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits, group", [(8, 64), (4, 32)])
+def test_k_and_v_codes_are_read_in_their_own_layouts(dtype, bits, group, device, monkeypatch):
+    """V codes stored token-contiguous (the layout in which 8-bit codes reach the tensor cores
+    along the tokens that p @ V sums over) and K codes a slice of a longer cache, each read
+    through its own strides: no copy of either per call, and one fused append writes a new
+    token into the token-contiguous V as append_kv writes it into the usual layout."""
+    torch.manual_seed(4)
+    (kc, ks, kz), (vc, vs, vz) = cache(2, 2, 60, 64, bits, group, dtype, device)
+    k, v = (kc[:, :, :50], ks[:, :, :50], kz[:, :, :50]), (token_major(vc[:, :, :50]), vs[:, :, :50], vz[:, :, :50])
+    assert not k[0].is_contiguous() and v[0].stride()[2:] == (1, 50)
+    q = torch.randn(2, 4, 3, 64, dtype=dtype, device=device)
+    ref = kv_attention_reference(q, k, v, bits, 50)
+
+    def no_copy(self, *args, **kwargs):
+        raise AssertionError("the op copied a cache tensor")
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "contiguous", no_copy)
+        out = torch.ops.qcompile.kv_attention(q, *k, *v, 50, bits)
+    assert_close(out, ref, dtype)
+    new = torch.randn(2, 2, 1, 64, dtype=dtype, device=device)
+    pos = torch.tensor([7], device=device)
+    expect = tuple(t.clone() for t in v)
+    append_kv(new, pos, *expect, bits)
+    torch.ops.qcompile.kv_append(new, pos, *v, bits)
+    assert all(torch.equal(a, b) for a, b in zip(v, expect))
 
 
 @pytest.mark.parametrize("heads", [1, 4])
