@@ -51,21 +51,7 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr
     soff = rt[:, None] * sst + rg[None, :] * ssg
     scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
     zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
-    return tl.reshape(_minus_zero(codes, zero, DEQ) * scale, (T, D))
-
-
-@triton.jit
-def _minus_zero(codes, zero, DEQ: tl.constexpr):
-    """code - zero in DEQ, rounded once as the reference rounds it, without an int-to-float
-    conversion (one a code, at a sixteenth of the SM's float32 rate on Hopper). The code goes
-    into the mantissa of 1024 (fp16) or 2**23 (float32, then DEQ: a code below 256 is exact in
-    bf16 too), and subtracting that offset leaves it; the zero is subtracted after, as it may
-    have a fraction that 1024 + zero would round off."""
-    if DEQ == tl.float16:
-        code = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    else:
-        code = ((codes.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(DEQ)
-    return code - zero
+    return tl.reshape((codes.to(DEQ) - zero) * scale, (T, D))
 
 
 @triton.jit
