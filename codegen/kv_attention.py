@@ -95,14 +95,49 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _tile(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd, sst, ssg,
+def _tile(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd, sst, ssg,
           D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
           PRECISION: tl.constexpr):
     """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
+    if BITS == 8 and GROUP == D and DOT != tl.bfloat16:  # 1024 + code is not exact in bf16
+        return _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+                              skt, skd, svt, svd, sst, D, DOT, PRECISION)
     k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
     p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
     v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
+    return acc, l, m
+
+
+@triton.jit
+def _plus_1024(codes):
+    """1024 + code in fp16: one PRMT for two codes on the GPU (their bytes under 0x64 bytes), the
+    same bits by integer arithmetic under the interpreter."""
+    if INTERPRET:
+        return (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0x64646464, 0x5140; prmt.b32 $1, $2, 0x64646464, 0x5342;",
+                                     "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt,
+                   svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
+    applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
+    then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
+    fp16 operand in range) against code - zero."""
+    rd = tl.arange(0, D)
+    kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
+    dots = tl.dot(q, tl.trans(_plus_1024(kc).to(DOT)), input_precision=PRECISION)
+    ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    p, alpha, l, m = _softmax_step((dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :] + bias, l, m)
+    vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
+    vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(DOT)
+    top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
+    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
     return acc, l, m
 
 
@@ -166,6 +201,7 @@ def kv_attention_kernel(
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
                 mask=rvalid[:, None], other=0.0)
     q = (q.to(tl.float32) * sm_scale).to(DOT)
+    qsum = tl.sum(q.to(tl.float32), 1)
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
@@ -175,10 +211,10 @@ def kv_attention_kernel(
         bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
         if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                                   vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
         else:
-            acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+            acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                               vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
