@@ -29,12 +29,8 @@ scale applied per token and group, not per element: 1.6-3.7x slower, 255 registe
 shared-memory wavefronts in bank conflicts); 4-bit nibbles kept apart in two dots (wrong
 results with 16-row blocks in fp16/bf16 under Triton 3.6).
 """
-import os
-
 import triton
 import triton.language as tl
-
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the interpreter runs no PTX
 
 
 @triton.jit
@@ -51,37 +47,11 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr
         codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
     else:  # each byte loaded once, its nibbles interleaved back: channel 2i low, 2i + 1 high
         byte = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
-        if DEQ == tl.float16:
-            low, high = _nibbles_plus_1024(byte)
-            codes = tl.reshape(tl.reshape(tl.join(low, high), (T, D)), (T, D // GROUP, GROUP)) - 1024.0
-        else:
-            codes = tl.reshape(tl.reshape(tl.join(byte & 15, byte >> 4), (T, D)), (T, D // GROUP, GROUP))
+        codes = tl.reshape(tl.reshape(tl.join(byte & 15, byte >> 4), (T, D)), (T, D // GROUP, GROUP))
     soff = rt[:, None] * sst + rg[None, :] * ssg
     scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
     zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
     return tl.reshape((codes.to(DEQ) - zero) * scale, (T, D))
-
-
-@triton.jit
-def _nibbles_plus_1024(byte):
-    """1024 + each nibble of the bytes, in fp16 (low, high): 3 instructions for 4 codes on the
-    GPU (a PRMT puts two bytes under 0x64 bytes, a mask or a shift and mask keeps one nibble),
-    integer arithmetic under the interpreter."""
-    if INTERPRET:
-        return ((byte & 15).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True), \
-            ((byte >> 4).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 t0, t1;
-        prmt.b32 t0, $4, 0x64646464, 0x5140;
-        prmt.b32 t1, $4, 0x64646464, 0x5342;
-        and.b32 $0, t0, 0xFF0FFF0F;
-        and.b32 $1, t1, 0xFF0FFF0F;
-        shr.b32 t0, t0, 4;
-        shr.b32 t1, t1, 4;
-        lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
-        }""", "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -95,49 +65,14 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _tile(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd, sst, ssg,
+def _tile(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd, sst, ssg,
           D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
           PRECISION: tl.constexpr):
     """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
-    if BITS == 8 and GROUP == D and DOT != tl.bfloat16:  # 1024 + code is not exact in bf16
-        return _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                              skt, skd, svt, svd, sst, D, DOT, PRECISION)
     k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
     p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
     v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
-    return acc, l, m
-
-
-@triton.jit
-def _plus_1024(codes):
-    """1024 + code in fp16: one PRMT for two codes on the GPU (their bytes under 0x64 bytes), the
-    same bits by integer arithmetic under the interpreter."""
-    if INTERPRET:
-        return (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-    return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0x64646464, 0x5140; prmt.b32 $1, $2, 0x64646464, 0x5342;",
-                                     "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt,
-                   svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
-    applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
-    then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
-    fp16 operand in range) against code - zero."""
-    rd = tl.arange(0, D)
-    kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
-    dots = tl.dot(q, tl.trans(_plus_1024(kc).to(DOT)), input_precision=PRECISION)
-    ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-    kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-    p, alpha, l, m = _softmax_step((dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :] + bias, l, m)
-    vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
-    vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-    vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(DOT)
-    top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
-    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
     return acc, l, m
 
 
@@ -201,7 +136,6 @@ def kv_attention_kernel(
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
                 mask=rvalid[:, None], other=0.0)
     q = (q.to(tl.float32) * sm_scale).to(DOT)
-    qsum = tl.sum(q.to(tl.float32), 1)
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
@@ -211,10 +145,10 @@ def kv_attention_kernel(
         bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
         if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                                   vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
         else:
-            acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+            acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                               vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
