@@ -7,7 +7,7 @@
 # tests-scaled, linear-sweep (widths x M x bf16/fp16 on two shapes), compile_time, compile_time-regional,
 # attention-extra (prefill, masked static-cache tail, fused append), attention-sweep (every
 # candidate tile of the KV decode kernel), attention-ab (that sweep for the package's kernel and each
-# file in $KV_KERNELS, other versions of codegen/kv_attention.py, with V's codes in the usual layout and
+# file in $KV_KERNELS, other versions of codegen/kv_attention.py), attention-ab-vt (the same with V's codes
 # token-contiguous), sass (bench.sass: the machine code's static profile, with the machine's Triton),
 # attention-ncu (Nsight Compute of it), accuracy-rounding (eager under
 # jitter and plain Inductor, for the activation-quantized formats),
@@ -61,9 +61,10 @@ stage() {
     accuracy-rounding) [ -f /tmp/smol.gguf ] || cat /tmp/gguf/* .gguf/* > /tmp/smol.gguf; python -m bench.accuracy --gguf /tmp/smol.gguf --configs w8a8,fp8,w4a8 --spread 4 --inductor --out "$R" ;;
     attention-quick) python -m bench.attention --contexts 4096,16384,32768 --batches 1,8 --out "$R" ;;
     attention-sweep) python -m bench.attention --sweep --contexts 4096,16384 --batches 1,8 --name attention-sweep --out "$R" ;;
-    attention-ab) for layout in "" --v-token-major; do  # V's codes in the usual layout, then token-contiguous
-        python -m bench.attention --sweep ${KV_KERNELS:+--kernels "$KV_KERNELS"} $layout --contexts 4096,16384 \
-          --batches 1,8,32 --name "attention-ab${layout:+-vt}" --out "$R"; done ;;
+    attention-ab) python -m bench.attention --sweep ${KV_KERNELS:+--kernels "$KV_KERNELS"} --contexts 16384 --batches 1,8 \
+        --name attention-ab --out "$R" ;;
+    attention-ab-vt) python -m bench.attention --sweep ${KV_KERNELS:+--kernels "$KV_KERNELS"} --v-token-major \
+        --contexts 16384 --batches 1,8 --name attention-ab-vt --out "$R" ;;
     sass) python -m bench.sass --gpu h200 --out "$R/sass.json"; python -m bench.sass --gpu h200 --v-token-major --out "$R/sass-vt.json" ;;
     attention-ncu) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_attention_kernel --launch-skip 1 --launch-count 4 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section WarpStateStats \
