@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,8 @@ from bench.sass import available
 def test_the_decode_kernel_compiles_for_sm90_within_the_shared_memory_model(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-m", "bench.sass", "--gpu", "h200", "--out", tmp_path / "sass.json"],
-                       capture_output=True, text=True, timeout=600, env=env)
+                       capture_output=True, text=True, timeout=600, env=env,
+                       cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "sass.json").read_text())["rows"]
     assert {(r["kv"], r["dtype"], r["warps"]) for r in rows} == {
