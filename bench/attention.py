@@ -19,6 +19,7 @@ only a few plain launches, for Nsight Compute. The qcompile rows record the tune
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 
@@ -27,10 +28,9 @@ import torch.nn.functional as F
 
 from triton.runtime.errors import OutOfResources
 
-from qcompile.codegen import kv_tiling
+from qcompile.codegen import kv_attention, kv_tiling
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 from bench.linear import L2_BYTES, copy_bandwidth, time_rotated
-from bench.sass import kernel_module
 from qcompile.formats.kv import append_kv, kv_attention_reference, quantize_kv
 
 HQ, HKV, D = 32, 8, 128
@@ -46,6 +46,17 @@ def nbytes(tensors):
 def copies_of(tensors):
     n = max(1, min(8, int(2 * L2_BYTES // nbytes(tensors)) + 1))
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+
+
+def kernel_module(path: str | None):
+    """The module defining the KV kernels: the package's, or a file of another version of it
+    (``git show REV:codegen/kv_attention.py > FILE``) to compare against."""
+    if path is None:
+        return kv_attention
+    spec = importlib.util.spec_from_file_location("kv_attention_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 V_TOKEN_MAJOR = False  # --v-token-major: V's codes stored token-contiguous
@@ -75,7 +86,8 @@ def prefill(lengths):
         exact = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         row = {"length": n, "fp16_us": t_fp16, "impl": {}}
         for name, (bits, group) in KV.items():
-            cache = tuple(t for kv in quantized_kv(k, v, bits, group) for t in kv)
+            kq, vq = quantized_kv(k, v, bits, group)
+            cache = (*kq, *vq)
             out = torch.ops.qcompile.kv_attention(q, *cache, n, bits)
             t = time_rotated(lambda: torch.ops.qcompile.kv_attention(q, *cache, n, bits), [()])
             row["impl"][f"qcompile {name}"] = {"us": t, "speedup": t_fp16 / t,

@@ -20,7 +20,6 @@ The arguments mirror runtime/kv_ops.py's launch of a decode step with Triton's s
 """
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import re
@@ -32,13 +31,14 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from qcompile.codegen import kv_attention, kv_tiling
+from bench.attention import D, HKV, HQ, KV, kernel_module  # the benchmark's heads and formats
+from qcompile.codegen import kv_tiling
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-HQ, HKV, D, BLOCK_T = 32, 8, 128, 128
-KV = {"int8": (8, 128), "int4": (4, 32)}  # bits, group: the benchmark's formats
+BLOCK_T = 128
 TILES = ((4, 1), (8, 3))  # (warps, stages): the tuner's two first guesses
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP", "F2I")
+MIX = ("I2F", "F2FP", "PRMT", "LOP3", "HADD2", "HMUL2", "IMAD", "LDS", "STS", "BAR", "HMMA")  # opcodes reported
 SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 233472, 64
 GPUS = {"h100": (3.0e12, 132, 1.755e9), "h200": (4.3e12, 132, 1.755e9)}  # copy B/s measured here, SMs, clock
 
@@ -143,30 +143,18 @@ def report(kernel, gpu: str, v_token_major: bool = False) -> list:
                 programs = programs_per_sm(regs, compiled.metadata.shared, warps)
                 ops = loop_mix(text)
                 elements = 2 * BLOCK_T * D / (32 * warps)  # K and V codes one thread dequantizes per tile
-                keep = ("I2F", "F2FP", "PRMT", "LOP3", "HADD2", "HMUL2", "IMAD", "LDS", "STS", "BAR", "HMMA")
                 config = triton.Config({"BLOCK_T": BLOCK_T}, num_warps=warps, num_stages=stages)
                 row = {"kv": name, "dtype": dtype, "warps": warps, "stages": stages, "registers": regs,
                        "shared": compiled.metadata.shared, "programs_per_sm": programs,
                        "shared_model": kv_tiling.smem_bytes(config, 16, D, D // group, bits, 2, 2, False),
                        "loop_instructions": sum(ops.values()), "per_code": sum(ops.values()) / elements,
-                       "mix": {op: ops[op] for op in keep}, **tile_bounds(ops, warps, bits, group, 2, gpu)}
+                       "mix": {op: ops[op] for op in MIX}, **tile_bounds(ops, warps, bits, group, 2, gpu)}
                 rows.append(row)
                 print(f"{name} {dtype} {warps} warps {stages} stages: {regs} registers, {programs} programs an SM, "
                       f"{row['loop_instructions']} instructions a tile ({row['per_code']:.1f} a code); cycles "
                       f"issue {row['issue']:.0f}, conversion {row['conversion']:.0f}, memory {row['memory']:.0f} "
                       f"({gpu}): at most {row['roofline_bound']:.0%} of the roofline; {row['mix']}", flush=True)
     return rows
-
-
-def kernel_module(path: str | None):
-    """The module defining the KV kernels: the package's, or a file of another version of it
-    (``git show REV:codegen/kv_attention.py > FILE``) to compare against."""
-    if path is None:
-        return kv_attention
-    spec = importlib.util.spec_from_file_location("kv_attention_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main():
