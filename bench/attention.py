@@ -15,7 +15,8 @@ token per sequence (``qcompile::kv_append``) against Inductor's compiled quantiz
 ``--sweep``: every candidate tile of the decode kernel (codegen/kv_tiling.py) timed, and with
 ``--kernels`` other versions of that kernel on the same caches (an A/B in one run); ``--ncu``:
 only a few plain launches, for Nsight Compute. The qcompile rows record the tuned tile. With
-``--v-token-major`` V's codes are stored token-contiguous, [B, H, C, T] seen transposed.
+``--v-layout`` V's codes as QuantizedStaticCache stores them (8-bit token-contiguous, [B, H, C,
+T] seen transposed), or all row- or token-contiguous.
 """
 import argparse
 import datetime
@@ -31,7 +32,7 @@ from triton.runtime.errors import OutOfResources
 from qcompile.codegen import kv_attention, kv_tiling
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 from bench.linear import L2_BYTES, copy_bandwidth, time_rotated
-from qcompile.formats.kv import append_kv, kv_attention_reference, quantize_kv
+from qcompile.formats.kv import append_kv, as_token_major, kv_attention_reference, quantize_kv, v_token_major
 
 HQ, HKV, D = 32, 8, 128
 CONTEXTS = [1024, 4096, 16384, 32768, 131072]
@@ -59,14 +60,14 @@ def kernel_module(path: str | None):
     return module
 
 
-V_TOKEN_MAJOR = False  # --v-token-major: V's codes stored token-contiguous
+V_LAYOUT = "cache"  # --v-layout: V's codes as QuantizedStaticCache stores them, or "rows" / "tokens" for all
 
 
 def quantized_kv(k, v, bits, group):
     """K and V quantized, V's codes in the layout the run measures."""
     (vc, vs, vz) = quantize_kv(v, bits, group)
-    if V_TOKEN_MAJOR:
-        vc = vc.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if V_LAYOUT == "tokens" or V_LAYOUT == "cache" and v_token_major(bits):
+        vc = as_token_major(vc)
     return quantize_kv(k, bits, group), (vc, vs, vz)
 
 
@@ -234,13 +235,14 @@ def main():
     p.add_argument("--kernels", default="", help="with --sweep: files of other versions of codegen/kv_attention.py "
                                                 "to time against the package's (git show REV:codegen/kv_attention.py)")
     p.add_argument("--ncu", action="store_true", help="only launch the kernels, for ncu")
-    p.add_argument("--v-token-major", action="store_true", help="V's codes stored token-contiguous")
+    p.add_argument("--v-layout", choices=("cache", "rows", "tokens"), default="cache",
+                   help="V's codes as the cache stores them (formats.kv.v_token_major), row- or token-contiguous")
     p.add_argument("--name", default="attention")
     p.add_argument("--plot", help="only draw the plot of this results JSON")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
-    global V_TOKEN_MAJOR
-    V_TOKEN_MAJOR = a.v_token_major
+    global V_LAYOUT
+    V_LAYOUT = a.v_layout
     if a.plot:
         return plot(a.plot)
     if a.ncu:
@@ -250,7 +252,7 @@ def main():
     path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-{a.name}.json")
     rows = []
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw": bw, "rows": rows,
-           "heads": [HQ, HKV, D], "v_token_major": V_TOKEN_MAJOR}
+           "heads": [HQ, HKV, D], "v_layout": V_LAYOUT}
     extras = {"prefill": a.prefill and (lambda: prefill(map(int, a.prefill.split(",")))),
               "tail": a.tail and (lambda: tail(a.tail, a.contexts, a.batches)),
               "append": a.append and (lambda: append(a.batches)),

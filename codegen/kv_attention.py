@@ -16,9 +16,15 @@ skips the tiles its block cannot see. The tile (BLOCK_T, warps, stages) and the 
 tuned per shape (codegen/kv_tiling.py).
 
 BITS 8: one byte per code; 4: two per byte, channel 2i low nibble. K's and V's codes are read
-through their own strides: V may be stored token-contiguous, the order in which p @ V sums
-(bench.sass counts what that saves; the A/B on a GPU decides). Per token and group of
-GROUP channels: value = (code - zero) * scale, computed in the scale's dtype. DOT is the dtype
+through their own strides: 8-bit V is stored token-contiguous (formats.kv.v_token_major), the
+order in which p @ V sums, so its bytes reach the tensor cores without a byte-wise
+shared-memory read. Per token and group of GROUP channels: value = (code - zero) * scale,
+computed in the scale's dtype. Two paths skip the integer-to-float conversion of each code
+(measured on the H200, 16k context, against the version before them:
+bench/results/2026-11-30-h200-attention-ab*.json): 8-bit codes with whole-head groups and
+fp16 dots take their scales on the dots, not on every code (``_tile_deferred``, 1.25-1.49x);
+4-bit codes with fp16 scales become ``1024 + nibble`` in fp16 by bit operations
+(``_nibbles_plus_1024``, 1.08-1.20x). Neither helps bf16, where 1024 + code is not exact. DOT is the dtype
 of the dots' operands (the query's; float32 under the interpreter, whose bf16 dot is wrong);
 PRECISION "ieee" keeps float32 dots exact, which the GPU would otherwise round to tf32.
 
@@ -27,10 +33,16 @@ codes loaded as 2D tiles with K transposed into the dot's B operand shape (1.4-2
 dequantization deferred to the dots' results through a batched dot over the groups (the
 scale applied per token and group, not per element: 1.6-3.7x slower, 255 registers, 76% of the
 shared-memory wavefronts in bank conflicts); 4-bit nibbles kept apart in two dots (wrong
-results with 16-row blocks in fp16/bf16 under Triton 3.6).
+results with 16-row blocks in fp16/bf16 under Triton 3.6). On the H200: the mantissa trick for
+every code, the zero subtracted after (1.01-1.09x, short of the two paths above; main's
+history, 1a2cb8e).
 """
+import os
+
 import triton
 import triton.language as tl
+
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the interpreter runs no PTX
 
 
 @triton.jit
@@ -47,11 +59,37 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr
         codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
     else:  # each byte loaded once, its nibbles interleaved back: channel 2i low, 2i + 1 high
         byte = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
-        codes = tl.reshape(tl.reshape(tl.join(byte & 15, byte >> 4), (T, D)), (T, D // GROUP, GROUP))
+        if DEQ == tl.float16:
+            low, high = _nibbles_plus_1024(byte)
+            codes = tl.reshape(tl.reshape(tl.join(low, high), (T, D)), (T, D // GROUP, GROUP)) - 1024.0
+        else:
+            codes = tl.reshape(tl.reshape(tl.join(byte & 15, byte >> 4), (T, D)), (T, D // GROUP, GROUP))
     soff = rt[:, None] * sst + rg[None, :] * ssg
     scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
     zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
     return tl.reshape((codes.to(DEQ) - zero) * scale, (T, D))
+
+
+@triton.jit
+def _nibbles_plus_1024(byte):
+    """1024 + each nibble of the bytes, in fp16 (low, high): 3 instructions for 4 codes on the
+    GPU (a PRMT puts two bytes under 0x64 bytes, a mask or a shift and mask keeps one nibble),
+    integer arithmetic under the interpreter."""
+    if INTERPRET:
+        return ((byte & 15).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True), \
+            ((byte >> 4).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t0, t1;
+        prmt.b32 t0, $4, 0x64646464, 0x5140;
+        prmt.b32 t1, $4, 0x64646464, 0x5342;
+        and.b32 $0, t0, 0xFF0FFF0F;
+        and.b32 $1, t1, 0xFF0FFF0F;
+        shr.b32 t0, t0, 4;
+        shr.b32 t1, t1, 4;
+        lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
+        }""", "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -65,14 +103,49 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _tile(q, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd, sst, ssg,
+def _tile(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd, sst, ssg,
           D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
           PRECISION: tl.constexpr):
     """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
+    if BITS == 8 and GROUP == D and DOT != tl.bfloat16:  # 1024 + code is not exact in bf16
+        return _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+                              skt, skd, svt, svd, sst, D, DOT, PRECISION)
     k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
     p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
     v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
+    return acc, l, m
+
+
+@triton.jit
+def _plus_1024(codes):
+    """1024 + code in fp16: one PRMT for two codes on the GPU (their bytes under 0x64 bytes), the
+    same bits by integer arithmetic under the interpreter."""
+    if INTERPRET:
+        return (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0x64646464, 0x5140; prmt.b32 $1, $2, 0x64646464, 0x5342;",
+                                     "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt,
+                   svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
+    applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
+    then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
+    fp16 operand in range) against code - zero."""
+    rd = tl.arange(0, D)
+    kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
+    dots = tl.dot(q, tl.trans(_plus_1024(kc).to(DOT)), input_precision=PRECISION)
+    ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    p, alpha, l, m = _softmax_step((dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :] + bias, l, m)
+    vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
+    vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(DOT)
+    top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
+    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
     return acc, l, m
 
 
@@ -136,6 +209,7 @@ def kv_attention_kernel(
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
                 mask=rvalid[:, None], other=0.0)
     q = (q.to(tl.float32) * sm_scale).to(DOT)
+    qsum = tl.sum(q.to(tl.float32), 1)
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
@@ -145,10 +219,10 @@ def kv_attention_kernel(
         bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
         if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                                   vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
         else:
-            acc, l, m = _tile(q, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+            acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                               vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,

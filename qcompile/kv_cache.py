@@ -18,13 +18,14 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_append
-from qcompile.formats.kv import check_kv_args, dequantize_kv
+from qcompile.formats.kv import check_kv_args, codes_buffer, dequantize_kv, v_token_major
 
 
 class QuantizedStaticLayer(StaticLayer):
     """One attention layer's cache: ``keys``/``values`` hold the uint8 codes
-    [B, H, max_cache_len, D or D/2]; ``key_scale``/``key_zero`` (and the value ones) hold
-    [B, H, max_cache_len, D / group] in the model's dtype."""
+    [B, H, max_cache_len, D or D/2] (8-bit values token-contiguous: formats.kv.v_token_major);
+    ``key_scale``/``key_zero`` (and the value ones) hold [B, H, max_cache_len, D / group] in the
+    model's dtype."""
 
     def __init__(self, max_cache_len: int, bits: int = 8, group: int = 32, **kwargs):
         super().__init__(max_cache_len=max_cache_len)
@@ -39,8 +40,8 @@ class QuantizedStaticLayer(StaticLayer):
         for name, states in (("key", key_states), ("value", value_states)):
             b, h, _, d = states.shape
             check_kv_args(d, self.bits, self.group)
-            tensors[name] = torch.zeros(b, h, self.max_cache_len, d if self.bits == 8 else d // 2, dtype=torch.uint8,
-                                        device=self.device)
+            tensors[name] = codes_buffer(b, h, self.max_cache_len, d, self.bits,
+                                         name == "value" and v_token_major(self.bits), self.device)
             for part in ("scale", "zero"):
                 tensors[f"{name}_{part}"] = torch.zeros(b, h, self.max_cache_len, d // self.group, dtype=states.dtype,
                                                         device=self.device)

@@ -7,7 +7,7 @@ import triton
 from conftest import DTYPES, assert_close
 from qcompile.codegen import kv_tiling
 from qcompile.codegen.tiling import Choice
-from qcompile.formats.kv import append_kv, kv_attention_reference, dequantize_kv, quantize_kv
+from qcompile.formats.kv import append_kv, as_token_major, kv_attention_reference, dequantize_kv, quantize_kv
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 
 
@@ -81,11 +81,6 @@ def test_zero_points_with_a_fraction_are_kept(dtype, bits, group, device):
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 48, bits), ref, dtype)
 
 
-def token_major(codes: torch.Tensor) -> torch.Tensor:
-    """The same codes [B, H, T, C] stored token-contiguous: a [B, H, C, T] buffer seen transposed."""
-    return codes.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits, group", [(8, 64), (4, 32)])
 def test_k_and_v_codes_are_read_in_their_own_layouts(dtype, bits, group, device, monkeypatch):
@@ -95,7 +90,7 @@ def test_k_and_v_codes_are_read_in_their_own_layouts(dtype, bits, group, device,
     token into the token-contiguous V as append_kv writes it into the usual layout."""
     torch.manual_seed(4)
     (kc, ks, kz), (vc, vs, vz) = cache(2, 2, 60, 64, bits, group, dtype, device)
-    k, v = (kc[:, :, :50], ks[:, :, :50], kz[:, :, :50]), (token_major(vc[:, :, :50]), vs[:, :, :50], vz[:, :, :50])
+    k, v = (kc[:, :, :50], ks[:, :, :50], kz[:, :, :50]), (as_token_major(vc[:, :, :50]), vs[:, :, :50], vz[:, :, :50])
     assert not k[0].is_contiguous() and v[0].stride()[2:] == (1, 50)
     q = torch.randn(2, 4, 3, 64, dtype=dtype, device=device)
     ref = kv_attention_reference(q, k, v, bits, 50)
