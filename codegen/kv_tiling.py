@@ -29,8 +29,11 @@ _smem = sympy.lambdify((BT, STAGES, ROWS, D, G, CODE_BYTES, S_BYTES, DOT_BYTES, 
 INTERPRETED = [triton.Config({"BLOCK_T": 16, "WAVES": 2}, num_warps=4, num_stages=1),
                triton.Config({"BLOCK_T": 32, "WAVES": 1}, num_warps=4, num_stages=1)]
 SMALLEST = triton.Config({"BLOCK_T": 32, "WAVES": 1}, num_warps=4, num_stages=1)
-# (warps, stages) in the order the H100 sweep's winners had them (all with 128-token tiles)
-WARPS_STAGES = ((4, 1), (8, 3), (8, 1), (4, 3))
+# (BLOCK_T, WAVES, warps, stages) of the winners of the H200 A/B at 16k context, batch 1 and 8
+# (bench/results/2026-11-30-h200-attention-ab-cache.json: 8-bit V token-contiguous, 4-bit not):
+# the first candidates, so that a tuning budget cut still times them. The first guess of the
+# H100 order before them was up to 2x slower than the best tile.
+WINNERS = ((128, 1, 8, 3), (64, 2, 4, 3), (128, 2, 8, 1), (128, 2, 4, 1), (64, 4, 4, 3), (128, 4, 4, 1))
 
 
 def smem_bytes(cfg: triton.Config, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,
@@ -40,13 +43,13 @@ def smem_bytes(cfg: triton.Config, rows: int, d: int, groups: int, bits: int, s_
 
 
 def _grid(decode: bool):
-    """Best guess first: what won the H100 sweep's decode cases (bench/results/
-    2026-11-25-h100-attention-sweep.json: 128-token tiles, 4 warps and 1 stage or 8 and 3, two
-    or four programs per SM), so that a tuning budget cut still times the likely winners. A
-    prefill has one split, so WAVES does not matter there."""
-    waves = (2, 4, 1) if decode else (1,)
-    return [triton.Config({"BLOCK_T": bt, "WAVES": w}, num_warps=nw, num_stages=s)
-            for bt, (nw, s), w in itertools.product((128, 64, 32), WARPS_STAGES, waves)]
+    """The winners first, then every other tile (128, 64 and 32 tokens, 4 or 8 warps, 1 or 3
+    stages) and, for decoding, 1, 2 or 4 programs per SM. A prefill has one split, so WAVES
+    does not matter there."""
+    waves = (1, 2, 4) if decode else (1,)
+    tiles = dict.fromkeys([(bt, w if decode else 1, nw, s) for bt, w, nw, s in WINNERS]
+                          + list(itertools.product((128, 64, 32), waves, (4, 8), (1, 3))))
+    return [triton.Config({"BLOCK_T": bt, "WAVES": w}, num_warps=nw, num_stages=s) for bt, w, nw, s in tiles]
 
 
 def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,
