@@ -46,43 +46,28 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the inter
 
 
 @triton.jit
-def _load(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr, BITS: tl.constexpr,
-          GROUP: tl.constexpr, DEFER: tl.constexpr):
-    """A tile's bytes as stored: codes (DEFER: [T, D]; else 8-bit [T, D / GROUP, GROUP], the
-    shape they are used in, a 2D load and a reshape ran slower; 4-bit bytes [T, D / 2]) and
-    scale and zero ([T] with DEFER, else [T, D / GROUP])."""
-    if DEFER:
-        codes = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D)[None, :] * scd, mask=tmask[:, None], other=0)
-        scale = tl.load(s_ptr + rt * sst, mask=tmask, other=0.0)
-        zero = tl.load(z_ptr + rt * sst, mask=tmask, other=0.0)
-    else:
-        rg = tl.arange(0, D // GROUP)
-        if BITS == 8:
-            d3 = rg[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-            codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
-        else:
-            codes = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None],
-                            other=0)
-        soff = rt[:, None] * sst + rg[None, :] * ssg
-        scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0)
-        zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0)
-    return codes, scale, zero
-
-
-@triton.jit
-def _values(codes, scale, zero, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr):
-    """[T, D] values of _load's tile in DEQ, the scale's dtype (float32 for bf16 under the
+def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr, BITS: tl.constexpr,
+             GROUP: tl.constexpr, DEQ: tl.constexpr):
+    """[BLOCK_T, D] values of tokens rt in DEQ, the scale's dtype (float32 for bf16 under the
     interpreter, whose bf16 arithmetic is wrong): (code - zero) * scale rounded once as the
-    reference rounds it, without a float32 detour. 4-bit codes: nibbles interleaved back,
-    channel 2i low, 2i + 1 high."""
-    T: tl.constexpr = codes.shape[0]
-    if BITS == 4:
+    reference rounds it, without a float32 detour (two conversions fewer per element). Codes
+    [BLOCK_T, D / GROUP, GROUP] against one scale and zero per group, loaded once per group."""
+    T: tl.constexpr = rt.shape[0]
+    rg = tl.arange(0, D // GROUP)
+    if BITS == 8:  # loaded in the [T, G, GROUP] shape it is used in (a 2D load and a reshape ran slower)
+        d3 = rg[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
+    else:  # each byte loaded once, its nibbles interleaved back: channel 2i low, 2i + 1 high
+        byte = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
         if DEQ == tl.float16:
-            low, high = _nibbles_plus_1024(codes)
+            low, high = _nibbles_plus_1024(byte)
             codes = tl.reshape(tl.reshape(tl.join(low, high), (T, D)), (T, D // GROUP, GROUP)) - 1024.0
         else:
-            codes = tl.reshape(tl.reshape(tl.join(codes & 15, codes >> 4), (T, D)), (T, D // GROUP, GROUP))
-    return tl.reshape((codes.to(DEQ) - zero.to(DEQ)[:, :, None]) * scale.to(DEQ)[:, :, None], (T, D))
+            codes = tl.reshape(tl.reshape(tl.join(byte & 15, byte >> 4), (T, D)), (T, D // GROUP, GROUP))
+    soff = rt[:, None] * sst + rg[None, :] * ssg
+    scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
+    zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
+    return tl.reshape((codes.to(DEQ) - zero) * scale, (T, D))
 
 
 @triton.jit
@@ -118,16 +103,17 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _tile(q, qsum, acc, l, m, bias, kc, ks, kz, vc, vs, vz, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-          DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, DEFER: tl.constexpr):
-    """One tile of the online softmax: (acc [ROWS, D], l, m) updated with _load's K and V tiles."""
-    if DEFER:
-        acc, l, m = _tile_deferred(q, qsum, acc, l, m, bias, kc, ks, kz, vc, vs, vz, DOT, PRECISION)
-    else:
-        k = _values(kc, ks, kz, D, BITS, GROUP, DEQ)
-        p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
-        v = _values(vc, vs, vz, D, BITS, GROUP, DEQ)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
+def _tile(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd, sst, ssg,
+          D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
+          PRECISION: tl.constexpr):
+    """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
+    if BITS == 8 and GROUP == D and DOT != tl.bfloat16:  # 1024 + code is not exact in bf16
+        return _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+                              skt, skd, svt, svd, sst, D, DOT, PRECISION)
+    k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
+    p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
+    v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
     return acc, l, m
 
 
@@ -142,14 +128,21 @@ def _plus_1024(codes):
 
 
 @triton.jit
-def _tile_deferred(q, qsum, acc, l, m, bias, kc, ks, kz, vc, vs, vz, DOT: tl.constexpr, PRECISION: tl.constexpr):
+def _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt,
+                   svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
     applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
     then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
     fp16 operand in range) against code - zero."""
+    rd = tl.arange(0, D)
+    kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
     dots = tl.dot(q, tl.trans(_plus_1024(kc).to(DOT)), input_precision=PRECISION)
-    ks, kz, vs, vz = ks.to(tl.float32), kz.to(tl.float32), vs.to(tl.float32), vz.to(tl.float32)
+    ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     p, alpha, l, m = _softmax_step((dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :] + bias, l, m)
+    vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
+    vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(DOT)
     top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
     acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
@@ -220,31 +213,17 @@ def kv_attention_kernel(
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
-    ks_ptr, kz_ptr, vs_ptr, vz_ptr = ks_ptr + sv, kz_ptr + sv, vs_ptr + sv, vz_ptr + sv
-    DEFER: tl.constexpr = (BITS == 8) & (GROUP == D) & (DOT != tl.bfloat16)  # 1024 + code is not exact in bf16
-    if SKIP_HIDDEN:
-        for t0 in range(start, end, BLOCK_T):
-            rt = t0 + tl.arange(0, BLOCK_T)
-            tmask = rt < length
-            bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
+    for t0 in range(start, end, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        tmask = rt < length
+        bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
+        if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                kt, kst, kzt = _load(kc, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEFER)
-                vt, vst, vzt = _load(vc, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEFER)
-                acc, l, m = _tile(q, qsum, acc, l, m, bias, kt, kst, kzt, vt, vst, vzt, D, BITS, GROUP, DEQ, DOT,
-                                  PRECISION, DEFER)
-    else:  # each iteration loads the next tile's bytes into registers before computing this one
-        rt = start + tl.arange(0, BLOCK_T)
-        kt, kst, kzt = _load(kc, ks_ptr, kz_ptr, rt, rt < end, skt, skd, sst, ssg, D, BITS, GROUP, DEFER)
-        vt, vst, vzt = _load(vc, vs_ptr, vz_ptr, rt, rt < end, svt, svd, sst, ssg, D, BITS, GROUP, DEFER)
-        for t0 in range(start, end, BLOCK_T):
-            rt = t0 + tl.arange(0, BLOCK_T)
-            nt = rt + BLOCK_T
-            nkt, nkst, nkzt = _load(kc, ks_ptr, kz_ptr, nt, nt < end, skt, skd, sst, ssg, D, BITS, GROUP, DEFER)
-            nvt, nvst, nvzt = _load(vc, vs_ptr, vz_ptr, nt, nt < end, svt, svd, sst, ssg, D, BITS, GROUP, DEFER)
-            bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, rt < length, smh, sms, smt, S, HAS_MASK)
-            acc, l, m = _tile(q, qsum, acc, l, m, bias, kt, kst, kzt, vt, vst, vzt, D, BITS, GROUP, DEQ, DOT,
-                              PRECISION, DEFER)
-            kt, kst, kzt, vt, vst, vzt = nkt, nkst, nkzt, nvt, nvst, nvzt
+                acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                                  vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+        else:
+            acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                              vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
