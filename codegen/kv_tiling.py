@@ -3,9 +3,10 @@ shared-memory model that prunes them, as codegen/tiling.py does for the linear k
 
 A configuration is a tile of BLOCK_T cached tokens, warps, pipeline stages and WAVES, the
 programs per SM that the split of a decode step's cache aims at (a runtime argument: it
-changes the split, not the compiled kernel). Shared memory, a sympy expression: each stage
-holds the K and V code tiles, their scales and zeros and (with a mask) the mask tile; the
-dequantized K and V tiles and the probabilities are staged once more as the dots' operands.
+changes the split, not the compiled kernel), and for some REGS, a cap on the registers of a
+thread (passed as ``maxnreg`` at launch). Shared memory, a sympy expression: each stage holds
+the K and V code tiles, their scales and zeros and (with a mask) the mask tile; the dequantized
+K and V tiles and the probabilities are staged once more as the dots' operands.
 """
 import itertools
 
@@ -29,11 +30,15 @@ _smem = sympy.lambdify((BT, STAGES, ROWS, D, G, CODE_BYTES, S_BYTES, DOT_BYTES, 
 INTERPRETED = [triton.Config({"BLOCK_T": 16, "WAVES": 2}, num_warps=4, num_stages=1),
                triton.Config({"BLOCK_T": 32, "WAVES": 1}, num_warps=4, num_stages=1)]
 SMALLEST = triton.Config({"BLOCK_T": 32, "WAVES": 1}, num_warps=4, num_stages=1)
-# (BLOCK_T, WAVES, warps, stages) of the winners of the H200 A/B at 16k context, batch 1 and 8
-# (bench/results/2026-11-30-h200-attention-ab-cache.json: 8-bit V token-contiguous, 4-bit not):
-# the first candidates, so that a tuning budget cut still times them. The first guess of the
-# H100 order before them was up to 2x slower than the best tile.
-WINNERS = ((128, 1, 8, 3), (64, 2, 4, 3), (128, 2, 8, 1), (128, 2, 4, 1), (64, 4, 4, 3), (128, 4, 4, 1))
+# (BLOCK_T, WAVES, warps, stages, REGS) of the winners of the H200 A/B at 16k context, batch 1
+# and 8 (bench/results/2026-11-30-h200-attention-ab-cache.json: 8-bit V token-contiguous, 4-bit
+# not): the first candidates, so that a tuning budget cut still times them. The first guess of
+# the H100 order before them was up to 2x slower than the best tile. REGS caps the registers a
+# thread (ptxas .maxnreg; None: no cap): at 128, 4 programs of 4 warps fit an SM instead of 3,
+# at the cost of a few spills, and 4-bit decoding at batch 8 ran 1.09x faster
+# (-attention-ab-regs.json: 161.6 against 175.8 us; no gain for 8-bit or batch 1).
+WINNERS = ((128, 1, 8, 3, None), (64, 2, 4, 3, None), (128, 2, 8, 1, None), (128, 4, 4, 1, 128),
+           (128, 2, 4, 1, None), (64, 4, 4, 3, None), (128, 4, 4, 1, None), (64, 4, 4, 1, 96))
 
 
 def smem_bytes(cfg: triton.Config, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,
@@ -47,9 +52,10 @@ def _grid(decode: bool):
     stages) and, for decoding, 1, 2 or 4 programs per SM. A prefill has one split, so WAVES
     does not matter there."""
     waves = (1, 2, 4) if decode else (1,)
-    tiles = dict.fromkeys([(bt, w if decode else 1, nw, s) for bt, w, nw, s in WINNERS]
-                          + list(itertools.product((128, 64, 32), waves, (4, 8), (1, 3))))
-    return [triton.Config({"BLOCK_T": bt, "WAVES": w}, num_warps=nw, num_stages=s) for bt, w, nw, s in tiles]
+    tiles = dict.fromkeys([(bt, w if decode else 1, nw, s, regs) for bt, w, nw, s, regs in WINNERS]
+                          + [(*t, None) for t in itertools.product((128, 64, 32), waves, (4, 8), (1, 3))])
+    return [triton.Config({"BLOCK_T": bt, "WAVES": w} | ({"REGS": regs} if regs else {}), num_warps=nw, num_stages=s)
+            for bt, w, nw, s, regs in tiles]
 
 
 def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,

@@ -107,7 +107,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
         binary = kv_attention_kernel[(b, hkv, blocks * splits)](
             *args, acc, stat, length, 1 / math.sqrt(d) if sm_scale is None else sm_scale, splits,
             live.shape[1] if live is not None else 0, *strides, **consts, **own, BLOCK_T=cfg.kwargs["BLOCK_T"],
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.kwargs.get("REGS"))
         if splits > 1:
             kv_combine_kernel[(b, hkv)](acc, stat, out, splits, *out.stride(), **consts)
         return binary
