@@ -71,45 +71,6 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr
 
 
 @triton.jit
-def _halves(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr, GROUP: tl.constexpr,
-            DEQ: tl.constexpr):
-    """4-bit values of tokens rt as two [T, D / 2] tiles, the even channels (low nibbles) and the
-    odd ones (high nibbles), each dequantized where it lies: no interleave back into channel
-    order, which needs a layout change through shared memory."""
-    T: tl.constexpr = rt.shape[0]
-    G: tl.constexpr = D // GROUP
-    byte = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
-    if DEQ == tl.float16:
-        low, high = _nibbles_plus_1024(byte)
-        low, high = low - 1024.0, high - 1024.0
-    else:
-        low, high = byte & 15, byte >> 4
-    soff = rt[:, None] * sst + tl.arange(0, G)[None, :] * ssg
-    scale = tl.load(s_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
-    zero = tl.load(z_ptr + soff, mask=tmask[:, None], other=0.0).to(DEQ)[:, :, None]
-    low = tl.reshape((tl.reshape(low.to(DEQ), (T, G, GROUP // 2)) - zero) * scale, (T, D // 2))
-    high = tl.reshape((tl.reshape(high.to(DEQ), (T, G, GROUP // 2)) - zero) * scale, (T, D // 2))
-    return low, high
-
-
-@triton.jit
-def _tile_halves(qe, qo, acce, acco, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd,
-                 svt, svd, sst, ssg, D: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """_tile for 4-bit codes over the even and odd channels apart: two dots for q k^T, two
-    accumulators for p V."""
-    ke, ko = _halves(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, GROUP, DEQ)
-    qk = tl.dot(qe, tl.trans(ke.to(DOT)), input_precision=PRECISION)
-    qk = tl.dot(qo, tl.trans(ko.to(DOT)), qk, input_precision=PRECISION)
-    p, alpha, l, m = _softmax_step(qk + bias, l, m)
-    ve, vo = _halves(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, GROUP, DEQ)
-    p = p.to(DOT)
-    acce = acce * alpha[:, None] + tl.dot(p, ve.to(DOT), input_precision=PRECISION)
-    acco = acco * alpha[:, None] + tl.dot(p, vo.to(DOT), input_precision=PRECISION)
-    return acce, acco, l, m
-
-
-@triton.jit
 def _nibbles_plus_1024(byte):
     """1024 + each nibble of the bytes, in fp16 (low, high): 3 instructions for 4 codes on the
     GPU (a PRMT puts two bytes under 0x64 bytes, a mask or a shift and mask keeps one nibble),
@@ -245,64 +206,30 @@ def kv_attention_kernel(
     kc = kc_ptr + b * skb + hkv * skh
     vc = vc_ptr + b * svb + hkv * svh
     sv = b * ssb + hkv * ssh
-    qrow = q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs
+    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
+                mask=rvalid[:, None], other=0.0)
+    q = (q.to(tl.float32) * sm_scale).to(DOT)
+    qsum = tl.sum(q.to(tl.float32), 1)
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
-    if BITS == 4:  # even and odd channels apart
-        rh = tl.arange(0, D // 2)
-        qe = (tl.load(qrow + (2 * rh)[None, :] * sqd, mask=rvalid[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT)
-        qo = (tl.load(qrow + (2 * rh + 1)[None, :] * sqd, mask=rvalid[:, None], other=0.0).to(tl.float32)
-              * sm_scale).to(DOT)
-        acce = tl.zeros((ROWS, D // 2), tl.float32)
-        acco = tl.zeros((ROWS, D // 2), tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            rt = t0 + tl.arange(0, BLOCK_T)
-            tmask = rt < length
-            bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
-            if SKIP_HIDDEN:
-                if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                    acce, acco, l, m = _tile_halves(qe, qo, acce, acco, l, m, bias, rt, tmask, kc, ks_ptr + sv,
-                                                    kz_ptr + sv, vc, vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd,
-                                                    sst, ssg, D, GROUP, DEQ, DOT, PRECISION)
-            else:
-                acce, acco, l, m = _tile_halves(qe, qo, acce, acco, l, m, bias, rt, tmask, kc, ks_ptr + sv,
-                                                kz_ptr + sv, vc, vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, sst,
-                                                ssg, D, GROUP, DEQ, DOT, PRECISION)
-        _store(acce, l, m, 2 * rh, o_ptr, acc_ptr, stat_ptr, b, hkv, split, splits, head, r, rvalid, sob, soh, sos, sod,
-               S, ROWS, D)
-        _store(acco, l, m, 2 * rh + 1, o_ptr, acc_ptr, stat_ptr, b, hkv, split, splits, head, r, rvalid, sob, soh, sos,
-               sod, S, ROWS, D)
-    else:
-        q = (tl.load(qrow + rd[None, :] * sqd, mask=rvalid[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT)
-        qsum = tl.sum(q.to(tl.float32), 1)
-        acc = tl.zeros((ROWS, D), tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            rt = t0 + tl.arange(0, BLOCK_T)
-            tmask = rt < length
-            bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
-            if SKIP_HIDDEN:
-                if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                    acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc,
-                                      vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT,
-                                      PRECISION)
-            else:
+    acc = tl.zeros((ROWS, D), tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        tmask = rt < length
+        bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
+        if SKIP_HIDDEN:
+            if tl.max(tl.max(bias, 1), 0) > float("-inf"):
                 acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                                   vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
-        _store(acc, l, m, rd, o_ptr, acc_ptr, stat_ptr, b, hkv, split, splits, head, r, rvalid, sob, soh, sos, sod,
-               S, ROWS, D)
-
-
-@triton.jit
-def _store(acc, l, m, cols, o_ptr, acc_ptr, stat_ptr, b, hkv, split, splits, head, r, rvalid, sob, soh, sos, sod,
-           S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
-    """acc's channels ``cols``: the output itself when one program has the whole cache, else
-    partials for kv_combine_kernel (with m and l)."""
-    if splits == 1:
-        tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + cols[None, :] * sod,
+        else:
+            acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                              vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+    if splits == 1:  # the whole cache in this program: the output directly
+        tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
-    else:
+    else:  # partials for kv_combine_kernel (one block of rows)
         part = ((b * tl.num_programs(1) + hkv) * splits + split) * ROWS + r
-        tl.store(acc_ptr + part[:, None] * D + cols[None, :], acc)
+        tl.store(acc_ptr + part[:, None] * D + rd[None, :], acc)
         tl.store(stat_ptr + part * 2, m)
         tl.store(stat_ptr + part * 2 + 1, l)
 
