@@ -164,14 +164,17 @@ def sweep(contexts, batches, kernels=()):
                 ref = kv_attention_reference(q, k, v, bits, ctx)
                 for version, kernel in versions.items():
                     kv_ops.kv_attention_kernel = kernel
-                    err = (kv_ops._attention(q, k, v, ctx, bits, None, None, cands[0]) - ref).abs().max().item()
-                    times = {}
-                    for c in cands:
-                        try:
-                            times[str(c)] = time_rotated(
-                                lambda *kv: kv_ops._attention(q, kv[:3], kv[3:], ctx, bits, None, None, c), copies)
-                        except OutOfResources:
-                            times[str(c)] = None
+                    try:
+                        err = (kv_ops._attention(q, k, v, ctx, bits, None, None, cands[0]) - ref).abs().max().item()
+                        times = {}
+                        for c in cands:
+                            try:
+                                times[str(c)] = time_rotated(
+                                    lambda *kv: kv_ops._attention(q, kv[:3], kv[3:], ctx, bits, None, None, c), copies)
+                            except OutOfResources:
+                                times[str(c)] = None
+                    finally:
+                        kv_ops.kv_attention_kernel = versions["package"]
                     done = {c: t for c, t in times.items() if t is not None}
                     best = min(done, key=done.get)
                     rows.append({"context": ctx, "batch": b, "kv": name, "kernel": version, "us": times, "best": best,
@@ -181,7 +184,6 @@ def sweep(contexts, batches, kernels=()):
                           f"{done[best]:.1f}us, first guess "
                           f"{done.get(str(cands[0]), float('nan')):.1f}us; "
                           + ", ".join(f"{c.replace('kv_attention ', '')} {t:.1f}" for c, t in fastest), flush=True)
-                kv_ops.kv_attention_kernel = versions["package"]
     for row in rows if kernels else []:
         base = next(r for r in rows
                     if r["kernel"] == "package" and all(r[x] == row[x] for x in ("context", "batch", "kv")))
