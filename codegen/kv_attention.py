@@ -133,7 +133,7 @@ def _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, 
     """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
     applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
     then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
-    fp16 operand in range) against 1024 + code, less that p's sum against 1024 + zero."""
+    fp16 operand in range) against code - zero."""
     rd = tl.arange(0, D)
     kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
     dots = tl.dot(q, tl.trans(_plus_1024(kc).to(DOT)), input_precision=PRECISION)
@@ -143,10 +143,9 @@ def _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, 
     vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
     vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(DOT)
     top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
-    pv = (p * (vs / top)[None, :]).to(DOT)
-    pvz = tl.sum(pv.to(tl.float32) * (vz + 1024.0)[None, :], 1)  # what the dot's 1024 + code adds over code - zero
-    acc = acc * alpha[:, None] + (tl.dot(pv, _plus_1024(vc).to(DOT), input_precision=PRECISION) - pvz[:, None]) * top
+    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
     return acc, l, m
 
 
