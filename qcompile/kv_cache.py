@@ -1,6 +1,6 @@
 """A quantized static KV cache for transformers models (issue 5).
 
-``QuantizedStaticCache(config, max_cache_len, bits=8, group=32)`` drops in where transformers'
+``QuantizedStaticCache(config, max_cache_len, bits=8, group=None)`` drops in where transformers'
 StaticCache goes (``generate(past_key_values=...)`` or a hand-written decode loop, compiled or
 not). Each layer keeps K and V as int8 or int4 codes with a scale and a zero point per token,
 head and ``group`` channels (formats/kv.py), in buffers of fixed address, as StaticCache does,
@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_append
-from qcompile.formats.kv import check_kv_args, codes_buffer, dequantize_kv, v_token_major
+from qcompile.formats.kv import check_kv_args, codes_buffer, default_group, dequantize_kv, v_token_major
 
 
 class QuantizedStaticLayer(StaticLayer):
@@ -98,11 +98,13 @@ class QuantizedStaticLayer(StaticLayer):
 
 class QuantizedStaticCache(Cache):
     """A StaticCache whose layers hold int8 or int4 K/V (``bits``) with a scale and a zero point
-    per ``group`` channels of each token and head."""
+    per ``group`` channels of each token and head (by default formats.kv.default_group: the
+    whole head for int8, 32 channels for int4)."""
 
-    def __init__(self, config, max_cache_len: int, bits: int = 8, group: int = 32, **kwargs):
+    def __init__(self, config, max_cache_len: int, bits: int = 8, group: int | None = None, **kwargs):
         text = config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        group = default_group(head_dim, bits) if group is None else group
         check_kv_args(head_dim, bits, group)
         if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
             raise ValueError(f"QuantizedStaticCache: layer_types={text.layer_types!r}: only full attention layers "

@@ -35,6 +35,16 @@ def test_a_layer_stores_codes_and_returns_them_dequantized(bits, group):
     assert layer.memory_bytes() <= 2 * 2 * 3 * 10 * 32 * (0.625 if bits == 8 else 0.5)
 
 
+def test_the_default_group_is_the_head_for_int8_and_32_channels_for_int4():
+    """int8's whole-head groups take the kernel's path that scales the dots, not each code."""
+    config = transformers.LlamaConfig(hidden_size=512, num_attention_heads=4, num_hidden_layers=2)  # head_dim 128
+    assert [layer.group for layer in QuantizedStaticCache(config, 8).layers] == [128, 128]
+    assert [layer.group for layer in QuantizedStaticCache(config, 8, bits=4).layers] == [32, 32]
+    assert QuantizedStaticCache(config, 8, bits=8, group=64).layers[0].group == 64
+    small = tiny_llama(torch.float32, "cpu").config  # head_dim 16: int4 groups of the whole head
+    assert QuantizedStaticCache(small, 8, bits=4).layers[0].group == 16
+
+
 def test_bad_arguments_name_what_is_allowed():
     model = tiny_llama(torch.float32, "cpu")
     with pytest.raises(ValueError, match="bits=3: allowed values for a KV cache are 4 and 8"):
