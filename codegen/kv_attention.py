@@ -39,36 +39,26 @@ history, 1a2cb8e).
 """
 import os
 
-import torch
 import triton
 import triton.language as tl
-
-if torch.cuda.is_available():  # in-kernel TMA descriptors need a scratch allocator
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the interpreter runs no PTX
 
 
 @triton.jit
-def _code_tile(desc, t0, TOKEN_MAJOR: tl.constexpr):
-    """[BLOCK_T, C] code bytes of the tokens from t0 through a TMA descriptor (zeros past the end)."""
-    if TOKEN_MAJOR:
-        codes = tl.trans(desc.load([0, t0]))
-    else:
-        codes = desc.load([t0, 0])
-    return codes
-
-
-@triton.jit
-def _dequant(desc, t0, s_ptr, z_ptr, rt, tmask, sst, ssg, D: tl.constexpr, BITS: tl.constexpr,
-             GROUP: tl.constexpr, DEQ: tl.constexpr, TOKEN_MAJOR: tl.constexpr):
-    """[BLOCK_T, D] values of tokens rt in DEQ, the scale's dtype: (code - zero) * scale."""
+def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr, BITS: tl.constexpr,
+             GROUP: tl.constexpr, DEQ: tl.constexpr):
+    """[BLOCK_T, D] values of tokens rt in DEQ, the scale's dtype (float32 for bf16 under the
+    interpreter, whose bf16 arithmetic is wrong): (code - zero) * scale rounded once as the
+    reference rounds it, without a float32 detour (two conversions fewer per element). Codes
+    [BLOCK_T, D / GROUP, GROUP] against one scale and zero per group, loaded once per group."""
     T: tl.constexpr = rt.shape[0]
     rg = tl.arange(0, D // GROUP)
-    if BITS == 8:
-        codes = tl.reshape(_code_tile(desc, t0, TOKEN_MAJOR), (T, D // GROUP, GROUP))
-    else:  # channel 2i low nibble, 2i + 1 high
-        byte = _code_tile(desc, t0, TOKEN_MAJOR)
+    if BITS == 8:  # loaded in the [T, G, GROUP] shape it is used in (a 2D load and a reshape ran slower)
+        d3 = rg[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
+    else:  # each byte loaded once, its nibbles interleaved back: channel 2i low, 2i + 1 high
+        byte = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
         if DEQ == tl.float16:
             low, high = _nibbles_plus_1024(byte)
             codes = tl.reshape(tl.reshape(tl.join(low, high), (T, D)), (T, D // GROUP, GROUP)) - 1024.0
@@ -113,18 +103,17 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _tile(q, qsum, acc, l, m, bias, t0, rt, tmask, kdesc, ks_ptr, kz_ptr, vdesc, vs_ptr, vz_ptr, sst, ssg,
+def _tile(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd, sst, ssg,
           D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
           PRECISION: tl.constexpr):
     """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
     if BITS == 8 and GROUP == D and DOT != tl.bfloat16:  # 1024 + code is not exact in bf16
-        acc, l, m = _tile_deferred(q, qsum, acc, l, m, bias, t0, rt, tmask, kdesc, ks_ptr, kz_ptr, vdesc, vs_ptr,
-                                   vz_ptr, sst, DOT, PRECISION)
-    else:
-        k = _dequant(kdesc, t0, ks_ptr, kz_ptr, rt, tmask, sst, ssg, D, BITS, GROUP, DEQ, False)
-        p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
-        v = _dequant(vdesc, t0, vs_ptr, vz_ptr, rt, tmask, sst, ssg, D, BITS, GROUP, DEQ, BITS == 8)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
+        return _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+                              skt, skd, svt, svd, sst, D, DOT, PRECISION)
+    k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
+    p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
+    v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
     return acc, l, m
 
 
@@ -139,24 +128,24 @@ def _plus_1024(codes):
 
 
 @triton.jit
-def _tile_deferred(q, qsum, acc, l, m, bias, t0, rt, tmask, kdesc, ks_ptr, kz_ptr, vdesc, vs_ptr, vz_ptr, sst,
-                   DOT: tl.constexpr, PRECISION: tl.constexpr):
+def _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt,
+                   svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
     applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
     then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
-    fp16 operand in range) against 1024 + code, less that p's sum against 1024 + zero."""
-    kc = _code_tile(kdesc, t0, False)
+    fp16 operand in range) against code - zero."""
+    rd = tl.arange(0, D)
+    kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
     dots = tl.dot(q, tl.trans(_plus_1024(kc).to(DOT)), input_precision=PRECISION)
     ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     p, alpha, l, m = _softmax_step((dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :] + bias, l, m)
-    vc = _code_tile(vdesc, t0, True)
+    vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
     vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(DOT)
     top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
-    pv = (p * (vs / top)[None, :]).to(DOT)
-    pvz = tl.sum(pv.to(tl.float32) * (vz + 1024.0)[None, :], 1)  # what the dot's 1024 + code adds over code - zero
-    acc = acc * alpha[:, None] + (tl.dot(pv, _plus_1024(vc).to(DOT), input_precision=PRECISION) - pvz[:, None]) * top
+    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
     return acc, l, m
 
 
@@ -214,12 +203,8 @@ def kv_attention_kernel(
     end = tl.minimum(start + chunk, span)
     if not HAS_MASK:  # causal: no row of this block sees past its last query's position
         end = tl.minimum(end, tl.max(tl.where(rvalid, last, 0)) + 1)
-    C: tl.constexpr = D if BITS == 8 else D // 2
-    kdesc = tl.make_tensor_descriptor(kc_ptr + b * skb + hkv * skh, [length, C], [skt, 1], [BLOCK_T, C])
-    if BITS == 8:  # V stored token-contiguous, as QuantizedStaticCache does
-        vdesc = tl.make_tensor_descriptor(vc_ptr + b * svb + hkv * svh, [C, length], [svd, 1], [C, BLOCK_T])
-    else:
-        vdesc = tl.make_tensor_descriptor(vc_ptr + b * svb + hkv * svh, [length, C], [svt, 1], [BLOCK_T, C])
+    kc = kc_ptr + b * skb + hkv * skh
+    vc = vc_ptr + b * svb + hkv * svh
     sv = b * ssb + hkv * ssh
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
                 mask=rvalid[:, None], other=0.0)
@@ -234,11 +219,11 @@ def kv_attention_kernel(
         bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
         if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc, l, m = _tile(q, qsum, acc, l, m, bias, t0, rt, tmask, kdesc, ks_ptr + sv, kz_ptr + sv, vdesc,
-                                  vs_ptr + sv, vz_ptr + sv, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+                acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                                  vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
         else:
-            acc, l, m = _tile(q, qsum, acc, l, m, bias, t0, rt, tmask, kdesc, ks_ptr + sv, kz_ptr + sv, vdesc, vs_ptr + sv,
-                              vz_ptr + sv, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+            acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                              vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
