@@ -7,8 +7,9 @@
 # tests-scaled, linear-sweep (widths x M x bf16/fp16 on two shapes), compile_time, compile_time-regional,
 # attention-extra (prefill, masked static-cache tail, fused append), attention-sweep (every
 # candidate tile of the KV decode kernel), attention-ab (that sweep for the package's kernel and each
-# file in $KV_KERNELS, other versions of codegen/kv_attention.py, V's codes row-contiguous), attention-ab-vt (the same
-# with V's codes token-contiguous), attention-ab-cache (V's codes as the cache stores them), sass (bench.sass: the machine code's static profile, with the machine's Triton),
+# file in $KV_KERNELS, other versions of codegen/kv_attention.py, V's codes row-contiguous),
+# attention-ab-vt (the same with V's codes token-contiguous), attention-ab-cache (V's codes as the
+# cache stores them), sass (bench.sass: the machine code's static profile, with the machine's Triton),
 # attention-ncu (Nsight Compute of it), accuracy-rounding (eager under
 # jitter and plain Inductor, for the activation-quantized formats),
 # profile (Nsight Compute of the tuned W4 kernels), gguf-part and accuracy (the 98 MB model file, split in

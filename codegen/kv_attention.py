@@ -24,9 +24,10 @@ computed in the scale's dtype. Two paths skip the integer-to-float conversion of
 bench/results/2026-11-30-h200-attention-ab*.json): 8-bit codes with whole-head groups and
 fp16 dots take their scales on the dots, not on every code (``_tile_deferred``, 1.25-1.49x);
 4-bit codes with fp16 scales become ``1024 + nibble`` in fp16 by bit operations
-(``_nibbles_plus_1024``, 1.08-1.20x). Neither helps bf16, where 1024 + code is not exact. DOT is the dtype
-of the dots' operands (the query's; float32 under the interpreter, whose bf16 dot is wrong);
-PRECISION "ieee" keeps float32 dots exact, which the GPU would otherwise round to tf32.
+(``_nibbles_plus_1024``, 1.08-1.20x). Neither helps bf16, where 1024 + code is not exact.
+DOT is the dtype of the dots' operands (the query's; float32 under the interpreter, whose bf16
+dot is wrong); PRECISION "ieee" keeps float32 dots exact, which the GPU would otherwise round
+to tf32.
 
 Measured on the H100 and not kept (bench/results/2026-11-25-h100-attention-sweep*.json): 8-bit
 codes loaded as 2D tiles with K transposed into the dot's B operand shape (1.4-2.2x slower);
@@ -103,8 +104,8 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _tile(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd, sst, ssg,
-          D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
+def _tile(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd,
+          sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
           PRECISION: tl.constexpr):
     """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
     if BITS == 8 and GROUP == D and DOT != tl.bfloat16:  # 1024 + code is not exact in bf16

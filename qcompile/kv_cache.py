@@ -25,9 +25,9 @@ class QuantizedStaticLayer(StaticLayer):
     """One attention layer's cache: ``keys``/``values`` hold the uint8 codes
     [B, H, max_cache_len, D or D/2] (8-bit values token-contiguous: formats.kv.v_token_major);
     ``key_scale``/``key_zero`` (and the value ones) hold [B, H, max_cache_len, D / group] in the
-    model's dtype."""
+    model's dtype (``group`` None: formats.kv.default_group, once the head size is known)."""
 
-    def __init__(self, max_cache_len: int, bits: int = 8, group: int = 32, **kwargs):
+    def __init__(self, max_cache_len: int, bits: int = 8, group: int | None = None, **kwargs):
         super().__init__(max_cache_len=max_cache_len)
         self.bits, self.group = bits, group
         self.cumulative_length = torch.tensor(0, dtype=torch.long)
@@ -39,6 +39,7 @@ class QuantizedStaticLayer(StaticLayer):
         tensors = {}
         for name, states in (("key", key_states), ("value", value_states)):
             b, h, _, d = states.shape
+            self.group = default_group(d, self.bits) if self.group is None else self.group
             check_kv_args(d, self.bits, self.group)
             tensors[name] = codes_buffer(b, h, self.max_cache_len, d, self.bits,
                                          name == "value" and v_token_major(self.bits), self.device)

@@ -41,6 +41,9 @@ def test_the_default_group_is_the_head_for_int8_and_32_channels_for_int4():
     assert [layer.group for layer in QuantizedStaticCache(config, 8).layers] == [128, 128]
     assert [layer.group for layer in QuantizedStaticCache(config, 8, bits=4).layers] == [32, 32]
     assert QuantizedStaticCache(config, 8, bits=8, group=64).layers[0].group == 64
+    layer = QuantizedStaticLayer(max_cache_len=8, bits=8)  # a layer alone: once it sees the head size
+    layer.update(*(torch.randn(1, 2, 3, 64) for _ in range(2)))
+    assert layer.group == 64 and layer.key_scale.shape == (1, 2, 8, 1)
     small = tiny_llama(torch.float32, "cpu").config  # head_dim 16: int4 groups of the whole head
     assert QuantizedStaticCache(small, 8, bits=4).layers[0].group == 16
 
