@@ -60,13 +60,19 @@ def kernel_module(path: str | None):
     return module
 
 
+V_LAYOUTS = ("cache", "rows", "tokens")
 V_LAYOUT = "cache"  # --v-layout: V's codes as QuantizedStaticCache stores them, or "rows" / "tokens" for all
+
+
+def v_tokens_first(layout: str, bits: int) -> bool:
+    """Whether V's codes are token-contiguous in ``layout`` (one of V_LAYOUTS)."""
+    return layout == "tokens" or layout == "cache" and v_token_major(bits)
 
 
 def quantized_kv(k, v, bits, group):
     """K and V quantized, V's codes in the layout the run measures."""
     (vc, vs, vz) = quantize_kv(v, bits, group)
-    if V_LAYOUT == "tokens" or V_LAYOUT == "cache" and v_token_major(bits):
+    if v_tokens_first(V_LAYOUT, bits):
         vc = as_token_major(vc)
     return quantize_kv(k, bits, group), (vc, vs, vz)
 
@@ -237,7 +243,7 @@ def main():
     p.add_argument("--kernels", default="", help="with --sweep: files of other versions of codegen/kv_attention.py "
                                                 "to time against the package's (git show REV:codegen/kv_attention.py)")
     p.add_argument("--ncu", action="store_true", help="only launch the kernels, for ncu")
-    p.add_argument("--v-layout", choices=("cache", "rows", "tokens"), default="cache",
+    p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache",
                    help="V's codes as the cache stores them (formats.kv.v_token_major), row- or token-contiguous")
     p.add_argument("--name", default="attention")
     p.add_argument("--plot", help="only draw the plot of this results JSON")

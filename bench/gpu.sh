@@ -68,7 +68,8 @@ stage() {
         --contexts 16384 --batches 1,8 --name attention-ab-vt --out "$R" ;;
     attention-ab-cache) python -m bench.attention --sweep ${KV_KERNELS:+--kernels "$KV_KERNELS"} \
         --contexts 16384 --batches 1,8 --name attention-ab-cache --out "$R" ;;
-    sass) python -m bench.sass --gpu h200 --out "$R/sass.json"; python -m bench.sass --gpu h200 --v-token-major --out "$R/sass-vt.json" ;;
+    sass) python -m bench.sass --gpu h200 --v-layout rows --out "$R/sass.json"
+        python -m bench.sass --gpu h200 --v-layout tokens --out "$R/sass-vt.json" ;;
     attention-ncu) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_attention_kernel --launch-skip 1 --launch-count 4 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section WarpStateStats \
         --section SourceCounters python -m bench.attention --ncu --contexts 16384 --batches 1 ;;

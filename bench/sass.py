@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bench.attention import D, HKV, HQ, KV, kernel_module  # the benchmark's heads and formats
+from bench.attention import D, HKV, HQ, KV, V_LAYOUTS, kernel_module, v_tokens_first  # the benchmark's shapes
 from qcompile.codegen import kv_tiling
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -133,12 +133,12 @@ def programs_per_sm(registers: int, shared: int, warps: int) -> int:
     return min(by_registers, SM_SHARED // (shared + 1024), SM_WARPS // warps)
 
 
-def report(kernel, gpu: str, v_token_major: bool = False) -> list:
+def report(kernel, gpu: str, v_layout: str = "cache") -> list:
     rows = []
     for name, (bits, group) in KV.items():
         for dtype in ("fp16", "bf16"):
             for warps, stages in TILES:
-                compiled = compile_decode(kernel, bits, group, dtype, warps, stages, v_token_major)
+                compiled = compile_decode(kernel, bits, group, dtype, warps, stages, v_tokens_first(v_layout, bits))
                 text, regs = _sass(compiled)
                 programs = programs_per_sm(regs, compiled.metadata.shared, warps)
                 ops = loop_mix(text)
@@ -162,16 +162,17 @@ def main():
     p.add_argument("--kernel", help="a file defining kv_attention_kernel to compile instead of the package's "
                                     "(git show REV:codegen/kv_attention.py > FILE: an older version)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
-    p.add_argument("--v-token-major", action="store_true", help="V's codes stored token-contiguous")
+    p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache",
+                   help="V's codes as the cache stores them (formats.kv.v_token_major), row- or token-contiguous")
     p.add_argument("--out", help="write the rows to this JSON file")
     a = p.parse_args()
     if reason := available():
         raise SystemExit(f"bench.sass: {reason}")
-    rows = report(kernel_module(a.kernel).kv_attention_kernel, a.gpu, a.v_token_major)
+    rows = report(kernel_module(a.kernel).kv_attention_kernel, a.gpu, a.v_layout)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"kernel": a.kernel or "qcompile.codegen.kv_attention", "gpu": a.gpu,
-                       "v_token_major": a.v_token_major, "triton": triton.__version__, "rows": rows}, f, indent=1)
+                       "v_layout": a.v_layout, "triton": triton.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

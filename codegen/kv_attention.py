@@ -38,12 +38,12 @@ results with 16-row blocks in fp16/bf16 under Triton 3.6). On the H200: the mant
 every code, the zero subtracted after (1.01-1.09x, short of the two paths above; main's
 history, 1a2cb8e).
 """
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the interpreter runs no PTX
+from qcompile.runtime.device import interpreting
+
+INTERPRET = tl.constexpr(interpreting())  # the interpreter runs no PTX
 
 
 @triton.jit

@@ -37,9 +37,9 @@ class QuantizedStaticLayer(StaticLayer):
         self.device, self.dtype = key_states.device, key_states.dtype
         self.batch_size, self.num_heads = key_states.shape[:2]
         tensors = {}
+        self.group = default_group(key_states.shape[-1], self.bits) if self.group is None else self.group
         for name, states in (("key", key_states), ("value", value_states)):
             b, h, _, d = states.shape
-            self.group = default_group(d, self.bits) if self.group is None else self.group
             check_kv_args(d, self.bits, self.group)
             tensors[name] = codes_buffer(b, h, self.max_cache_len, d, self.bits,
                                          name == "value" and v_token_major(self.bits), self.device)
