@@ -104,13 +104,13 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _tile(q, qhi, qlo, qs, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd,
-          svt, svd, sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr,
-          DOT: tl.constexpr, PRECISION: tl.constexpr):
+def _tile(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd,
+          sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
+          PRECISION: tl.constexpr):
     """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
-    if BITS == 8 and GROUP == D:
-        return _tile_deferred(qhi, qlo, qs, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
-                              vz_ptr, skt, skd, svt, svd, sst, D)
+    if BITS == 8 and GROUP == D and DOT != tl.bfloat16:  # 1024 + code is not exact in bf16
+        return _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+                              skt, skd, svt, svd, sst, D, DOT, PRECISION)
     k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
     p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
     v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
@@ -129,38 +129,24 @@ def _plus_1024(codes):
 
 
 @triton.jit
-def _split8(x):
-    """x in [-127, 127] as int8 hi + lo / 254 (both int8, |error| <= 1 / 508): two int8 dots
-    give it at 16 bits."""
-    hi = _round(x)
-    return hi.to(tl.int8), _round((x - hi) * 254.0).to(tl.int8)
-
-
-@triton.jit
-def _tile_deferred(qhi, qlo, qs, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                   skt, skd, svt, svd, sst, D: tl.constexpr):
-    """_tile for 8-bit codes with one scale and zero per token (whole-head groups), on int8
-    tensor cores: the codes enter the dots as code - 128 (one XOR), q and p as two int8 parts
-    each (hi + lo / 254, 16 bits), the scales and zeros applied to the dots' results."""
+def _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt,
+                   svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
+    applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
+    then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
+    fp16 operand in range) against code - zero."""
     rd = tl.arange(0, D)
     kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
-    k8 = tl.trans((kc ^ 0x80).to(tl.int8, bitcast=True))
-    dots = (tl.dot(qhi, k8, out_dtype=tl.int32).to(tl.float32)
-            + tl.dot(qlo, k8, out_dtype=tl.int32).to(tl.float32) * (1 / 254)) * qs[:, None]  # q (code - 128)
+    dots = tl.dot(q, tl.trans(_plus_1024(kc).to(DOT)), input_precision=PRECISION)
     ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-    p, alpha, l, m = _softmax_step((dots + (128.0 - kz)[None, :] * qsum[:, None]) * ks[None, :] + bias, l, m)
+    p, alpha, l, m = _softmax_step((dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :] + bias, l, m)
     vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
     vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(DOT)
     top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
-    phi, plo = _split8(p * (vs * (127.0 / top))[None, :])
-    pq = phi.to(tl.float32) + plo.to(tl.float32) * (1 / 254)  # 127 p vs / top as the dots take it
-    v8 = (vc ^ 0x80).to(tl.int8, bitcast=True)
-    pv = (tl.dot(phi, v8, out_dtype=tl.int32).to(tl.float32)
-          + tl.dot(plo, v8, out_dtype=tl.int32).to(tl.float32) * (1 / 254))
-    pv += tl.sum(pq * (128.0 - vz)[None, :], 1)[:, None]  # code - zero = (code - 128) + (128 - zero)
-    acc = acc * alpha[:, None] + pv * (top / 127)
+    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
     return acc, l, m
 
 
@@ -223,11 +209,8 @@ def kv_attention_kernel(
     sv = b * ssb + hkv * ssh
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
                 mask=rvalid[:, None], other=0.0)
-    q = q.to(tl.float32) * sm_scale
-    qs = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 127  # q = (qhi + qlo / 254) qs
-    qhi, qlo = _split8(q / qs[:, None])
-    qsum = tl.sum(qhi.to(tl.float32) + qlo.to(tl.float32) * (1 / 254), 1) * qs
-    q = q.to(DOT)
+    q = (q.to(tl.float32) * sm_scale).to(DOT)
+    qsum = tl.sum(q.to(tl.float32), 1)
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
@@ -237,10 +220,10 @@ def kv_attention_kernel(
         bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
         if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc, l, m = _tile(q, qhi, qlo, qs, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                                   vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
         else:
-            acc, l, m = _tile(q, qhi, qlo, qs, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+            acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                               vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
