@@ -32,7 +32,7 @@ def test_kv_arguments_are_checked():
 
 
 GPU_CONFIGS = [triton.Config({"BLOCK_T": bt, "WAVES": 2}, num_warps=w, num_stages=st)
-               for bt, w, st in ((32, 4, 1), (64, 8, 3), (128, 4, 1), (128, 8, 3))] + [
+               for bt, w, st in ((32, 4, 1), (64, 8, 3), (128, 4, 1), (128, 8, 3), (64, 1, 3))] + [
     triton.Config({"BLOCK_T": 128, "WAVES": 4, "REGS": 96}, num_warps=4, num_stages=1)]  # registers capped: spills
 
 
@@ -48,8 +48,8 @@ def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, d
     """GQA (8 query heads on 2 KV heads), a cache longer than what is filled, several splits of
     the cache combined (some empty), S > 1 new tokens each seeing up to itself, and prefills
     (of a whole prompt, and of a chunk after 29 cached tokens) in several blocks of query rows;
-    each tile configuration here (the interpreter's two; on a GPU, tiles of 32-128 tokens, 4 and
-    8 warps, 1 and 3 stages, and registers capped), and the tuned op."""
+    each tile configuration here (the interpreter's two; on a GPU, tiles of 32-128 tokens, 1, 4
+    and 8 warps, 1 and 3 stages, and registers capped), and the tuned op."""
     torch.manual_seed(length)
     k, v = cache(2, 2, 80, 64, bits, group, dtype, device)
     q = torch.randn(2, 8, s, 64, dtype=dtype, device=device)
