@@ -228,37 +228,40 @@ def kv_attention_kernel(
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
-    else:  # partials for kv_combine_kernel (one block of rows)
+    else:  # partials for kv_combine_kernel (one block of rows; the padding rows' are not stored)
         part = ((b * tl.num_programs(1) + hkv) * splits + split) * ROWS + r
-        tl.store(acc_ptr + part[:, None] * D + rd[None, :], acc)
-        tl.store(stat_ptr + part * 2, m)
-        tl.store(stat_ptr + part * 2 + 1, l)
+        tl.store(acc_ptr + part[:, None] * D + rd[None, :], acc, mask=rvalid[:, None])
+        tl.store(stat_ptr + part * 2, m, mask=rvalid)
+        tl.store(stat_ptr + part * 2 + 1, l, mask=rvalid)
 
 
 @triton.jit
 def kv_combine_kernel(
     acc_ptr, stat_ptr, o_ptr, splits, sob, soh, sos, sod,
-    REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+    REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M) over the splits, M = max_i m_i."""
-    b, hkv = tl.program_id(0), tl.program_id(1)
+    """out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M) over the splits, M = max_i m_i, for
+    BLOCK_D channels of one KV head's rows: grid (B, Hkv, D / BLOCK_D), so that a decode step
+    of batch 1 with many splits does not leave the merge to 8 programs."""
+    b, hkv, dblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, ROWS)
-    rd = tl.arange(0, D)
+    rmask = r < REP * S  # the rows the attention kernel stored
+    rd = dblock * BLOCK_D + tl.arange(0, BLOCK_D)
     base = (b * tl.num_programs(1) + hkv) * splits * ROWS
     mx = tl.full((ROWS,), float("-inf"), tl.float32)
     for i in range(splits):
-        mx = tl.maximum(mx, tl.load(stat_ptr + (base + i * ROWS + r) * 2))
-    num = tl.zeros((ROWS, D), tl.float32)
+        mx = tl.maximum(mx, tl.load(stat_ptr + (base + i * ROWS + r) * 2, mask=rmask, other=0.0))
+    num = tl.zeros((ROWS, BLOCK_D), tl.float32)
     den = tl.zeros((ROWS,), tl.float32)
     for i in range(splits):
         part = base + i * ROWS + r
-        w = tl.exp(tl.load(stat_ptr + part * 2) - mx)  # an empty split has m = -inf: weight 0
-        num += tl.load(acc_ptr + part[:, None] * D + rd[None, :]) * w[:, None]
-        den += tl.load(stat_ptr + part * 2 + 1) * w
+        w = tl.exp(tl.load(stat_ptr + part * 2, mask=rmask, other=0.0) - mx)  # an empty split has m = -inf: weight 0
+        num += tl.load(acc_ptr + part[:, None] * D + rd[None, :], mask=rmask[:, None], other=0.0) * w[:, None]
+        den += tl.load(stat_ptr + part * 2 + 1, mask=rmask, other=1.0) * w
     out = num / den[:, None]
     head = hkv * REP + r // S
     tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
-             out.to(o_ptr.dtype.element_ty), mask=(r < REP * S)[:, None])
+             out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit

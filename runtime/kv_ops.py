@@ -16,6 +16,7 @@ from .ops import dot_dtype
 
 LIVE_MAX_ROWS = 32  # distinct mask rows (heads x new tokens) up to which a decode step scans the mask
 LIVE_SCAN = 8192  # mask elements one kv_live_kernel program reads
+COMBINE_CHANNELS = 32  # channels of a head one kv_combine_kernel program merges
 chosen = {}  # tuning key -> the tiling.Choice that ran: tests assert what was tuned
 
 
@@ -46,6 +47,18 @@ def _live_ends(mask: torch.Tensor, s: int, length: int):
     return live
 
 
+def shape_unsupported_reason(d: int, groups: int, v_groups: int | None = None) -> str | None:
+    """Why the kernel cannot take heads of ``d`` channels in ``groups`` scale groups (its tiles
+    span a head and its groups, in powers of two; V's groups, when given, must be K's), or None."""
+    p2 = triton.next_power_of_2
+    if v_groups not in (None, groups):
+        return f"K in {groups} scale groups and V in {v_groups}: the KV kernel takes one grouping"
+    if d < 16 or d != p2(d) or groups != p2(groups):
+        return (f"head_dim={d} in {groups} scale groups: the KV kernel takes head_dim a power of two from 16 "
+                f"and a power-of-two number of groups")
+    return None
+
+
 def tuning_key(bits, group, d, rows, decode, programs, length, dtype, mask) -> tuple:
     """What the best tile depends on: the cache's format, the rows of a block, decode (split)
     or prefill, the programs and the cache length (powers of two), the dtype, a mask."""
@@ -63,7 +76,8 @@ def kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, 
     first ``length`` tokens; K and V as (codes, scale, zero) of formats.kv.quantize_kv. With
     ``attn_mask`` (bool or additive, broadcasting to [B, Hq, S, length]) the mask says what each
     query sees; ``sm_scale`` defaults to 1/sqrt(D)."""
-    if kernel_unavailable_reason(q.device) is not None:
+    if kernel_unavailable_reason(q.device) or shape_unsupported_reason(q.shape[-1], k_scale.shape[-1],
+                                                                        v_scale.shape[-1]):
         return kv_attention_reference(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), bits, length,
                                       attn_mask, sm_scale)
     return _attention(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), length, bits, attn_mask, sm_scale)
@@ -109,7 +123,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
             live.shape[1] if live is not None else 0, *strides, **consts, **own, BLOCK_T=cfg.kwargs["BLOCK_T"],
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.kwargs.get("REGS"))
         if splits > 1:
-            kv_combine_kernel[(b, hkv)](acc, stat, out, splits, *out.stride(), **consts)
+            block_d = min(d, COMBINE_CHANNELS)
+            kv_combine_kernel[(b, hkv, d // block_d)](acc, stat, out, splits, *out.stride(), **consts, BLOCK_D=block_d)
         return binary
 
     key = tuning_key(bits, group, d, rows, decode, b * hkv, length, q.dtype, attn_mask is not None)

@@ -8,6 +8,7 @@ from conftest import DTYPES, assert_close
 from qcompile.codegen import kv_tiling
 from qcompile.codegen.tiling import Choice
 from qcompile.formats.kv import append_kv, as_token_major, kv_attention_reference, dequantize_kv, quantize_kv
+import qcompile
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 
 
@@ -171,3 +172,29 @@ def test_append_past_the_cache_names_the_allowed_positions():
     with pytest.raises(IndexError, match=r"position holds 3..4, allowed values are 0..3"):
         torch.ops.qcompile.kv_append(states, torch.tensor([3, 4]), codes, scale, zero, 8)
     assert not codes.any(), "nothing written"
+
+
+@pytest.mark.parametrize("d, k_group, v_group", [(96, 32, 32), (64, 32, 16)], ids=["head_dim-96", "groups-differ"])
+def test_shapes_the_kernel_cannot_take_get_the_reference(d, k_group, v_group, device):
+    """head_dim 96 (not a power of two) and K and V in different groups: the op answers with
+    the reference instead of failing in Triton, and a compiled dequantize + SDPA over such a
+    cache is left to Inductor, the reason recorded."""
+    torch.manual_seed(0)
+    k = quantize_kv(torch.randn(1, 2, 24, d, device=device), 8, k_group)
+    v = quantize_kv(torch.randn(1, 2, 24, d, device=device), 8, v_group)
+    q = torch.randn(1, 4, 1, d, device=device)
+    assert kv_ops.shape_unsupported_reason(d, d // k_group, d // v_group)
+    assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 24, 8), kv_attention_reference(q, k, v, 8, 24),
+                 torch.float32)
+
+    def attend(q, kc, ks, kz, vc, vs, vz):
+        kv = (dequantize_kv(kc, ks, kz, 8).to(q.dtype), dequantize_kv(vc, vs, vz, 8).to(q.dtype))
+        return torch.nn.functional.scaled_dot_product_attention(q, *kv)
+
+    q4 = q[:, :2]  # as many query heads as KV heads: SDPA without GQA
+    torch._dynamo.reset()
+    with qcompile.backend.listen(qcompile.Report()) as report, torch._inductor.config.patch(fx_graph_cache=False):
+        out = torch.compile(attend, backend="qcompile")(q4, *k, *v)
+    assert not report.matched and len(report.fallbacks) == 1, str(report)
+    assert ("head_dim=96" if d == 96 else "different scale groups") in report.fallbacks[0].reason
+    assert_close(out, kv_attention_reference(q4, k, v, 8, 24), torch.float32)
