@@ -45,12 +45,14 @@ def cache(b, hkv, t, d, bits, group, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits, group", [(8, 64), (4, 32), (8, 8)])
 @pytest.mark.parametrize("s, length", [(1, 1), (1, 37), (3, 80), (21, 50), (40, 40)])
-def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, device):
+def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, device, monkeypatch):
     """GQA (8 query heads on 2 KV heads), a cache longer than what is filled, several splits of
     the cache combined (some empty), S > 1 new tokens each seeing up to itself, and prefills
     (of a whole prompt, and of a chunk after 29 cached tokens) in several blocks of query rows;
     each tile configuration here (the interpreter's two; on a GPU, tiles of 32-128 tokens, 1, 4
-    and 8 warps, 1 and 3 stages, and registers capped), and the tuned op."""
+    and 8 warps, 1 and 3 stages, and registers capped), and the tuned op. The merge takes the
+    splits two at a time here (its running maximum carried over several blocks of splits)."""
+    monkeypatch.setattr(kv_ops, "COMBINE_SPLITS", 2)
     torch.manual_seed(length)
     k, v = cache(2, 2, 80, 64, bits, group, dtype, device)
     q = torch.randn(2, 8, s, 64, dtype=dtype, device=device)
