@@ -39,11 +39,12 @@ SMALLEST = triton.Config({"BLOCK_T": 32, "WAVES": 1}, num_warps=4, num_stages=1)
 # (-attention-ab-regs.json: 161.6 against 175.8 us; no gain for 8-bit or batch 1). Programs of
 # one warp (decoding only) share no tile between warps, so no barrier holds a warp back for
 # another: 8-bit decoding at batch 8 and 32 ran 1.11-1.13x faster (107.7 against 119.5 us,
-# 343.2 against 388.6; -attention-warps.json), batch 1 and 4-bit did not gain.
+# 343.2 against 388.6; -attention-warps.json), batch 1 did not gain, 4-bit at batch 8 only
+# with 8 programs per SM (153.3 against 161.0 us).
 WINNERS = ((128, 1, 8, 3, None), (64, 4, 1, 3, None), (64, 2, 1, 3, None), (64, 2, 4, 3, None),
            (128, 2, 8, 1, None), (128, 4, 4, 1, 128), (128, 2, 4, 1, None), (64, 4, 4, 3, None),
-           (128, 4, 4, 1, None), (64, 4, 4, 1, 96))
-ONE_WARP = list(itertools.product((64, 32), (1, 2, 4), (1,), (1, 3)))  # decoding: at most 64 tokens a warp
+           (128, 4, 4, 1, None), (64, 4, 4, 1, 96), (64, 8, 1, 1, None))
+ONE_WARP = list(itertools.product((64, 32), (1, 2, 4, 8), (1,), (1, 3)))  # decoding: at most 64 tokens a warp
 
 
 def smem_bytes(cfg: triton.Config, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,
@@ -55,7 +56,7 @@ def smem_bytes(cfg: triton.Config, rows: int, d: int, groups: int, bits: int, s_
 def _grid(decode: bool):
     """The winners first, then every other tile (128, 64 and 32 tokens, 4 or 8 warps, 1 or 3
     stages; for decoding, one warp over 64 or 32 tokens too) and, for decoding, 1, 2 or 4
-    programs per SM. A prefill has one split, so WAVES does not matter there, and no program
+    programs per SM (8 too for one warp). A prefill has one split, so WAVES does not matter there, and no program
     of one warp: its block of 64 query rows would not fit one warp's registers."""
     waves = (1, 2, 4) if decode else (1,)
     tiles = [(bt, w if decode else 1, nw, s, regs) for bt, w, nw, s, regs in WINNERS if decode or nw > 1]
