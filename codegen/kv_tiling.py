@@ -30,20 +30,21 @@ _smem = sympy.lambdify((BT, STAGES, ROWS, D, G, CODE_BYTES, S_BYTES, DOT_BYTES, 
 INTERPRETED = [triton.Config({"BLOCK_T": 16, "WAVES": 2}, num_warps=4, num_stages=1),
                triton.Config({"BLOCK_T": 32, "WAVES": 1}, num_warps=4, num_stages=1)]
 SMALLEST = triton.Config({"BLOCK_T": 32, "WAVES": 1}, num_warps=4, num_stages=1)
-# (BLOCK_T, WAVES, warps, stages, REGS) of the winners of the H200 A/B at 16k context, batch 1
-# and 8 (bench/results/2026-11-30-h200-attention-ab-cache.json: 8-bit V token-contiguous, 4-bit
-# not): the first candidates, so that a tuning budget cut still times them. The first guess of
-# the H100 order before them was up to 2x slower than the best tile. REGS caps the registers a
-# thread (ptxas .maxnreg; None: no cap): at 128, 4 programs of 4 warps fit an SM instead of 3,
-# at the cost of a few spills, and 4-bit decoding at batch 8 ran 1.09x faster
-# (-attention-ab-regs.json: 161.6 against 175.8 us; no gain for 8-bit or batch 1). Programs of
-# one warp (decoding only) share no tile between warps, so no barrier holds a warp back for
-# another: 8-bit decoding at batch 8 and 32 ran 1.11-1.13x faster (107.7 against 119.5 us,
-# 343.2 against 388.6; -attention-warps.json), batch 1 did not gain, 4-bit at batch 8 only
-# with 8 programs per SM (153.3 against 161.0 us).
-WINNERS = ((128, 1, 8, 3, None), (64, 4, 1, 3, None), (64, 2, 1, 3, None), (64, 2, 4, 3, None),
-           (128, 2, 8, 1, None), (128, 4, 4, 1, 128), (128, 2, 4, 1, None), (64, 4, 4, 3, None),
-           (128, 4, 4, 1, None), (64, 4, 4, 1, 96), (64, 8, 1, 1, None))
+# Per code width, (BLOCK_T, WAVES, warps, stages, REGS) of the tiles that won on the H200 (16k
+# context A/Bs, bench/results/2026-11-30-h200-attention-ab-cache.json and -attention-warps.json,
+# and the tuned tables -attention.json and -attention-2.json): the first candidates, so that a
+# tuning budget cut still times them. One list for both widths put 4-bit's winners sixth and
+# later, and a cold Triton cache (each new tile compiled inside the budget) cut 4-bit at 16k,
+# batch 8 to a tile 1.27x slower (200.3 against 158.1 us, -attention-b8.json). REGS caps the
+# registers a thread (ptxas .maxnreg; None: no cap): at 128, 4 programs of 4 warps fit an SM
+# instead of 3, at the cost of a few spills (4-bit at batch 8: 161.6 against 175.8 us,
+# -attention-ab-regs.json). Programs of one warp (decoding only) share no tile between warps,
+# so no barrier holds a warp back for another (8-bit at batch 8 and 32: 107.7 against 119.5
+# us, 343.2 against 388.6; 4-bit at batch 8 with 8 programs per SM: 153.3 against 161.0).
+WINNERS = {8: ((64, 4, 1, 3, None), (128, 1, 8, 3, None), (64, 2, 1, 3, None), (64, 2, 4, 3, None),
+               (128, 2, 4, 1, None), (64, 4, 4, 3, None)),
+           4: ((128, 4, 4, 1, 128), (64, 8, 1, 1, None), (128, 2, 8, 1, None), (64, 4, 4, 1, 96),
+               (128, 4, 4, 1, None), (128, 1, 8, 3, None), (128, 4, 8, 1, None))}
 ONE_WARP = list(itertools.product((64, 32), (1, 2, 4, 8), (1,), (1, 3)))  # decoding: at most 64 tokens a warp
 
 
@@ -53,13 +54,15 @@ def smem_bytes(cfg: triton.Config, rows: int, d: int, groups: int, bits: int, s_
                      2 if mask else 0))
 
 
-def _grid(decode: bool):
-    """The winners first, then every other tile (128, 64 and 32 tokens, 4 or 8 warps, 1 or 3
-    stages; for decoding, one warp over 64 or 32 tokens too) and, for decoding, 1, 2 or 4
-    programs per SM (8 too for one warp). A prefill has one split, so WAVES does not matter there, and no program
-    of one warp: its block of 64 query rows would not fit one warp's registers."""
+def _grid(decode: bool, bits: int):
+    """The winners for this width first, then every other tile (128, 64 and 32 tokens, 4 or 8
+    warps, 1 or 3 stages; for decoding, one warp over 64 or 32 tokens too) and, for decoding,
+    1, 2 or 4 programs per SM (8 too for one warp). A prefill has one split, so WAVES does not
+    matter there, and no program of one warp: its block of 64 query rows would not fit one
+    warp's registers."""
     waves = (1, 2, 4) if decode else (1,)
-    tiles = [(bt, w if decode else 1, nw, s, regs) for bt, w, nw, s, regs in WINNERS if decode or nw > 1]
+    tiles = [(bt, w if decode else 1, nw, s, regs) for bt, w, nw, s, regs in WINNERS.get(bits, ())
+             if decode or nw > 1]
     tiles += [(*t, None) for t in itertools.product((128, 64, 32), waves, (4, 8), (1, 3))]
     tiles += [(*t, None) for t in ONE_WARP] if decode else []
     return [triton.Config({"BLOCK_T": bt, "WAVES": w} | ({"REGS": regs} if regs else {}), num_warps=nw, num_stages=s)
@@ -72,7 +75,7 @@ def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes:
     if interpreting():
         return [Choice("kv_attention", c) for c in INTERPRETED]
     limit = max_shared_mem(device.index or 0)
-    fits = [c for c in _grid(decode) if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
+    fits = [c for c in _grid(decode, bits) if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
     return [Choice("kv_attention", c) for c in fits or [SMALLEST]]
 
 
