@@ -86,10 +86,6 @@ def _unsupported(a: dict, q, k_node, mask, s: int, t: int) -> str | None:
     return match_blocked_reason(q.device)
 
 
-def _shape_reason(q, scale_node) -> str | None:
-    return kv_ops.shape_unsupported_reason(q.shape[-1], _val(scale_node).shape[-1])
-
-
 def rewrite_kv_attention(graph: Graph, report: Report, inference: bool = True) -> None:
     for sdpa in list(graph.nodes):
         if sdpa.op != "call_function" or sdpa.target not in SDPA:
@@ -109,8 +105,7 @@ def rewrite_kv_attention(graph: Graph, report: Report, inference: bool = True) -
         uses = list(sdpa.users) if sdpa.target != aten.scaled_dot_product_attention.default else []
         reason = (_unsupported(a, q, k_src, mask, s, t)
                   or (k_bits != v_bits and "K and V of different widths")
-                  or (_val(k_in[1]).shape[-1] != _val(v_in[1]).shape[-1] and "K and V in different scale groups")
-                  or _shape_reason(q, k_in[1])
+                  or kv_ops.shape_unsupported_reason(d, _val(k_in[1]).shape[-1], _val(v_in[1]).shape[-1])
                   or (any(u.target is not operator.getitem or u.args[1] != 0 for u in uses)
                       and "the attention's log-sum-exp is used (training)")
                   or (not inference and "graph needs autograd; qcompile kernels are inference-only"))
