@@ -5,7 +5,9 @@ One new token per sequence, 32 query heads on 8 KV heads, head_dim 128; contexts
 batch 1/8/32 (pairs whose fp16 cache exceeds --max-gb are skipped). Caches smaller than twice
 the L2 are rotated across copies, as bench/linear.py does with weights. Reports us, speed-up
 over fp16 SDPA, % of the HBM roofline (cache bytes read / copy bandwidth), cache memory, and
-the max abs error of the output against fp16 SDPA on the unquantized K and V.
+the max abs error of the output against fp16 SDPA on the unquantized K and V. ``--dtype bf16``
+runs it all in bf16 instead, flash SDPA in bf16 the baseline (the JSON's fields keep their
+"fp16_" names).
 
 Also, with ``--prefill``: causal prefill of a whole prompt (batch 1) against fp16 flash SDPA;
 ``--tail``: a decode step over a static cache of ``--tail`` tokens of which only the context
@@ -60,6 +62,8 @@ def kernel_module(path: str | None):
     return module
 
 
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE = torch.float16  # --dtype: of the queries, the unquantized K/V and the scales (the "fp16_*" fields' baseline)
 V_LAYOUTS = ("cache", "rows", "tokens")
 V_LAYOUT = "cache"  # --v-layout: V's codes as QuantizedStaticCache stores them, or "rows" / "tokens" for all
 
@@ -79,7 +83,7 @@ def quantized_kv(k, v, bits, group):
 
 def random_cache(b, t, bits, group):
     """K and V of ``t`` random tokens per sequence, quantized: two (codes, scale, zero)."""
-    return quantized_kv(*(torch.randn(b, HKV, t, D, dtype=torch.float16, device="cuda") for _ in range(2)), bits, group)
+    return quantized_kv(*(torch.randn(b, HKV, t, D, dtype=DTYPE, device="cuda") for _ in range(2)), bits, group)
 
 
 def prefill(lengths):
@@ -87,8 +91,8 @@ def prefill(lengths):
     rows = []
     for n in lengths:
         torch.manual_seed(0)
-        k, v = (torch.randn(1, HKV, n, D, dtype=torch.float16, device="cuda") for _ in range(2))
-        q = torch.randn(1, HQ, n, D, dtype=torch.float16, device="cuda")
+        k, v = (torch.randn(1, HKV, n, D, dtype=DTYPE, device="cuda") for _ in range(2))
+        q = torch.randn(1, HQ, n, D, dtype=DTYPE, device="cuda")
         t_fp16 = time_rotated(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), [()])
         exact = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         row = {"length": n, "fp16_us": t_fp16, "impl": {}}
@@ -115,7 +119,7 @@ def tail(cache_len, contexts, batches):
             if ctx >= cache_len:
                 continue
             torch.manual_seed(0)
-            q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
+            q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device="cuda")
             row = {"context": ctx, "cache": cache_len, "batch": b, "impl": {}}
             for name, (bits, group) in KV.items():
                 k, v = random_cache(b, cache_len, bits, group)
@@ -137,11 +141,11 @@ def append(batches):
     compiled = torch.compile(append_kv)
     rows = []
     for b in map(int, batches.split(",")):
-        x = torch.randn(b, HKV, 1, D, dtype=torch.float16, device="cuda")
+        x = torch.randn(b, HKV, 1, D, dtype=DTYPE, device="cuda")
         pos = torch.tensor([100], device="cuda")
         row = {"batch": b, "impl": {}}
         for name, (bits, group) in KV.items():
-            bufs = quantize_kv(torch.randn(b, HKV, 4096, D, dtype=torch.float16, device="cuda"), bits, group)
+            bufs = quantize_kv(torch.randn(b, HKV, 4096, D, dtype=DTYPE, device="cuda"), bits, group)
             fused = time_rotated(lambda: torch.ops.qcompile.kv_append(x, pos, *bufs, bits), [()])
             ind = time_rotated(lambda: compiled(x, pos, *bufs, bits), [()])
             row["impl"][f"qcompile {name}"] = {"fused_us": fused, "inductor_us": ind}
@@ -162,7 +166,7 @@ def sweep(contexts, batches, kernels=()):
     for ctx in map(int, contexts.split(",")):
         for b in map(int, batches.split(",")):
             torch.manual_seed(0)
-            q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
+            q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device="cuda")
             for name, (bits, group) in KV.items():
                 k, v = random_cache(b, ctx, bits, group)
                 cands = kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device)
@@ -204,7 +208,7 @@ def ncu_target(contexts, batches):
     """A few plain decode launches per case, for Nsight Compute to profile (no timing loop)."""
     for ctx in map(int, contexts.split(",")):
         for b in map(int, batches.split(",")):
-            q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
+            q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device="cuda")
             for bits, group in KV.values():
                 k, v = random_cache(b, ctx, bits, group)
                 for _ in range(3):
@@ -245,12 +249,14 @@ def main():
     p.add_argument("--ncu", action="store_true", help="only launch the kernels, for ncu")
     p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache",
                    help="V's codes as the cache stores them (formats.kv.v_token_major), row- or token-contiguous")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
+                   help="activations, unquantized K/V and scales; the baseline is flash SDPA in this dtype")
     p.add_argument("--name", default="attention")
     p.add_argument("--plot", help="only draw the plot of this results JSON")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
-    global V_LAYOUT
-    V_LAYOUT = a.v_layout
+    global V_LAYOUT, DTYPE
+    V_LAYOUT, DTYPE = a.v_layout, DTYPES[a.dtype]
     if a.plot:
         return plot(a.plot)
     if a.ncu:
@@ -260,7 +266,7 @@ def main():
     path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-{a.name}.json")
     rows = []
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw": bw, "rows": rows,
-           "heads": [HQ, HKV, D], "v_layout": V_LAYOUT}
+           "heads": [HQ, HKV, D], "v_layout": V_LAYOUT, "dtype": a.dtype}
     extras = {"prefill": a.prefill and (lambda: prefill(map(int, a.prefill.split(",")))),
               "tail": a.tail and (lambda: tail(a.tail, a.contexts, a.batches)),
               "append": a.append and (lambda: append(a.batches)),
@@ -276,8 +282,8 @@ def main():
             if 2 * b * HKV * ctx * D * 2 > a.max_gb * 2**30:
                 continue
             torch.manual_seed(0)
-            k, v = (torch.randn(b, HKV, ctx, D, dtype=torch.float16, device="cuda") for _ in range(2))
-            q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device="cuda")
+            k, v = (torch.randn(b, HKV, ctx, D, dtype=DTYPE, device="cuda") for _ in range(2))
+            q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device="cuda")
             exact = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
             fp16 = copies_of((k, v))
             t_fp16 = time_rotated(lambda kk, vv: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True), fp16)
@@ -301,7 +307,7 @@ def main():
             rows.append(row)
             with open(path, "w") as f:
                 json.dump(res, f, indent=1)
-            print(f"ctx {ctx:6d} batch {b:2d} fp16 {t_fp16:8.1f}us ({row['fp16_roofline']:.0%}) " + "  ".join(
+            print(f"ctx {ctx:6d} batch {b:2d} {a.dtype} {t_fp16:8.1f}us ({row['fp16_roofline']:.0%}) " + "  ".join(
                 f"{n} {r['speedup']:.2f}x ({r['roofline']:.0%}, err {r['max_abs_err_vs_fp16']:.1e})"
                 for n, r in row["impl"].items()), flush=True)
             del k, v, fp16

@@ -9,7 +9,7 @@
 # candidate tile of the KV decode kernel), attention-ab (that sweep for the package's kernel and each
 # file in $KV_KERNELS, other versions of codegen/kv_attention.py, V's codes row-contiguous),
 # attention-ab-vt (the same with V's codes token-contiguous), attention-ab-cache (V's codes as the
-# cache stores them), sass (bench.sass: the machine code's static profile, with the machine's Triton),
+# cache stores them; KV_DTYPE=bf16 for bf16), attention-bf16 (the decode table in bf16), sass (bench.sass: the machine code's static profile, with the machine's Triton),
 # attention-ncu (Nsight Compute of it), accuracy-rounding (eager under
 # jitter and plain Inductor, for the activation-quantized formats),
 # profile (Nsight Compute of the tuned W4 kernels), gguf-part and accuracy (the 98 MB model file, split in
@@ -61,13 +61,15 @@ stage() {
         --append --name attention-extra --out "$R" ;;
     accuracy-rounding) [ -f /tmp/smol.gguf ] || cat /tmp/gguf/* .gguf/* > /tmp/smol.gguf; python -m bench.accuracy --gguf /tmp/smol.gguf --configs w8a8,fp8,w4a8 --spread 4 --inductor --out "$R" ;;
     attention-quick) python -m bench.attention --contexts 4096,16384,32768 --batches 1,8 --out "$R" ;;
+    attention-bf16) python -m bench.attention --dtype bf16 --contexts 4096,16384,32768,131072 --batches 1,8,32 \
+        --name attention-bf16 --out "$R" ;;
     attention-sweep) python -m bench.attention --sweep --contexts 4096,16384 --batches 1,8 --name attention-sweep --out "$R" ;;
     attention-ab) python -m bench.attention --sweep ${KV_KERNELS:+--kernels "$KV_KERNELS"} --v-layout rows --contexts 16384 --batches 1,8 \
         --name attention-ab --out "$R" ;;
     attention-ab-vt) python -m bench.attention --sweep ${KV_KERNELS:+--kernels "$KV_KERNELS"} --v-layout tokens \
         --contexts 16384 --batches 1,8 --name attention-ab-vt --out "$R" ;;
-    attention-ab-cache) python -m bench.attention --sweep ${KV_KERNELS:+--kernels "$KV_KERNELS"} \
-        --contexts 16384 --batches 1,8 --name attention-ab-cache --out "$R" ;;
+    attention-ab-cache) python -m bench.attention --sweep ${KV_KERNELS:+--kernels "$KV_KERNELS"} --dtype ${KV_DTYPE:-fp16} \
+        --contexts 16384 --batches 1,8 --name attention-ab-cache${KV_DTYPE:+-$KV_DTYPE} --out "$R" ;;
     sass) python -m bench.sass --gpu h200 --v-layout rows --out "$R/sass.json"
         python -m bench.sass --gpu h200 --v-layout tokens --out "$R/sass-vt.json" ;;
     attention-ncu) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_attention_kernel --launch-skip 1 --launch-count 4 --section SpeedOfLight \
