@@ -54,17 +54,18 @@ def smem_bytes(cfg: triton.Config, rows: int, d: int, groups: int, bits: int, s_
                      2 if mask else 0))
 
 
-def _grid(decode: bool, bits: int):
+def _grid(decode: bool, bits: int, rows: int):
     """The winners for this width first, then every other tile (128, 64 and 32 tokens, 4 or 8
     warps, 1 or 3 stages; for decoding, one warp over 64 or 32 tokens too) and, for decoding,
     1, 2 or 4 programs per SM (8 too for one warp). A prefill has one split, so WAVES does not
-    matter there, and no program of one warp: its block of 64 query rows would not fit one
-    warp's registers."""
+    matter there. Programs of one warp only decode blocks of up to 16 query rows: the
+    accumulator of more would not fit one warp's registers."""
     waves = (1, 2, 4) if decode else (1,)
+    one_warp = decode and rows <= 16
     tiles = [(bt, w if decode else 1, nw, s, regs) for bt, w, nw, s, regs in WINNERS.get(bits, ())
-             if decode or nw > 1]
+             if one_warp or nw > 1]
     tiles += [(*t, None) for t in itertools.product((128, 64, 32), waves, (4, 8), (1, 3))]
-    tiles += [(*t, None) for t in ONE_WARP] if decode else []
+    tiles += [(*t, None) for t in ONE_WARP] if one_warp else []
     return [triton.Config({"BLOCK_T": bt, "WAVES": w} | ({"REGS": regs} if regs else {}), num_warps=nw, num_stages=s)
             for bt, w, nw, s, regs in dict.fromkeys(tiles)]
 
@@ -75,7 +76,7 @@ def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes:
     if interpreting():
         return [Choice("kv_attention", c) for c in INTERPRETED]
     limit = max_shared_mem(device.index or 0)
-    fits = [c for c in _grid(decode, bits) if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
+    fits = [c for c in _grid(decode, bits, rows) if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
     return [Choice("kv_attention", c) for c in fits or [SMALLEST]]
 
 
