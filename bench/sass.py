@@ -3,7 +3,7 @@ machine need not have, and what its main loop costs per tile. No device time: Tr
 for an sm_90 target with the ptxas its wheel carries.
 
 For each width, dtype and launch shape (decode: 32 query heads on 8 KV heads, head_dim 128,
-tiles of 128 tokens), it counts the instructions of one iteration of the loop over the cache
+in the tiles the tuner times first for that width: kv_tiling.WINNERS), it counts the instructions of one iteration of the loop over the cache
 (the longest backward branch of the SASS) and sets three bounds on that tile, in cycles of one
 of the SM's four schedulers, as if one program had the SM:
 - issue: every instruction of every warp takes one issue slot;
@@ -35,8 +35,7 @@ from bench.attention import D, HKV, HQ, KV, V_LAYOUTS, kernel_module, v_tokens_f
 from qcompile.codegen import kv_tiling
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-BLOCK_T = 128
-TILES = ((4, 1), (8, 3))  # (warps, stages): the tuner's two first guesses
+FIRST = 2  # tiles per width: the tuner's first guesses (kv_tiling.WINNERS)
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP", "F2I")
 MIX = ("I2F", "F2FP", "PRMT", "LOP3", "HADD2", "HMUL2", "IMAD", "LDS", "STS", "BAR", "HMMA")  # opcodes reported
 SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 233472, 64
@@ -68,11 +67,11 @@ def _decode_args(bits: int, group: int, dtype: str, v_token_major: bool, context
 
 
 def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages: int, v_token_major: bool = False,
-                   arch: int = 90):
+                   arch: int = 90, block_t: int = 128, maxnreg: int | None = None):
     """The kernel compiled as a decode step launches it, for sm_``arch``."""
     tdtype = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
     consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
-                  PRECISION="tf32", BLOCK_T=BLOCK_T, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False)
+                  PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False)
     signature, attrs = {}, {}
     for name, value in _decode_args(bits, group, dtype, v_token_major).items():
         if isinstance(value, int) and value == 1:
@@ -87,7 +86,8 @@ def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages
                 attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
     signature.update({name: "constexpr" for name in consts})
     src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages,
+                                                                                          maxnreg=maxnreg))
 
 
 def _sass(compiled) -> tuple[str, int]:
@@ -116,10 +116,11 @@ def loop_mix(text: str) -> collections.Counter:
     return ops
 
 
-def tile_bounds(ops: collections.Counter, warps: int, bits: int, group: int, dtype_bytes: int, gpu: str) -> dict:
+def tile_bounds(ops: collections.Counter, warps: int, bits: int, group: int, dtype_bytes: int, gpu: str,
+                block_t: int) -> dict:
     """Cycles of one scheduler per tile (module docstring) and the roofline fraction they allow."""
     bandwidth, sms, clock = GPUS[gpu]
-    tile_bytes = 2 * BLOCK_T * (D * bits // 8 + 2 * (D // group) * dtype_bytes)  # K and V: codes, scales, zeros
+    tile_bytes = 2 * block_t * (D * bits // 8 + 2 * (D // group) * dtype_bytes)  # K and V: codes, scales, zeros
     issue = sum(ops.values()) * warps / 4
     conversion = sum(ops[c] for c in CONVERSIONS) * warps * 8 / 4
     memory = tile_bytes / (bandwidth / sms / clock)
@@ -137,23 +138,27 @@ def report(kernel, gpu: str, v_layout: str = "cache") -> list:
     rows = []
     for name, (bits, group) in KV.items():
         for dtype in ("fp16", "bf16"):
-            for warps, stages in TILES:
-                compiled = compile_decode(kernel, bits, group, dtype, warps, stages, v_tokens_first(v_layout, bits))
-                text, regs = _sass(compiled)
-                programs = programs_per_sm(regs, compiled.metadata.shared, warps)
+            for block_t, _, warps, stages, regs in kv_tiling.WINNERS[bits][:FIRST]:
+                compiled = compile_decode(kernel, bits, group, dtype, warps, stages, v_tokens_first(v_layout, bits),
+                                          block_t=block_t, maxnreg=regs)
+                text, registers = _sass(compiled)
+                programs = programs_per_sm(registers, compiled.metadata.shared, warps)
                 ops = loop_mix(text)
-                elements = 2 * BLOCK_T * D / (32 * warps)  # K and V codes one thread dequantizes per tile
-                config = triton.Config({"BLOCK_T": BLOCK_T}, num_warps=warps, num_stages=stages)
-                row = {"kv": name, "dtype": dtype, "warps": warps, "stages": stages, "registers": regs,
-                       "shared": compiled.metadata.shared, "programs_per_sm": programs,
+                elements = 2 * block_t * D / (32 * warps)  # K and V codes one thread dequantizes per tile
+                config = triton.Config({"BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
+                row = {"kv": name, "dtype": dtype, "block_t": block_t, "warps": warps, "stages": stages,
+                       "register_cap": regs, "registers": registers, "shared": compiled.metadata.shared,
+                       "programs_per_sm": programs,
                        "shared_model": kv_tiling.smem_bytes(config, 16, D, D // group, bits, 2, 2, False),
                        "loop_instructions": sum(ops.values()), "per_code": sum(ops.values()) / elements,
-                       "mix": {op: ops[op] for op in MIX}, **tile_bounds(ops, warps, bits, group, 2, gpu)}
+                       "mix": {op: ops[op] for op in MIX}, **tile_bounds(ops, warps, bits, group, 2, gpu, block_t)}
                 rows.append(row)
-                print(f"{name} {dtype} {warps} warps {stages} stages: {regs} registers, {programs} programs an SM, "
-                      f"{row['loop_instructions']} instructions a tile ({row['per_code']:.1f} a code); cycles "
-                      f"issue {row['issue']:.0f}, conversion {row['conversion']:.0f}, memory {row['memory']:.0f} "
-                      f"({gpu}): at most {row['roofline_bound']:.0%} of the roofline; {row['mix']}", flush=True)
+                cap = f", capped at {regs}" if regs else ""
+                print(f"{name} {dtype} {block_t} tokens {warps} warps {stages} stages: {registers} registers{cap}, "
+                      f"{programs} programs an SM, {row['loop_instructions']} instructions a tile "
+                      f"({row['per_code']:.1f} a code); cycles issue {row['issue']:.0f}, conversion "
+                      f"{row['conversion']:.0f}, memory {row['memory']:.0f} ({gpu}): at most "
+                      f"{row['roofline_bound']:.0%} of the roofline; {row['mix']}", flush=True)
     return rows
 
 
