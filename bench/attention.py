@@ -66,6 +66,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE = torch.float16  # --dtype: of the queries, the unquantized K/V and the scales (the "fp16_*" fields' baseline)
 V_LAYOUTS = ("cache", "rows", "tokens")
 V_LAYOUT = "cache"  # --v-layout: V's codes as QuantizedStaticCache stores them, or "rows" / "tokens" for all
+V_LAYOUT_HELP = "V's codes as the cache stores them (formats.kv.v_token_major), row- or token-contiguous"
 
 
 def v_tokens_first(layout: str, bits: int) -> bool:
@@ -247,8 +248,7 @@ def main():
     p.add_argument("--kernels", default="", help="with --sweep: files of other versions of codegen/kv_attention.py "
                                                 "to time against the package's (git show REV:codegen/kv_attention.py)")
     p.add_argument("--ncu", action="store_true", help="only launch the kernels, for ncu")
-    p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache",
-                   help="V's codes as the cache stores them (formats.kv.v_token_major), row- or token-contiguous")
+    p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache", help=V_LAYOUT_HELP)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
                    help="activations, unquantized K/V and scales; the baseline is flash SDPA in this dtype")
     p.add_argument("--name", default="attention")

@@ -3,9 +3,10 @@ machine need not have, and what its main loop costs per tile. No device time: Tr
 for an sm_90 target with the ptxas its wheel carries.
 
 For each width, dtype and launch shape (decode: 32 query heads on 8 KV heads, head_dim 128,
-in the tiles the tuner times first for that width: kv_tiling.WINNERS), it counts the instructions of one iteration of the loop over the cache
-(the longest backward branch of the SASS) and sets three bounds on that tile, in cycles of one
-of the SM's four schedulers, as if one program had the SM:
+in the tiles the tuner times first for that width: kv_tiling.WINNERS), it counts the
+instructions of one iteration of the loop over the cache (the longest backward branch of the
+SASS) and sets three bounds on that tile, in cycles of one of the SM's four schedulers, as if
+one program had the SM:
 - issue: every instruction of every warp takes one issue slot;
 - conversion: int-to-float and float-to-float conversions (I2F, F2F, F2FP) run at 16 a clock
   per SM (CUDA's throughput table for compute capability 9.0), 8 cycles a warp;
@@ -31,7 +32,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bench.attention import D, HKV, HQ, KV, V_LAYOUTS, kernel_module, v_tokens_first  # the benchmark's shapes
+from bench.attention import (D, HKV, HQ, KV, V_LAYOUT_HELP, V_LAYOUTS,  # the benchmark's shapes
+                             kernel_module, v_tokens_first)
 from qcompile.codegen import kv_tiling
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -167,8 +169,7 @@ def main():
     p.add_argument("--kernel", help="a file defining kv_attention_kernel to compile instead of the package's "
                                     "(git show REV:codegen/kv_attention.py > FILE: an older version)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
-    p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache",
-                   help="V's codes as the cache stores them (formats.kv.v_token_major), row- or token-contiguous")
+    p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache", help=V_LAYOUT_HELP)
     p.add_argument("--out", help="write the rows to this JSON file")
     a = p.parse_args()
     if reason := available():

@@ -109,12 +109,13 @@ def _tile(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, v
           PRECISION: tl.constexpr):
     """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
     if BITS == 8 and GROUP == D and DOT != tl.bfloat16:  # 1024 + code is not exact in bf16
-        return _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                              skt, skd, svt, svd, sst, D, DOT, PRECISION)
-    k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
-    p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
-    v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
+        acc, l, m = _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
+                                   vz_ptr, skt, skd, svt, svd, sst, D, DOT, PRECISION)
+    else:  # (an early return would still trace this branch)
+        k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
+        p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
+        v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
     return acc, l, m
 
 

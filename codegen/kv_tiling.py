@@ -76,7 +76,8 @@ def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes:
     if interpreting():
         return [Choice("kv_attention", c) for c in INTERPRETED]
     limit = max_shared_mem(device.index or 0)
-    fits = [c for c in _grid(decode, bits, rows) if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
+    fits = [c for c in _grid(decode, bits, rows)
+            if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
     return [Choice("kv_attention", c) for c in fits or [SMALLEST]]
 
 

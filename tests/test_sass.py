@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.sass import available
+from bench.sass import FIRST, available
 from qcompile.codegen import kv_tiling
 
 
@@ -22,9 +22,10 @@ def test_the_decode_kernel_compiles_for_sm90_within_the_shared_memory_model(tmp_
                        cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "sass.json").read_text())["rows"]
-    first = {bits: {(bt, nw) for bt, _, nw, _, _ in kv_tiling.WINNERS[bits][:2]} for bits in (8, 4)}
+    first = {bits: {(bt, nw) for bt, _, nw, _, _ in kv_tiling.WINNERS[bits][:FIRST]} for bits in (8, 4)}
     assert {(r["kv"], r["dtype"], r["block_t"], r["warps"]) for r in rows} == {
-        (kv, dt, bt, nw) for kv, bits in (("int8", 8), ("int4", 4)) for dt in ("fp16", "bf16") for bt, nw in first[bits]}
+        (kv, dt, bt, nw) for kv, bits in (("int8", 8), ("int4", 4)) for dt in ("fp16", "bf16")
+        for bt, nw in first[bits]}
     for row in rows:
         assert row["mix"]["HMMA"] > 0, "both dots on the tensor cores, inside the loop found"
         assert 0 < row["shared"] <= row["shared_model"], "kv_tiling's model never under-counts (no launch failure)"
