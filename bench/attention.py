@@ -224,7 +224,7 @@ def plot(path):
     import matplotlib.pyplot as plt
     rows = json.load(open(path))["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for impl in ("qcompile int8", "qcompile int4"):
+    for impl in sorted({i for r in rows for i in r["impl"] if i.startswith("qcompile")}, reverse=True):  # int8 first
         for b in sorted({r["batch"] for r in rows}):
             pts = [(r["context"], r["impl"][impl]["speedup"]) for r in rows if r["batch"] == b]
             ax.plot(*zip(*pts), marker="o", label=f"{impl}, batch {b}", ls="-" if "int8" in impl else "--")
@@ -237,6 +237,7 @@ def plot(path):
 
 
 def main():
+    global V_LAYOUT, DTYPE, KV
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
@@ -251,12 +252,16 @@ def main():
     p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache", help=V_LAYOUT_HELP)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
                    help="activations, unquantized K/V and scales; the baseline is flash SDPA in this dtype")
+    p.add_argument("--kv", default=",".join(KV), help=f"cache widths to run, of {', '.join(KV)}")
     p.add_argument("--name", default="attention")
     p.add_argument("--plot", help="only draw the plot of this results JSON")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
-    global V_LAYOUT, DTYPE
     V_LAYOUT, DTYPE = a.v_layout, DTYPES[a.dtype]
+    unknown = set(a.kv.split(",")) - set(KV)
+    if unknown:
+        p.error(f"--kv: {', '.join(sorted(unknown))} not among {', '.join(KV)}")
+    KV = {name: KV[name] for name in a.kv.split(",")}
     if a.plot:
         return plot(a.plot)
     if a.ncu:

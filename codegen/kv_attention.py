@@ -24,7 +24,9 @@ computed in the scale's dtype. Two paths skip the integer-to-float conversion of
 bench/results/2026-11-30-h200-attention-ab*.json): 8-bit codes with whole-head groups and
 fp16 dots take their scales on the dots, not on every code (``_tile_deferred``, 1.25-1.49x);
 4-bit codes with fp16 scales become ``1024 + nibble`` in fp16 by bit operations
-(``_nibbles_plus_1024``, 1.08-1.20x). Neither helps bf16, where 1024 + code is not exact.
+(``_nibbles_plus_1024``, 1.08-1.20x). 1024 + code is not exact in bf16, so bf16 queries take
+the 8-bit path with K's dot in fp16, q scaled per row by a power of two (``_fp16_range``;
+1.20x at batch 1, 1.31x at batch 8: -attention-ab-cache-bf16.json); 4-bit bf16 converts.
 DOT is the dtype of the dots' operands (the query's; float32 under the interpreter, whose bf16
 dot is wrong); PRECISION "ieee" keeps float32 dots exact, which the GPU would otherwise round
 to tf32.
@@ -104,12 +106,12 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _tile(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd,
+def _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd,
           sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
           PRECISION: tl.constexpr):
     """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
-    if BITS == 8 and GROUP == D and DOT != tl.bfloat16:  # 1024 + code is not exact in bf16
-        acc, l, m = _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
+    if BITS == 8 and GROUP == D:
+        acc, l, m = _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
                                    vz_ptr, skt, skd, svt, svd, sst, D, DOT, PRECISION)
     else:  # (an early return would still trace this branch)
         k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
@@ -130,18 +132,21 @@ def _plus_1024(codes):
 
 
 @triton.jit
-def _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt,
-                   svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt,
+                   skd, svt, svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
     applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
     then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
     fp16 operand in range) against code - zero."""
     rd = tl.arange(0, D)
     kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
-    dots = tl.dot(q, tl.trans(_plus_1024(kc).to(DOT)), input_precision=PRECISION)
+    dots = tl.dot(q, tl.trans(_plus_1024(kc).to(q.dtype)), input_precision=PRECISION)
     ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-    p, alpha, l, m = _softmax_step((dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :] + bias, l, m)
+    qk = (dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :]
+    if DOT == tl.bfloat16:  # q came in scaled into fp16's range
+        qk = qk * qinv[:, None]
+    p, alpha, l, m = _softmax_step(qk + bias, l, m)
     vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
     vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
@@ -149,6 +154,16 @@ def _tile_deferred(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, 
     top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
     acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
     return acc, l, m
+
+
+@triton.jit
+def _fp16_range(q):
+    """Per row of float32 q, the power of two f that brings its largest |value| into [2^14,
+    2^15), and 1 / f: q f in fp16 cannot overflow and keeps 11 bits of every value above 2^-14
+    of the largest, more than bf16's 8; multiplying the dots by 1 / f undoes it exactly."""
+    e = ((tl.max(tl.abs(q), 1).to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127
+    k = tl.minimum(tl.maximum(14 - e, -126), 126)
+    return ((k + 127) << 23).to(tl.float32, bitcast=True), ((127 - k) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -210,7 +225,13 @@ def kv_attention_kernel(
     sv = b * ssb + hkv * ssh
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
                 mask=rvalid[:, None], other=0.0)
-    q = (q.to(tl.float32) * sm_scale).to(DOT)
+    q = q.to(tl.float32) * sm_scale
+    qinv = tl.full((ROWS,), 1.0, tl.float32)
+    if BITS == 8 and GROUP == D and DOT == tl.bfloat16:  # K's dot in fp16, where 1024 + code is exact
+        qf, qinv = _fp16_range(q)
+        q = (q * qf[:, None]).to(tl.float16)
+    else:
+        q = q.to(DOT)
     qsum = tl.sum(q.to(tl.float32), 1)
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
@@ -221,10 +242,10 @@ def kv_attention_kernel(
         bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
         if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                                   vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
         else:
-            acc, l, m = _tile(q, qsum, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+            acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                               vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,

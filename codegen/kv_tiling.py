@@ -82,5 +82,8 @@ def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes:
 
 
 def splits(programs: int, length: int, block_t: int, waves: int, sms: int) -> int:
-    """Enough programs for ``waves`` per SM, each with at least one tile of the cache."""
-    return max(1, min(triton.cdiv(waves * sms, programs), triton.cdiv(length, block_t), 64))
+    """As many programs as fit ``waves`` per SM, not one more, each with at least one tile of
+    the cache. Rounding up put one program more on some SMs than on the others, and a decode
+    step waits for those: on the H200 at 16k context, batch 8, 9 splits of 64 programs (5 on
+    some SMs) took 1.13x as long as 8 (4 on each); scratch sweep in -kv-splits.json."""
+    return max(1, min(waves * sms // programs, triton.cdiv(length, block_t), 64))
