@@ -106,43 +106,16 @@ def _softmax_step(qk, l, m):
 
 
 @triton.jit
-def _scores(q, qsum, qinv, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, skt, skd, sst, ssg, D: tl.constexpr,
-            BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """[ROWS, T] scores of the queries against tokens rt, the mask's bias added. 8-bit codes with
-    whole-head groups (one scale and zero per token) take their scales on the dot, not on every
-    code: q @ (1024 + code)^T, exact on the tensor cores, then (dot - (1024 + zero) sum(q)) scale
-    per token (and bf16's q scaled back, see _fp16_range)."""
+def _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd,
+          sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
+          PRECISION: tl.constexpr):
+    """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
     if BITS == 8 and GROUP == D:
-        kc = tl.load(kc_ptr + rt[:, None] * skt + tl.arange(0, D)[None, :] * skd, mask=tmask[:, None], other=0)
-        dots = tl.dot(q, tl.trans(_plus_1024(kc).to(q.dtype)), input_precision=PRECISION)
-        ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-        kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-        qk = (dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :]
-        if DOT == tl.bfloat16:  # q came in scaled into fp16's range
-            qk = qk * qinv[:, None]
-    else:
+        acc, l, m = _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
+                                   vz_ptr, skt, skd, svt, svd, sst, D, DOT, PRECISION)
+    else:  # (an early return would still trace this branch)
         k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
-        qk = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION)
-    return qk + bias
-
-
-@triton.jit
-def _accumulate(qk, acc, l, m, rt, tmask, vc_ptr, vs_ptr, vz_ptr, svt, svd, sst, ssg, D: tl.constexpr,
-                BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """The online softmax's step over one tile of scores: (acc [ROWS, D], l, m) updated with the
-    values of tokens rt. 8-bit codes with whole-head groups: p scale / the tile's largest scale
-    (an fp16 operand in range) against code - zero."""
-    p, alpha, l, m = _softmax_step(qk, l, m)
-    if BITS == 8 and GROUP == D:
-        rd = tl.arange(0, D)
-        vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
-        vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-        vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-        v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(DOT)
-        top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
-        acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
-    else:
+        p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
         v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
     return acc, l, m
@@ -156,6 +129,31 @@ def _plus_1024(codes):
         return (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
     return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0x64646464, 0x5140; prmt.b32 $1, $2, 0x64646464, 0x5342;",
                                      "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt,
+                   skd, svt, svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
+    applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
+    then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
+    fp16 operand in range) against code - zero."""
+    rd = tl.arange(0, D)
+    kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
+    dots = tl.dot(q, tl.trans(_plus_1024(kc).to(q.dtype)), input_precision=PRECISION)
+    ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    qk = (dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :]
+    if DOT == tl.bfloat16:  # q came in scaled into fp16's range
+        qk = qk * qinv[:, None]
+    p, alpha, l, m = _softmax_step(qk + bias, l, m)
+    vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
+    vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(DOT)
+    top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
+    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
+    return acc, l, m
 
 
 @triton.jit
@@ -238,33 +236,17 @@ def kv_attention_kernel(
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
-    if SKIP_HIDDEN:
-        for t0 in range(start, end, BLOCK_T):
-            rt = t0 + tl.arange(0, BLOCK_T)
-            tmask = rt < length
-            bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
-            if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                qk = _scores(q, qsum, qinv, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, skt, skd, sst, ssg, D, BITS,
-                             GROUP, DEQ, DOT, PRECISION)
-                acc, l, m = _accumulate(qk, acc, l, m, rt, tmask, vc, vs_ptr + sv, vz_ptr + sv, svt, svd, sst, ssg, D,
-                                        BITS, GROUP, DEQ, DOT, PRECISION)
-    else:  # each tile's scores a step ahead of its softmax, so that the two chains interleave
-        rt = start + tl.arange(0, BLOCK_T)
-        tmask = rt < tl.where(start < end, length, 0)
+    for t0 in range(start, end, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        tmask = rt < length
         bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
-        qk = _scores(q, qsum, qinv, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, skt, skd, sst, ssg, D, BITS, GROUP,
-                     DEQ, DOT, PRECISION)
-        for t0 in range(start, end, BLOCK_T):
-            rt = t0 + tl.arange(0, BLOCK_T)
-            tmask = rt < length
-            rn = rt + BLOCK_T
-            nmask = rn < tl.where(t0 + BLOCK_T < end, length, 0)  # the last tile's successor is not read
-            bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rn, nmask, smh, sms, smt, S, HAS_MASK)
-            qk_next = _scores(q, qsum, qinv, bias, rn, nmask, kc, ks_ptr + sv, kz_ptr + sv, skt, skd, sst, ssg, D,
-                              BITS, GROUP, DEQ, DOT, PRECISION)
-            acc, l, m = _accumulate(qk, acc, l, m, rt, tmask, vc, vs_ptr + sv, vz_ptr + sv, svt, svd, sst, ssg, D,
-                                    BITS, GROUP, DEQ, DOT, PRECISION)
-            qk = qk_next
+        if SKIP_HIDDEN:
+            if tl.max(tl.max(bias, 1), 0) > float("-inf"):
+                acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                                  vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+        else:
+            acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                              vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
