@@ -17,7 +17,7 @@ from .ops import dot_dtype
 LIVE_MAX_ROWS = 32  # distinct mask rows (heads x new tokens) up to which a decode step scans the mask
 LIVE_SCAN = 8192  # mask elements one kv_live_kernel program reads
 COMBINE_CHANNELS = 32  # channels of a head one kv_combine_kernel program merges
-COMBINE_SPLITS = 16  # splits it loads at once
+COMBINE_ELEMENTS = 8192  # partial values it loads at once: all 64 splits of a GQA-4 step's 32 channels
 chosen = {}  # tuning key -> the tiling.Choice that ran: tests assert what was tuned
 
 
@@ -124,10 +124,10 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
             live.shape[1] if live is not None else 0, *strides, **consts, **own, BLOCK_T=cfg.kwargs["BLOCK_T"],
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.kwargs.get("REGS"))
         if splits > 1:
-            block_d = min(d, COMBINE_CHANNELS)
-            kv_combine_kernel[(b, hkv, d // block_d)](
-                acc, stat, out, splits, *out.stride(), **consts, MROWS=triton.next_power_of_2(hq // hkv * s),
-                BLOCK_D=block_d, BLOCK_S=COMBINE_SPLITS)
+            block_d, mrows = min(d, COMBINE_CHANNELS), triton.next_power_of_2(hq // hkv * s)
+            block_s = max(1, min(triton.next_power_of_2(splits), COMBINE_ELEMENTS // (mrows * block_d)))
+            kv_combine_kernel[(b, hkv, d // block_d)](acc, stat, out, splits, *out.stride(), **consts, MROWS=mrows,
+                                                      BLOCK_D=block_d, BLOCK_S=block_s)
         return binary
 
     key = tuning_key(bits, group, d, rows, decode, b * hkv, length, q.dtype, attn_mask is not None)

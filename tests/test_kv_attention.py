@@ -51,8 +51,8 @@ def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, d
     (of a whole prompt, and of a chunk after 29 cached tokens) in several blocks of query rows;
     each tile configuration here (the interpreter's two; on a GPU, tiles of 32-128 tokens, 1, 4
     and 8 warps, 1 and 3 stages, and registers capped), and the tuned op. The merge takes the
-    splits two at a time here (its running maximum carried over several blocks of splits)."""
-    monkeypatch.setattr(kv_ops, "COMBINE_SPLITS", 2)
+    splits one or two at a time here (its running maximum carried over several blocks of splits)."""
+    monkeypatch.setattr(kv_ops, "COMBINE_ELEMENTS", 256)  # 2 splits of 4 rows x 32 channels, 1 of 16 rows
     torch.manual_seed(length)
     k, v = cache(2, 2, 80, 64, bits, group, dtype, device)
     q = torch.randn(2, 8, s, 64, dtype=dtype, device=device)
