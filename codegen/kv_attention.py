@@ -25,8 +25,9 @@ bench/results/2026-11-30-h200-attention-ab*.json): 8-bit codes with whole-head g
 fp16 dots take their scales on the dots, not on every code (``_tile_deferred``, 1.25-1.49x);
 4-bit codes with fp16 scales become ``1024 + nibble`` in fp16 by bit operations
 (``_nibbles_plus_1024``, 1.08-1.20x). 1024 + code is not exact in bf16, so bf16 queries take
-the 8-bit path with K's dot in fp16, q scaled per row by a power of two (``_fp16_range``;
-1.20x at batch 1, 1.31x at batch 8: -attention-ab-cache-bf16.json); 4-bit bf16 converts.
+the 8-bit path with both dots in fp16, q scaled per row by a power of two (``_fp16_range``):
+1.20x at batch 1 and 1.31x at batch 8 with V's dot still in bf16 (-attention-ab-cache-bf16.json),
+then 1.08x and 1.27x more with it in fp16 too (-attention-ab-e18-bf16.json). 4-bit bf16 converts.
 DOT is the dtype of the dots' operands (the query's; float32 under the interpreter, whose bf16
 dot is wrong); PRECISION "ieee" keeps float32 dots exact, which the GPU would otherwise round
 to tf32.
@@ -137,7 +138,9 @@ def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz
     """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
     applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
     then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
-    fp16 operand in range) against code - zero."""
+    fp16 operand in range) against code - zero. Both dots take q's dtype, fp16 for bf16 queries
+    too: code - zero is exact there for an integer zero, and a fractional one keeps 11 bits,
+    more than the reference's bf16 does."""
     rd = tl.arange(0, D)
     kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
     dots = tl.dot(q, tl.trans(_plus_1024(kc).to(q.dtype)), input_precision=PRECISION)
@@ -150,9 +153,9 @@ def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz
     vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
     vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(DOT)
+    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(q.dtype)  # fp16 for bf16 queries too
     top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
-    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(DOT), v, input_precision=PRECISION) * top
+    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(q.dtype), v, input_precision=PRECISION) * top
     return acc, l, m
 
 
