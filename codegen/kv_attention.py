@@ -63,10 +63,9 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr
         codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
     else:  # each byte loaded once, its nibbles interleaved back: channel 2i low, 2i + 1 high
         byte = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
-        if DEQ == tl.float16 or DEQ == tl.bfloat16:
-            low, high = _biased_nibbles(byte, DEQ)
-            bias: tl.constexpr = 1024.0 if DEQ == tl.float16 else 128.0
-            codes = tl.reshape(tl.reshape(tl.join(low, high), (T, D)), (T, D // GROUP, GROUP)) - bias
+        if DEQ == tl.float16:
+            low, high = _nibbles_plus_1024(byte)
+            codes = tl.reshape(tl.reshape(tl.join(low, high), (T, D)), (T, D // GROUP, GROUP)) - 1024.0
         else:
             codes = tl.reshape(tl.reshape(tl.join(byte & 15, byte >> 4), (T, D)), (T, D // GROUP, GROUP))
     soff = rt[:, None] * sst + rg[None, :] * ssg
@@ -75,40 +74,26 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr
     return tl.reshape((codes.to(DEQ) - zero) * scale, (T, D))
 
 
-# 2^e + each nibble of the packed bytes by bit operations, the exponent's byte given as {top}:
-# fp16 0x64 (1024; its 10 mantissa bits hold 0-15), bf16 0x43 (128; 7 bits). A PRMT puts two
-# bytes under two exponent bytes, a mask (low nibbles) or a shift and mask (high) keeps one nibble.
-_NIBBLES_ASM = """{{
+@triton.jit
+def _nibbles_plus_1024(byte):
+    """1024 + each nibble of the bytes, in fp16 (low, high): 3 instructions for 4 codes on the
+    GPU (a PRMT puts two bytes under 0x64 bytes, a mask or a shift and mask keeps one nibble),
+    integer arithmetic under the interpreter."""
+    if INTERPRET:
+        return ((byte & 15).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True), \
+            ((byte >> 4).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return tl.inline_asm_elementwise(
+        """{
         .reg .b32 t0, t1;
-        prmt.b32 t0, $4, 0x{top}{top}{top}{top}, 0x5140;
-        prmt.b32 t1, $4, 0x{top}{top}{top}{top}, 0x5342;
+        prmt.b32 t0, $4, 0x64646464, 0x5140;
+        prmt.b32 t1, $4, 0x64646464, 0x5342;
         and.b32 $0, t0, 0xFF0FFF0F;
         and.b32 $1, t1, 0xFF0FFF0F;
         shr.b32 t0, t0, 4;
         shr.b32 t1, t1, 4;
-        lop3.b32 $2, t0, 0x000F000F, 0x{top}00{top}00, 0xEA;
-        lop3.b32 $3, t1, 0x000F000F, 0x{top}00{top}00, 0xEA;
-        }}"""
-NIBBLES_FP16 = tl.constexpr(_NIBBLES_ASM.format(top="64"))
-NIBBLES_BF16 = tl.constexpr(_NIBBLES_ASM.format(top="43"))
-
-
-@triton.jit
-def _biased_nibbles(byte, DEQ: tl.constexpr):
-    """1024 + each nibble of the bytes in fp16, 128 + it in bf16 (low, high), exact: 3
-    instructions for 4 codes on the GPU instead of an integer-to-float conversion of each,
-    integer arithmetic under the interpreter."""
-    if INTERPRET:
-        top: tl.constexpr = 0x6400 if DEQ == tl.float16 else 0x4300
-        low = ((byte & 15).to(tl.uint16) | top).to(DEQ, bitcast=True)
-        high = ((byte >> 4).to(tl.uint16) | top).to(DEQ, bitcast=True)
-    elif DEQ == tl.float16:
-        low, high = tl.inline_asm_elementwise(NIBBLES_FP16, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16),
-                                              is_pure=True, pack=4)
-    else:
-        low, high = tl.inline_asm_elementwise(NIBBLES_BF16, "=r,=r,=r,=r,r", [byte], dtype=(tl.bfloat16, tl.bfloat16),
-                                              is_pure=True, pack=4)
-    return low, high
+        lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
+        }""", "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
