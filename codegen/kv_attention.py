@@ -109,38 +109,17 @@ def _softmax_step(qk, l, m):
 @triton.jit
 def _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd,
           sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
-          PRECISION: tl.constexpr, HALF: tl.constexpr):
-    """One tile of the online softmax: (acc, l, m) updated with tokens rt. With HALF the dots
-    have twice the rows of acc (the tensor cores' 16 for a step's 8 or fewer), and only the top
-    half of them goes through the softmax and the accumulator."""
+          PRECISION: tl.constexpr):
+    """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
     if BITS == 8 and GROUP == D:
         acc, l, m = _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
-                                   vz_ptr, skt, skd, svt, svd, sst, D, DOT, PRECISION, HALF)
+                                   vz_ptr, skt, skd, svt, svd, sst, D, DOT, PRECISION)
     else:  # (an early return would still trace this branch)
         k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
-        qk = _rows(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION), HALF)
-        p, alpha, l, m = _softmax_step(qk + bias, l, m)
+        p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
         v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
-        pv = tl.dot(_padded(p.to(DOT), HALF), v.to(DOT), input_precision=PRECISION)
-        acc = acc * alpha[:, None] + _rows(pv, HALF)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
     return acc, l, m
-
-
-@triton.jit
-def _rows(x, HALF: tl.constexpr):
-    """x [2H, N]: its top H rows with HALF, else x. Row bit 3 of the tensor cores' accumulator is
-    a register of each thread, not a lane, so the split moves no data."""
-    if HALF:
-        x, _ = tl.split(tl.permute(tl.reshape(x, (2, x.shape[0] // 2, x.shape[1])), (1, 2, 0)))
-    return x
-
-
-@triton.jit
-def _padded(x, HALF: tl.constexpr):
-    """x [H, N] over H rows of zeros with HALF (the dot's operand again), else x."""
-    if HALF:
-        x = tl.reshape(tl.permute(tl.join(x, tl.zeros_like(x)), (2, 0, 1)), (2 * x.shape[0], x.shape[1]))
-    return x
 
 
 @triton.jit
@@ -155,8 +134,7 @@ def _plus_1024(codes):
 
 @triton.jit
 def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt,
-                   skd, svt, svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                   HALF: tl.constexpr):
+                   skd, svt, svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
     applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
     then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
@@ -165,7 +143,7 @@ def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz
     more than the reference's bf16 does."""
     rd = tl.arange(0, D)
     kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
-    dots = _rows(tl.dot(q, tl.trans(_plus_1024(kc).to(q.dtype)), input_precision=PRECISION), HALF)
+    dots = tl.dot(q, tl.trans(_plus_1024(kc).to(q.dtype)), input_precision=PRECISION)
     ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     qk = (dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :]
@@ -177,8 +155,7 @@ def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz
     vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(q.dtype)  # fp16 for bf16 queries too
     top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
-    pv = tl.dot(_padded((p * (vs / top)[None, :]).to(q.dtype), HALF), v, input_precision=PRECISION)
-    acc = acc * alpha[:, None] + _rows(pv, HALF) * top
+    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(q.dtype), v, input_precision=PRECISION) * top
     return acc, l, m
 
 
@@ -232,12 +209,7 @@ def kv_attention_kernel(
     pipelining the loads, so decoding, whose loop is all loads, does without it."""
     b, hkv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     split, block = pid % splits, pid // splits
-    # A block of 16 rows for 8 or fewer (a decode step) keeps only the top half of the dots'
-    # rows: the softmax and the accumulator do half the work, in half the registers.
-    HALF: tl.constexpr = ROWS == 16 and REP * S <= 8
-    KEPT: tl.constexpr = ROWS // 2 if HALF else ROWS
-    rq = block * ROWS + tl.arange(0, ROWS)  # the dots' rows
-    r = block * ROWS + tl.arange(0, KEPT)  # row r: query head hkv * REP + r // S, new token r % S
+    r = block * ROWS + tl.arange(0, ROWS)  # row r: query head hkv * REP + r // S, new token r % S
     rvalid = r < REP * S
     rd = tl.arange(0, D)
     head = hkv * REP + r // S
@@ -254,32 +226,30 @@ def kv_attention_kernel(
     kc = kc_ptr + b * skb + hkv * skh
     vc = vc_ptr + b * svb + hkv * svh
     sv = b * ssb + hkv * ssh
-    q = tl.load(q_ptr + b * sqb + (hkv * REP + rq // S)[:, None] * sqh + (rq % S)[:, None] * sqs + rd[None, :] * sqd,
-                mask=(rq < REP * S)[:, None], other=0.0)
+    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
+                mask=rvalid[:, None], other=0.0)
     q = q.to(tl.float32) * sm_scale
-    qinv = tl.full((KEPT,), 1.0, tl.float32)
+    qinv = tl.full((ROWS,), 1.0, tl.float32)
     if BITS == 8 and GROUP == D and DOT == tl.bfloat16:  # K's dot in fp16, where 1024 + code is exact
         qf, qinv = _fp16_range(q)
-        qinv = tl.reshape(_rows(qinv[:, None], HALF), (KEPT,))
         q = (q * qf[:, None]).to(tl.float16)
     else:
         q = q.to(DOT)
-    qsum = tl.sum(_rows(q.to(tl.float32), HALF), 1)
-    m = tl.full((KEPT,), float("-inf"), tl.float32)
-    l = tl.zeros((KEPT,), tl.float32)
-    acc = tl.zeros((KEPT, D), tl.float32)
+    qsum = tl.sum(q.to(tl.float32), 1)
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    l = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
     for t0 in range(start, end, BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
         tmask = rt < length
         bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
         if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc,
-                                  vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT,
-                                  PRECISION, HALF)
+                acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
+                                  vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
         else:
             acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
-                              vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION, HALF)
+                              vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
