@@ -29,5 +29,6 @@ def test_the_decode_kernel_compiles_for_sm90_within_the_shared_memory_model(tmp_
     for row in rows:
         assert row["mix"]["HMMA"] > 0, "both dots on the tensor cores, inside the loop found"
         assert 0 < row["shared"] <= row["shared_model"], "kv_tiling's model never under-counts (no launch failure)"
+        assert row["shared_model"] <= 2 * row["shared"], "nor over-counts 2x (a tile that fits is not pruned)"
         assert 1 <= row["programs_per_sm"] <= 64 // row["warps"]
         assert row["memory"] > 0 and 0 < row["roofline_bound"] <= 1
