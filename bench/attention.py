@@ -29,9 +29,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+import triton
 from triton.runtime.errors import OutOfResources
 
 from qcompile.codegen import kv_attention, kv_tiling
+from qcompile.codegen.tiling import Choice
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 from bench.linear import L2_BYTES, copy_bandwidth, time_rotated
 from qcompile.formats.kv import append_kv, as_token_major, kv_attention_reference, quantize_kv, v_token_major
@@ -156,12 +158,24 @@ def append(batches):
     return rows
 
 
-def sweep(contexts, batches, kernels=()):
+def tiles(spec: str) -> list:
+    """Choices from ``--tiles``: "BLOCK_T,WAVES,warps,stages[,REGS]" entries separated by ";"."""
+    out = []
+    for entry in spec.split(";"):
+        bt, waves, warps, stages, *regs = map(int, entry.split(","))
+        config = triton.Config({"BLOCK_T": bt, "WAVES": waves} | ({"REGS": regs[0]} if regs else {}),
+                               num_warps=warps, num_stages=stages)
+        out.append(Choice("kv_attention", config))
+    return out
+
+
+def sweep(contexts, batches, kernels=(), only=None):
     """Every tile the tuner may choose (codegen/kv_tiling.py), timed on decode steps (caches
     rotated as in the main sweep): the landscape behind the tuned choice, and how far the
     untuned first guess is from it. With ``kernels`` (files of other versions of
     codegen/kv_attention.py), each of them too on the same caches, after the package's: an A/B
-    in one run, its best tiles compared at the end."""
+    in one run, its best tiles compared at the end. ``only``: these Choices instead of the
+    tuner's candidates (tiles it does not try)."""
     rows = []
     versions = {"package": kv_ops.kv_attention_kernel} | {f: kernel_module(f).kv_attention_kernel for f in kernels}
     for ctx in map(int, contexts.split(",")):
@@ -170,7 +184,7 @@ def sweep(contexts, batches, kernels=()):
             q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device="cuda")
             for name, (bits, group) in KV.items():
                 k, v = random_cache(b, ctx, bits, group)
-                cands = kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device)
+                cands = only or kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device)
                 copies = copies_of((*k, *v))
                 ref = kv_attention_reference(q, k, v, bits, ctx)
                 for version, kernel in versions.items():
@@ -248,6 +262,8 @@ def main():
     p.add_argument("--sweep", action="store_true", help="time every candidate tile of the decode kernel")
     p.add_argument("--kernels", default="", help="with --sweep: files of other versions of codegen/kv_attention.py "
                                                 "to time against the package's (git show REV:codegen/kv_attention.py)")
+    p.add_argument("--tiles", default="", help="with --sweep: time these tiles instead of the tuner's candidates, "
+                                               '"BLOCK_T,WAVES,warps,stages[,REGS];..."')
     p.add_argument("--ncu", action="store_true", help="only launch the kernels, for ncu")
     p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache", help=V_LAYOUT_HELP)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
@@ -275,7 +291,8 @@ def main():
     extras = {"prefill": a.prefill and (lambda: prefill(map(int, a.prefill.split(",")))),
               "tail": a.tail and (lambda: tail(a.tail, a.contexts, a.batches)),
               "append": a.append and (lambda: append(a.batches)),
-              "sweep": a.sweep and (lambda: sweep(a.contexts, a.batches, a.kernels.split(",") if a.kernels else ()))}
+              "sweep": a.sweep and (lambda: sweep(a.contexts, a.batches, a.kernels.split(",") if a.kernels else (),
+                                                  tiles(a.tiles) if a.tiles else None))}
     for key, run in extras.items():
         if run:
             res[key] = run()

@@ -9,7 +9,8 @@
 # candidate tile of the KV decode kernel), attention-ab (that sweep for the package's kernel and each
 # file in $KV_KERNELS, other versions of codegen/kv_attention.py, V's codes row-contiguous),
 # attention-ab-vt (the same with V's codes token-contiguous), attention-ab-cache (V's codes as the
-# cache stores them; KV_DTYPE=bf16 for bf16, KV_WIDTHS=int8 for one width), attention-bf16 (the decode table in bf16), sass (bench.sass: the machine code's static profile, with the machine's Triton),
+# cache stores them; KV_DTYPE=bf16 for bf16, KV_WIDTHS=int8 for one width, KV_TILES
+# for tiles the tuner does not try: --tiles), attention-bf16 (the decode table in bf16), sass (bench.sass: the machine code's static profile, with the machine's Triton),
 # attention-ncu (Nsight Compute of it), accuracy-rounding (eager under
 # jitter and plain Inductor, for the activation-quantized formats),
 # profile (Nsight Compute of the tuned W4 kernels), gguf-part and accuracy (the 98 MB model file, split in
@@ -69,7 +70,8 @@ stage() {
     attention-ab-vt) python -m bench.attention --sweep ${KV_KERNELS:+--kernels "$KV_KERNELS"} --v-layout tokens \
         --contexts 16384 --batches 1,8 --name attention-ab-vt --out "$R" ;;
     attention-ab-cache) python -m bench.attention --sweep ${KV_KERNELS:+--kernels "$KV_KERNELS"} --dtype ${KV_DTYPE:-fp16} \
-        ${KV_WIDTHS:+--kv "$KV_WIDTHS"} --contexts 16384 --batches 1,8 --name attention-ab-cache${KV_DTYPE:+-$KV_DTYPE} --out "$R" ;;
+        ${KV_WIDTHS:+--kv "$KV_WIDTHS"} ${KV_TILES:+--tiles "$KV_TILES"} --contexts 16384 --batches 1,8 \
+        --name attention-ab-cache${KV_DTYPE:+-$KV_DTYPE} --out "$R" ;;
     sass) python -m bench.sass --gpu h200 --v-layout rows --out "$R/sass.json"
         python -m bench.sass --gpu h200 --v-layout tokens --out "$R/sass-vt.json" ;;
     attention-ncu) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_attention_kernel --launch-skip 1 --launch-count 4 --section SpeedOfLight \
