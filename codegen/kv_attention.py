@@ -47,6 +47,7 @@ import triton.language as tl
 from qcompile.runtime.device import interpreting
 
 INTERPRET = tl.constexpr(interpreting())  # the interpreter runs no PTX
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -63,9 +64,10 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr
         codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
     else:  # each byte loaded once, its nibbles interleaved back: channel 2i low, 2i + 1 high
         byte = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
-        if DEQ == tl.float16:
-            low, high = _nibbles_plus_1024(byte)
-            codes = tl.reshape(tl.reshape(tl.join(low, high), (T, D)), (T, D // GROUP, GROUP)) - 1024.0
+        if DEQ == tl.float16 or DEQ == tl.bfloat16:
+            low, high = _biased_nibbles(byte, DEQ)
+            bias: tl.constexpr = 1024.0 if DEQ == tl.float16 else 128.0
+            codes = tl.reshape(tl.reshape(tl.join(low, high), (T, D)), (T, D // GROUP, GROUP)) - bias
         else:
             codes = tl.reshape(tl.reshape(tl.join(byte & 15, byte >> 4), (T, D)), (T, D // GROUP, GROUP))
     soff = rt[:, None] * sst + rg[None, :] * ssg
@@ -74,52 +76,99 @@ def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr
     return tl.reshape((codes.to(DEQ) - zero) * scale, (T, D))
 
 
-@triton.jit
-def _nibbles_plus_1024(byte):
-    """1024 + each nibble of the bytes, in fp16 (low, high): 3 instructions for 4 codes on the
-    GPU (a PRMT puts two bytes under 0x64 bytes, a mask or a shift and mask keeps one nibble),
-    integer arithmetic under the interpreter."""
-    if INTERPRET:
-        return ((byte & 15).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True), \
-            ((byte >> 4).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-    return tl.inline_asm_elementwise(
-        """{
+# 2^e + each nibble of the packed bytes by bit operations, the exponent's byte given as {top}:
+# fp16 0x64 (1024; its 10 mantissa bits hold 0-15), bf16 0x43 (128; 7 bits). A PRMT puts two
+# bytes under two exponent bytes, a mask (low nibbles) or a shift and mask (high) keeps one nibble.
+_NIBBLES_ASM = """{{
         .reg .b32 t0, t1;
-        prmt.b32 t0, $4, 0x64646464, 0x5140;
-        prmt.b32 t1, $4, 0x64646464, 0x5342;
+        prmt.b32 t0, $4, 0x{top}{top}{top}{top}, 0x5140;
+        prmt.b32 t1, $4, 0x{top}{top}{top}{top}, 0x5342;
         and.b32 $0, t0, 0xFF0FFF0F;
         and.b32 $1, t1, 0xFF0FFF0F;
         shr.b32 t0, t0, 4;
         shr.b32 t1, t1, 4;
-        lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
-        }""", "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        lop3.b32 $2, t0, 0x000F000F, 0x{top}00{top}00, 0xEA;
+        lop3.b32 $3, t1, 0x000F000F, 0x{top}00{top}00, 0xEA;
+        }}"""
+NIBBLES_FP16 = tl.constexpr(_NIBBLES_ASM.format(top="64"))
+NIBBLES_BF16 = tl.constexpr(_NIBBLES_ASM.format(top="43"))
+
+
+@triton.jit
+def _biased_nibbles(byte, DEQ: tl.constexpr):
+    """1024 + each nibble of the bytes in fp16, 128 + it in bf16 (low, high), exact: 3
+    instructions for 4 codes on the GPU instead of an integer-to-float conversion of each,
+    integer arithmetic under the interpreter."""
+    if INTERPRET:
+        top: tl.constexpr = 0x6400 if DEQ == tl.float16 else 0x4300
+        low = ((byte & 15).to(tl.uint16) | top).to(DEQ, bitcast=True)
+        high = ((byte >> 4).to(tl.uint16) | top).to(DEQ, bitcast=True)
+    elif DEQ == tl.float16:
+        low, high = tl.inline_asm_elementwise(NIBBLES_FP16, "=r,=r,=r,=r,r", [byte], dtype=(tl.float16, tl.float16),
+                                              is_pure=True, pack=4)
+    else:
+        low, high = tl.inline_asm_elementwise(NIBBLES_BF16, "=r,=r,=r,=r,r", [byte], dtype=(tl.bfloat16, tl.bfloat16),
+                                              is_pure=True, pack=4)
+    return low, high
 
 
 @triton.jit
 def _softmax_step(qk, l, m):
     """Online softmax: p of this tile, the factor alpha for what came before, and l, m after it."""
     m_new = tl.maximum(m, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-    p = tl.exp(qk - m_safe[:, None])
-    alpha = tl.exp(m - m_safe)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E  # rows that have seen nothing yet
+    p = _exp2(qk * LOG2E - m_safe[:, None])  # one FFMA and one MUFU an element
+    alpha = _exp2(m * LOG2E - m_safe)
     return p, alpha, l * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _exp2(x):
+    """2^x flushing subnormal results to 0 (they weigh nothing against the row's largest 1): one
+    MUFU.EX2, where tl.exp's subnormal handling takes three instructions more."""
+    if INTERPRET:
+        return tl.exp2(x)
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
 
 
 @triton.jit
 def _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd,
           sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
-          PRECISION: tl.constexpr):
-    """One tile of the online softmax: (acc [ROWS, D], l, m) updated with tokens rt."""
-    if BITS == 8 and GROUP == D:
+          PRECISION: tl.constexpr, DEFERRED: tl.constexpr, HALF: tl.constexpr):
+    """One tile of the online softmax: (acc, l, m) updated with tokens rt, those of tmask, plus
+    bias (None: every row sees every token, tmask all true). With HALF (only
+    DEFERRED's) the dots have twice the rows of acc (the tensor cores' 16 for a step's 8 or
+    fewer), and only the top half of them goes through the softmax and the accumulator."""
+    if DEFERRED:
         acc, l, m = _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
-                                   vz_ptr, skt, skd, svt, svd, sst, D, DOT, PRECISION)
+                                   vz_ptr, skt, skd, svt, svd, sst, D, DOT, PRECISION, HALF)
     else:  # (an early return would still trace this branch)
         k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
-        p, alpha, l, m = _softmax_step(tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) + bias, l, m)
+        qk = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION)
+        if bias is not None:
+            qk += bias
+        p, alpha, l, m = _softmax_step(qk, l, m)
         v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
     return acc, l, m
+
+
+@triton.jit
+def _rows(x, HALF: tl.constexpr):
+    """x [2H, N]: its top H rows with HALF, else x. Row bit 3 of the tensor cores' accumulator is
+    a register of each thread, not a lane, so the split moves no data."""
+    if HALF:
+        x, _ = tl.split(tl.permute(tl.reshape(x, (2, x.shape[0] // 2, x.shape[1])), (1, 2, 0)))
+    return x
+
+
+@triton.jit
+def _padded(x, HALF: tl.constexpr):
+    """x [H, N] over H rows of zeros with HALF (the dot's operand again), else x."""
+    if HALF:
+        x = tl.reshape(tl.permute(tl.join(x, tl.zeros_like(x)), (2, 0, 1)), (2 * x.shape[0], x.shape[1]))
+    return x
 
 
 @triton.jit
@@ -134,7 +183,8 @@ def _plus_1024(codes):
 
 @triton.jit
 def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt,
-                   skd, svt, svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+                   skd, svt, svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                   HALF: tl.constexpr):
     """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
     applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
     then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
@@ -143,19 +193,23 @@ def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz
     more than the reference's bf16 does."""
     rd = tl.arange(0, D)
     kc = tl.load(kc_ptr + rt[:, None] * skt + rd[None, :] * skd, mask=tmask[:, None], other=0)
-    dots = tl.dot(q, tl.trans(_plus_1024(kc).to(q.dtype)), input_precision=PRECISION)
+    dots = _rows(tl.dot(q, tl.trans(_plus_1024(kc).to(q.dtype)), input_precision=PRECISION), HALF)
     ks = tl.load(ks_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     kz = tl.load(kz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     qk = (dots - (kz + 1024.0)[None, :] * qsum[:, None]) * ks[None, :]
     if DOT == tl.bfloat16:  # q came in scaled into fp16's range
         qk = qk * qinv[:, None]
-    p, alpha, l, m = _softmax_step(qk + bias, l, m)
+    if bias is not None:
+        qk += bias
+    p, alpha, l, m = _softmax_step(qk, l, m)
     vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
     vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
-    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(q.dtype)  # fp16 for bf16 queries too
     top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
-    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(q.dtype), v, input_precision=PRECISION) * top
+    w = (p * (vs * (1.0 / top))[None, :]).to(q.dtype)  # one division a tile
+    pv = _rows(tl.dot(_padded(w, HALF), _plus_1024(vc).to(q.dtype), input_precision=PRECISION), HALF)
+    zero = tl.sum(w.to(tl.float32) * (vz + 1024.0)[None, :], 1) * top
+    acc = acc * alpha[:, None] + (pv * top - zero[:, None])
     return acc, l, m
 
 
@@ -209,7 +263,14 @@ def kv_attention_kernel(
     pipelining the loads, so decoding, whose loop is all loads, does without it."""
     b, hkv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     split, block = pid % splits, pid // splits
-    r = block * ROWS + tl.arange(0, ROWS)  # row r: query head hkv * REP + r // S, new token r % S
+    DEFERRED: tl.constexpr = BITS == 8 and GROUP == D  # _tile_deferred's codes
+    # There a block of 16 rows for 8 or fewer (a decode step) keeps only the top half of the
+    # dots' rows: the softmax and the accumulator do half the work, in half the registers.
+    # (4-bit codes ran 0.93x with it: -attention-ab-e20.json.)
+    HALF: tl.constexpr = DEFERRED and ROWS == 16 and REP * S <= 8
+    KEPT: tl.constexpr = ROWS // 2 if HALF else ROWS
+    rq = block * ROWS + tl.arange(0, ROWS)  # the dots' rows
+    r = block * ROWS + tl.arange(0, KEPT)  # row r: query head hkv * REP + r // S, new token r % S
     rvalid = r < REP * S
     rd = tl.arange(0, D)
     head = hkv * REP + r // S
@@ -226,30 +287,42 @@ def kv_attention_kernel(
     kc = kc_ptr + b * skb + hkv * skh
     vc = vc_ptr + b * svb + hkv * svh
     sv = b * ssb + hkv * ssh
-    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + (r % S)[:, None] * sqs + rd[None, :] * sqd,
-                mask=rvalid[:, None], other=0.0)
+    q = tl.load(q_ptr + b * sqb + (hkv * REP + rq // S)[:, None] * sqh + (rq % S)[:, None] * sqs + rd[None, :] * sqd,
+                mask=(rq < REP * S)[:, None], other=0.0)
     q = q.to(tl.float32) * sm_scale
-    qinv = tl.full((ROWS,), 1.0, tl.float32)
-    if BITS == 8 and GROUP == D and DOT == tl.bfloat16:  # K's dot in fp16, where 1024 + code is exact
+    qinv = tl.full((KEPT,), 1.0, tl.float32)
+    if DEFERRED and DOT == tl.bfloat16:  # K's dot in fp16, where 1024 + code is exact
         qf, qinv = _fp16_range(q)
+        qinv = tl.reshape(_rows(qinv[:, None], HALF), (KEPT,))
         q = (q * qf[:, None]).to(tl.float16)
     else:
         q = q.to(DOT)
-    qsum = tl.sum(q.to(tl.float32), 1)
-    m = tl.full((ROWS,), float("-inf"), tl.float32)
-    l = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, D), tl.float32)
-    for t0 in range(start, end, BLOCK_T):
+    qsum = tl.sum(_rows(q.to(tl.float32), HALF), 1)
+    m = tl.full((KEPT,), float("-inf"), tl.float32)
+    l = tl.zeros((KEPT,), tl.float32)
+    acc = tl.zeros((KEPT, D), tl.float32)
+    full = start
+    if not HAS_MASK:  # first the tiles every row sees whole: no bias, no bounds (an all-true mask)
+        seen = tl.min(tl.where(rvalid, last, length)) + 1
+        full += tl.maximum(tl.minimum(end, seen) - start, 0) // BLOCK_T * BLOCK_T
+        for t0 in range(start, full, BLOCK_T):
+            rt = t0 + tl.arange(0, BLOCK_T)
+            acc, l, m = _tile(q, qsum, qinv, acc, l, m, None, rt, tl.full((BLOCK_T,), True, tl.int1), kc, ks_ptr + sv,
+                              kz_ptr + sv, vc, vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP,
+                              DEQ, DOT, PRECISION, DEFERRED, HALF)
+    for t0 in range(full, end, BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
         tmask = rt < length
         bias = _bias(mask_ptr + b * smb, r, rvalid, head, last, rt, tmask, smh, sms, smt, S, HAS_MASK)
         if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
-                acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
-                                  vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+                acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc,
+                                  vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT,
+                                  PRECISION, DEFERRED, HALF)
         else:
             acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
-                              vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION)
+                              vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION, DEFERRED,
+                              HALF)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])

@@ -3,10 +3,11 @@ split-KV decode attention kernel that reads it, against the dequantize + SDPA re
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 import qcompile
 from conftest import DTYPES, assert_close
-from qcompile.codegen import kv_tiling
+from qcompile.codegen import kv_attention, kv_tiling
 from qcompile.codegen.tiling import Choice
 from qcompile.formats.kv import append_kv, as_token_major, kv_attention_reference, dequantize_kv, quantize_kv
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
@@ -200,3 +201,24 @@ def test_shapes_the_kernel_cannot_take_get_the_reference(d, k_group, v_group, de
     assert not report.matched and len(report.fallbacks) == 1, str(report)
     assert ("head_dim=96" if d == 96 else "K in 2 scale groups and V in 4") in report.fallbacks[0].reason
     assert_close(out, kv_attention_reference(q4, k, v, 8, 24), torch.float32)
+
+
+@triton.jit
+def _nibbles_kernel(byte_ptr, low_ptr, high_ptr, DEQ: tl.constexpr, N: tl.constexpr):
+    byte = tl.load(byte_ptr + tl.arange(0, N))
+    low, high = kv_attention._biased_nibbles(byte, DEQ)
+    tl.store(low_ptr + tl.arange(0, N), low)
+    tl.store(high_ptr + tl.arange(0, N), high)
+
+
+@pytest.mark.parametrize("dtype, bias", [(torch.float16, 1024), (torch.bfloat16, 128)], ids=str)
+def test_nibbles_become_a_power_of_two_plus_the_nibble(dtype, bias, device):
+    """Each byte's two nibbles as 2^e + nibble in the dots' dtype, exactly: the bit operations the
+    4-bit codes take instead of an integer-to-float conversion (PTX on a GPU, integer arithmetic
+    under the interpreter), for every byte value."""
+    byte = torch.arange(256, dtype=torch.uint8, device=device)
+    low, high = (torch.empty(256, dtype=dtype, device=device) for _ in range(2))
+    _nibbles_kernel[(1,)](byte, low, high, DEQ={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype],
+                          N=256)
+    assert torch.equal(low.float(), (byte & 15).float() + bias)
+    assert torch.equal(high.float(), (byte >> 4).float() + bias)
