@@ -205,11 +205,10 @@ def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz
     vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
     vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
+    v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(q.dtype)  # fp16 for bf16 queries too
     top = tl.maximum(tl.max(tl.abs(vs), 0), 1e-30)
-    w = (p * (vs * (1.0 / top))[None, :]).to(q.dtype)  # one division a tile
-    pv = _rows(tl.dot(_padded(w, HALF), _plus_1024(vc).to(q.dtype), input_precision=PRECISION), HALF)
-    zero = tl.sum(w.to(tl.float32) * (vz + 1024.0)[None, :], 1) * top
-    acc = acc * alpha[:, None] + (pv * top - zero[:, None])
+    pv = tl.dot(_padded((p * (vs * (1.0 / top))[None, :]).to(q.dtype), HALF), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + _rows(pv, HALF) * top
     return acc, l, m
 
 
