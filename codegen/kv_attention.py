@@ -24,10 +24,16 @@ computed in the scale's dtype. Two paths skip the integer-to-float conversion of
 bench/results/2026-11-30-h200-attention-ab*.json): 8-bit codes with whole-head groups and
 fp16 dots take their scales on the dots, not on every code (``_tile_deferred``, 1.25-1.49x);
 4-bit codes with fp16 scales become ``1024 + nibble`` in fp16 by bit operations
-(``_nibbles_plus_1024``, 1.08-1.20x). 1024 + code is not exact in bf16, so bf16 queries take
-the 8-bit path with both dots in fp16, q scaled per row by a power of two (``_fp16_range``):
-1.20x at batch 1 and 1.31x at batch 8 with V's dot still in bf16 (-attention-ab-cache-bf16.json),
-then 1.08x and 1.27x more with it in fp16 too (-attention-ab-e18-bf16.json). 4-bit bf16 converts.
+(``_biased_nibbles``, 1.08-1.20x; with bf16 scales ``128 + nibble`` in bf16, 1.13x at batch 1
+and 1.22x at batch 8: -attention-ab-e19-bf16.json). 1024 + code is not exact in bf16, so bf16
+queries take the 8-bit path with both dots in fp16, q scaled per row by a power of two
+(``_fp16_range``): 1.20x at batch 1 and 1.31x at batch 8 with V's dot still in bf16
+(-attention-ab-cache-bf16.json), then 1.08x and 1.27x more with it in fp16 too
+(-attention-ab-e18-bf16.json). On that path a decode step's 8 or fewer rows keep only the top
+half of the dots' 16 (HALF: 1.14x at batch 1, -attention-ab-e20.json; 4-bit codes ran 0.93x
+with it). The tiles every row of a block sees whole run without bounds or bias, and the softmax
+takes 2^x in one instruction (4-bit 1.05x, 8-bit within 2%: -attention-ab-e23.json and
+-attention-ab-e21-e23.json).
 DOT is the dtype of the dots' operands (the query's; float32 under the interpreter, whose bf16
 dot is wrong); PRECISION "ieee" keeps float32 dots exact, which the GPU would otherwise round
 to tf32.
@@ -124,8 +130,9 @@ def _softmax_step(qk, l, m):
 
 @triton.jit
 def _exp2(x):
-    """2^x flushing subnormal results to 0 (they weigh nothing against the row's largest 1): one
-    MUFU.EX2, where tl.exp's subnormal handling takes three instructions more."""
+    """2^x flushing subnormal results to 0 (they weigh nothing against the row's largest 1): with
+    the scaling by log2(e) one FFMA and one MUFU.EX2 an element, where tl.exp(x - m) takes six
+    (its subnormal handling four of them)."""
     if INTERPRET:
         return tl.exp2(x)
     return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
@@ -137,9 +144,9 @@ def _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_
           sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
           PRECISION: tl.constexpr, DEFERRED: tl.constexpr, HALF: tl.constexpr):
     """One tile of the online softmax: (acc, l, m) updated with tokens rt, those of tmask, plus
-    bias (None: every row sees every token, tmask all true). With HALF (only
-    DEFERRED's) the dots have twice the rows of acc (the tensor cores' 16 for a step's 8 or
-    fewer), and only the top half of them goes through the softmax and the accumulator."""
+    bias (None: every row sees every token, tmask all true). With HALF (only DEFERRED's) the
+    dots have twice the rows of acc (the tensor cores' 16 for a step's 8 or fewer), and only the
+    top half of them goes through the softmax and the accumulator."""
     if DEFERRED:
         acc, l, m = _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
                                    vz_ptr, skt, skd, svt, svd, sst, D, DOT, PRECISION, HALF)
