@@ -18,7 +18,8 @@ token per sequence (``qcompile::kv_append``) against Inductor's compiled quantiz
 ``--kernels`` other versions of that kernel on the same caches (an A/B in one run); ``--ncu``:
 only a few plain launches, for Nsight Compute. The qcompile rows record the tuned tile. With
 ``--v-layout`` V's codes as QuantizedStaticCache stores them (8-bit token-contiguous, [B, H, C,
-T] seen transposed), or all row- or token-contiguous.
+T] seen transposed), or all row- or token-contiguous, or in blocks of 64 tokens
+(formats.kv.as_token_blocks: a layout the cache does not store, to measure whether it should).
 """
 import argparse
 import datetime
@@ -36,7 +37,8 @@ from qcompile.codegen import kv_attention, kv_tiling
 from qcompile.codegen.tiling import Choice
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 from bench.linear import L2_BYTES, copy_bandwidth, time_rotated
-from qcompile.formats.kv import append_kv, as_token_major, kv_attention_reference, quantize_kv, v_token_major
+from qcompile.formats.kv import (append_kv, as_token_blocks, as_token_major, kv_attention_reference, quantize_kv,
+                                 v_token_major)
 
 HQ, HKV, D = 32, 8, 128
 CONTEXTS = [1024, 4096, 16384, 32768, 131072]
@@ -53,6 +55,25 @@ def copies_of(tensors):
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 
+class _launchable:
+    """A kernel launched as the package launches its own: one of before V's blocks (no svk, VB
+    arguments) without them, for strided V."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.drop = None if "svk" in kernel.arg_names else kv_attention.kv_attention_kernel.arg_names.index("svk")
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        if self.drop is None:
+            return launch
+
+        def run(*args, VB, **kwargs):
+            assert not VB, "a kernel of before V's blocks reads V through its strides alone"
+            return launch(*args[:self.drop], *args[self.drop + 1:], **kwargs)
+        return run
+
+
 def kernel_module(path: str | None):
     """The module defining the KV kernels: the package's, or a file of another version of it
     (``git show REV:codegen/kv_attention.py > FILE``) to compare against."""
@@ -65,10 +86,12 @@ def kernel_module(path: str | None):
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+V_BLOCK = 64  # tokens a block of V's codes with --v-layout blocks
 DTYPE = torch.float16  # --dtype: of the queries, the unquantized K/V and the scales (the "fp16_*" fields' baseline)
-V_LAYOUTS = ("cache", "rows", "tokens")
-V_LAYOUT = "cache"  # --v-layout: V's codes as QuantizedStaticCache stores them, or "rows" / "tokens" for all
-V_LAYOUT_HELP = "V's codes as the cache stores them (formats.kv.v_token_major), row- or token-contiguous"
+V_LAYOUTS = ("cache", "rows", "tokens", "blocks")
+V_LAYOUT = "cache"  # --v-layout: V's codes as QuantizedStaticCache stores them, or "rows" / "tokens" / "blocks" for all
+V_LAYOUT_HELP = ("V's codes as the cache stores them (formats.kv.v_token_major), row- or token-contiguous, or in "
+                 f"blocks of {V_BLOCK} tokens (formats.kv.as_token_blocks)")
 
 
 def v_tokens_first(layout: str, bits: int) -> bool:
@@ -79,7 +102,9 @@ def v_tokens_first(layout: str, bits: int) -> bool:
 def quantized_kv(k, v, bits, group):
     """K and V quantized, V's codes in the layout the run measures."""
     (vc, vs, vz) = quantize_kv(v, bits, group)
-    if v_tokens_first(V_LAYOUT, bits):
+    if V_LAYOUT == "blocks":
+        vc = as_token_blocks(vc, V_BLOCK)
+    elif v_tokens_first(V_LAYOUT, bits):
         vc = as_token_major(vc)
     return quantize_kv(k, bits, group), (vc, vs, vz)
 
@@ -177,7 +202,8 @@ def sweep(contexts, batches, kernels=(), only=None):
     in one run, its best tiles compared at the end. ``only``: these Choices instead of the
     tuner's candidates (tiles it does not try)."""
     rows = []
-    versions = {"package": kv_ops.kv_attention_kernel} | {f: kernel_module(f).kv_attention_kernel for f in kernels}
+    versions = {"package": kv_ops.kv_attention_kernel} | {f: _launchable(kernel_module(f).kv_attention_kernel)
+                                                          for f in kernels}
     for ctx in map(int, contexts.split(",")):
         for b in map(int, batches.split(",")):
             torch.manual_seed(0)

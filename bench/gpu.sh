@@ -11,7 +11,7 @@
 # attention-ab-vt (the same with V's codes token-contiguous), attention-ab-cache (V's codes as the
 # cache stores them; KV_DTYPE=bf16 for bf16, KV_WIDTHS=int8 for one width, KV_TILES
 # for tiles the tuner does not try: --tiles), attention-bf16 (the decode table in bf16), sass (bench.sass: the machine code's static profile, with the machine's Triton),
-# attention-ncu (Nsight Compute of it), kv-bandwidth (the cache's read speed per layout of V), accuracy-rounding (eager under
+# attention-ncu (Nsight Compute of it), kv-bandwidth (the cache's read speed per layout of V), attention-v-blocks (the int8 kernel with V token-contiguous, then in blocks of 64 tokens), accuracy-rounding (eager under
 # jitter and plain Inductor, for the activation-quantized formats),
 # profile (Nsight Compute of the tuned W4 kernels), gguf-part and accuracy (the 98 MB model file, split in
 # two parts under .gguf/ that two back-to-back calls carry: the device tool carries 64 MiB a call). README "GPU runs" says more.
@@ -78,6 +78,9 @@ stage() {
         --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section WarpStateStats \
         --section SourceCounters python -m bench.attention --ncu --contexts 16384 --batches 1 ;;
     kv-bandwidth) python -m bench.kv_bandwidth --out "$R" ;;
+    attention-v-blocks) for layout in tokens blocks; do  # the int8 kernel on V token-contiguous, then in blocks
+        python -m bench.attention --sweep --kv int8 --v-layout $layout --tiles "64,4,1,3;64,8,1,3;64,4,1,2;128,2,4,3" \
+          --contexts 16384,131072 --batches 1,8,32 --name attention-v-$layout --out "$R"; done ;;
     kv-tests) python -m pytest -q -n 8 --tb=short -p no:cacheprovider tests/test_kv_attention.py tests/test_kv_cache.py ;;
     scaled-new) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,1024,4096 --formats w4a8,w8a8-outliers \
         --profile --out "$R" ;;

@@ -62,7 +62,7 @@ def _decode_args(bits: int, group: int, dtype: str, v_token_major: bool, context
             "stat_ptr": "*fp32", "length": context, "sm_scale": "fp32", "splits": 32, "nlive": 0,
             **dict(zip(("sqb", "sqh", "sqs", "sqd"), (HQ * D, D, D, 1))),
             **dict(zip(("skb", "skh", "skt", "skd"), (HKV * head, head, code_d, 1))),
-            **dict(zip(("svb", "svh", "svt", "svd"), (HKV * head, head, *v_token))),
+            **dict(zip(("svb", "svh", "svt", "svd", "svk"), (HKV * head, head, *v_token, 0))),
             **dict(zip(("ssb", "ssh", "sst", "ssg"), (HKV * context * groups, context * groups, groups, 1))),
             **dict(zip(("smb", "smh", "sms", "smt"), (0, 0, 0, 0))),  # no mask
             **dict(zip(("sob", "soh", "sos", "sod"), (HQ * D, D, D, 1)))}
@@ -70,12 +70,16 @@ def _decode_args(bits: int, group: int, dtype: str, v_token_major: bool, context
 
 def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages: int, v_token_major: bool = False,
                    arch: int = 90, block_t: int = 128, maxnreg: int | None = None):
-    """The kernel compiled as a decode step launches it, for sm_``arch``."""
+    """The kernel compiled as a decode step launches it, for sm_``arch`` (a version of before V's
+    blocks, without svk and VB, as well)."""
     tdtype = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
     consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
-                  PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False)
+                  PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False, VB=0)
+    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     signature, attrs = {}, {}
     for name, value in _decode_args(bits, group, dtype, v_token_major).items():
+        if name not in kernel.arg_names:
+            continue
         if isinstance(value, int) and value == 1:
             consts[name] = 1
         elif isinstance(value, int):
@@ -169,7 +173,8 @@ def main():
     p.add_argument("--kernel", help="a file defining kv_attention_kernel to compile instead of the package's "
                                     "(git show REV:codegen/kv_attention.py > FILE: an older version)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
-    p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache", help=V_LAYOUT_HELP)
+    p.add_argument("--v-layout", choices=[v for v in V_LAYOUTS if v != "blocks"], default="cache",
+                   help=V_LAYOUT_HELP + " (not blocks: compiled with strides alone)")
     p.add_argument("--out", help="write the rows to this JSON file")
     a = p.parse_args()
     if reason := available():

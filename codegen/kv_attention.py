@@ -57,19 +57,21 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sst, ssg, D: tl.constexpr, BITS: tl.constexpr,
-             GROUP: tl.constexpr, DEQ: tl.constexpr):
+def _dequant(c_ptr, s_ptr, z_ptr, rt, tmask, sct, scd, sck, sst, ssg, D: tl.constexpr, BITS: tl.constexpr,
+             GROUP: tl.constexpr, DEQ: tl.constexpr, VB: tl.constexpr):
     """[BLOCK_T, D] values of tokens rt in DEQ, the scale's dtype (float32 for bf16 under the
     interpreter, whose bf16 arithmetic is wrong): (code - zero) * scale rounded once as the
     reference rounds it, without a float32 detour (two conversions fewer per element). Codes
-    [BLOCK_T, D / GROUP, GROUP] against one scale and zero per group, loaded once per group."""
+    [BLOCK_T, D / GROUP, GROUP] against one scale and zero per group, loaded once per group. The
+    codes' tokens are sct apart, or in blocks (_token_offsets)."""
     T: tl.constexpr = rt.shape[0]
+    ct = _token_offsets(rt, sct, sck, VB)
     rg = tl.arange(0, D // GROUP)
     if BITS == 8:  # loaded in the [T, G, GROUP] shape it is used in (a 2D load and a reshape ran slower)
         d3 = rg[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        codes = tl.load(c_ptr + rt[:, None, None] * sct + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
+        codes = tl.load(c_ptr + ct[:, None, None] + d3[None, :, :] * scd, mask=tmask[:, None, None], other=0)
     else:  # each byte loaded once, its nibbles interleaved back: channel 2i low, 2i + 1 high
-        byte = tl.load(c_ptr + rt[:, None] * sct + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
+        byte = tl.load(c_ptr + ct[:, None] + tl.arange(0, D // 2)[None, :] * scd, mask=tmask[:, None], other=0)
         if DEQ == tl.float16 or DEQ == tl.bfloat16:
             low, high = _biased_nibbles(byte, DEQ)
             bias: tl.constexpr = 1024.0 if DEQ == tl.float16 else 128.0
@@ -141,22 +143,22 @@ def _exp2(x):
 
 @triton.jit
 def _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd,
-          sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr,
-          PRECISION: tl.constexpr, DEFERRED: tl.constexpr, HALF: tl.constexpr):
+          svk, sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr,
+          DOT: tl.constexpr, PRECISION: tl.constexpr, DEFERRED: tl.constexpr, HALF: tl.constexpr, VB: tl.constexpr):
     """One tile of the online softmax: (acc, l, m) updated with tokens rt, those of tmask, plus
     bias (None: every row sees every token, tmask all true). With HALF (only DEFERRED's) the
     dots have twice the rows of acc (the tensor cores' 16 for a step's 8 or fewer), and only the
     top half of them goes through the softmax and the accumulator."""
     if DEFERRED:
         acc, l, m = _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
-                                   vz_ptr, skt, skd, svt, svd, sst, D, DOT, PRECISION, HALF)
+                                   vz_ptr, skt, skd, svt, svd, svk, sst, D, DOT, PRECISION, HALF, VB)
     else:  # (an early return would still trace this branch)
-        k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, sst, ssg, D, BITS, GROUP, DEQ)
+        k = _dequant(kc_ptr, ks_ptr, kz_ptr, rt, tmask, skt, skd, 0, sst, ssg, D, BITS, GROUP, DEQ, 0)
         qk = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION)
         if bias is not None:
             qk += bias
         p, alpha, l, m = _softmax_step(qk, l, m)
-        v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, sst, ssg, D, BITS, GROUP, DEQ)
+        v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, svk, sst, ssg, D, BITS, GROUP, DEQ, VB)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
     return acc, l, m
 
@@ -189,9 +191,18 @@ def _plus_1024(codes):
 
 
 @triton.jit
+def _token_offsets(rt, st, sk, VB: tl.constexpr):
+    """Where tokens rt start in codes of token stride st, or with VB (a block of VB tokens a
+    run, token-contiguous within it: formats.kv.as_token_blocks) in blocks sk apart."""
+    if VB:
+        return (rt // VB) * sk + (rt % VB) * st
+    return rt * st
+
+
+@triton.jit
 def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt,
-                   skd, svt, svd, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                   HALF: tl.constexpr):
+                   skd, svt, svd, svk, sst, D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                   HALF: tl.constexpr, VB: tl.constexpr):
     """_tile for 8-bit codes with one scale and zero per token (whole-head groups): the scales
     applied to the dots, not to every code. K: q @ (1024 + code)^T, exact on the tensor cores,
     then (dot - (1024 + zero) sum(q)) scale per token; V: p scale / the tile's largest scale (an
@@ -209,7 +220,7 @@ def _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz
     if bias is not None:
         qk += bias
     p, alpha, l, m = _softmax_step(qk, l, m)
-    vc = tl.load(vc_ptr + rt[:, None] * svt + rd[None, :] * svd, mask=tmask[:, None], other=0)
+    vc = tl.load(vc_ptr + _token_offsets(rt, svt, svk, VB)[:, None] + rd[None, :] * svd, mask=tmask[:, None], other=0)
     vs = tl.load(vs_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     vz = tl.load(vz_ptr + rt * sst, mask=tmask, other=0.0).to(tl.float32)
     v = ((_plus_1024(vc) - 1024.0).to(tl.float32) - vz[:, None]).to(q.dtype)  # fp16 for bf16 queries too
@@ -258,15 +269,16 @@ def kv_live_kernel(mask_ptr, live_ptr, length, rows, smb, smh, sms, smt, nlive,
 def kv_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, live_ptr, o_ptr, acc_ptr, stat_ptr,
     length, sm_scale, splits, nlive,
-    sqb, sqh, sqs, sqd, skb, skh, skt, skd, svb, svh, svt, svd, ssb, ssh, sst, ssg, smb, smh, sms, smt,
+    sqb, sqh, sqs, sqd, skb, skh, skt, skd, svb, svh, svt, svd, svk, ssb, ssh, sst, ssg, smb, smh, sms, smt,
     sob, soh, sos, sod, REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_MASK: tl.constexpr, LIVE: tl.constexpr, SKIP_HIDDEN: tl.constexpr,
+    HAS_MASK: tl.constexpr, LIVE: tl.constexpr, SKIP_HIDDEN: tl.constexpr, VB: tl.constexpr,
 ):
     """LIVE (a decode step with a mask): the cache is split up to the end kv_live_kernel found,
     not up to ``length``. SKIP_HIDDEN (a prefill with a mask): each tile's mask is checked and
     a tile hidden from every row of the block is not read; that branch keeps Triton from
-    pipelining the loads, so decoding, whose loop is all loads, does without it."""
+    pipelining the loads, so decoding, whose loop is all loads, does without it. VB: V's codes
+    in blocks of VB tokens, svk apart (formats.kv.as_token_blocks); 0, through svt alone."""
     b, hkv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     split, block = pid % splits, pid // splits
     DEFERRED: tl.constexpr = BITS == 8 and GROUP == D  # _tile_deferred's codes
@@ -314,8 +326,8 @@ def kv_attention_kernel(
         for t0 in range(start, full, BLOCK_T):
             rt = t0 + tl.arange(0, BLOCK_T)
             acc, l, m = _tile(q, qsum, qinv, acc, l, m, None, rt, tl.full((BLOCK_T,), True, tl.int1), kc, ks_ptr + sv,
-                              kz_ptr + sv, vc, vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP,
-                              DEQ, DOT, PRECISION, DEFERRED, HALF)
+                              kz_ptr + sv, vc, vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, svk, sst, ssg, D, BITS,
+                              GROUP, DEQ, DOT, PRECISION, DEFERRED, HALF, VB)
     for t0 in range(full, end, BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
         tmask = rt < length
@@ -323,12 +335,12 @@ def kv_attention_kernel(
         if SKIP_HIDDEN:
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
                 acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc,
-                                  vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT,
-                                  PRECISION, DEFERRED, HALF)
+                                  vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, svk, sst, ssg, D, BITS, GROUP, DEQ,
+                                  DOT, PRECISION, DEFERRED, HALF, VB)
         else:
             acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
-                              vz_ptr + sv, skt, skd, svt, svd, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION, DEFERRED,
-                              HALF)
+                              vz_ptr + sv, skt, skd, svt, svd, svk, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION,
+                              DEFERRED, HALF, VB)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])

@@ -9,7 +9,8 @@ import qcompile
 from conftest import DTYPES, assert_close
 from qcompile.codegen import kv_attention, kv_tiling
 from qcompile.codegen.tiling import Choice
-from qcompile.formats.kv import append_kv, as_token_major, kv_attention_reference, dequantize_kv, quantize_kv
+from qcompile.formats.kv import (append_kv, as_token_blocks, as_token_major, kv_attention_reference, dequantize_kv,
+                                 quantize_kv)
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 
 
@@ -112,6 +113,22 @@ def test_k_and_v_codes_are_read_in_their_own_layouts(dtype, bits, group, device,
     append_kv(new, pos, *expect, bits)
     torch.ops.qcompile.kv_append(new, pos, *v, bits)
     assert all(torch.equal(a, b) for a, b in zip(v, expect))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits, group", [(8, 64), (8, 32), (4, 32)])
+def test_v_codes_in_blocks_of_tokens_are_read_as_dequantize_kv_reads_them(dtype, bits, group, device):
+    """V's codes in blocks of 8 tokens (as_token_blocks: token-contiguous within a block, each
+    block one run), the interpreter's tiles of 16 or 32 tokens straddling blocks and the last
+    one cut by the length: the op and the reference agree on what V holds."""
+    torch.manual_seed(5)
+    (kc, ks, kz), (vc, vs, vz) = cache(2, 2, 64, 64, bits, group, dtype, device)
+    v = (as_token_blocks(vc, 8), vs, vz)
+    assert v[0].shape == (2, 2, 8, 8, vc.shape[-1]) and v[0].stride()[2:] == (8 * vc.shape[-1], 1, 8)
+    assert torch.equal(dequantize_kv(*v, bits), dequantize_kv(vc, vs, vz, bits))
+    q = torch.randn(2, 4, 3, 64, dtype=dtype, device=device)
+    ref = kv_attention_reference(q, (kc, ks, kz), (vc, vs, vz), bits, 50)
+    assert_close(torch.ops.qcompile.kv_attention(q, kc, ks, kz, *v, 50, bits), ref, dtype)
 
 
 @pytest.mark.parametrize("heads", [1, 4])

@@ -40,6 +40,15 @@ def as_token_major(codes: torch.Tensor) -> torch.Tensor:
     return codes.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
+def as_token_blocks(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """The same codes [B, H, T, C] stored in blocks of ``block`` tokens, token-contiguous within
+    a block and each block one run ([B, H, T / block, C, block]), seen as [B, H, T / block,
+    block, C]: token-major order for p @ V without runs ``T`` bytes apart (T a multiple of
+    ``block``). The attention op and dequantize_kv take this 5D view."""
+    b, h, t, c = codes.shape
+    return codes.reshape(b, h, t // block, block, c).transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def codes_buffer(b: int, h: int, t: int, d: int, bits: int, token_major: bool = False, device=None) -> torch.Tensor:
     """Zeroed uint8 codes [B, H, T, D or D/2], stored token-contiguous with ``token_major``."""
     c = d if bits == 8 else d // 2
@@ -73,7 +82,10 @@ def append_kv(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor,
 
 
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """The [B, H, T, D] tensor in the scale's dtype."""
+    """The [B, H, T, D] tensor in the scale's dtype (codes [B, H, T, C], or in blocks of tokens,
+    [B, H, T / block, block, C]: as_token_blocks)."""
+    if codes.dim() == 5:
+        codes = codes.flatten(2, 3)
     if bits == 4:
         codes = torch.stack((codes & 15, codes >> 4), -1).flatten(-2)
     g = codes.to(scale.dtype).unflatten(-1, (scale.shape[-1], -1))
