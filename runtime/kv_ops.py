@@ -85,8 +85,8 @@ def kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, 
 
 
 def _v_strides(v_codes) -> tuple:
-    """Codes' strides as the kernels take them: batch, head, token, channel, then block (0
-    unless they are in blocks of tokens, [B, H, T / VB, VB, C]: formats.kv.as_token_blocks)."""
+    """V's codes' strides as the kernel takes them: batch, head, token, channel, then block
+    (0 unless V is in blocks of tokens, [B, H, T / VB, VB, C]: formats.kv.as_token_blocks)."""
     if v_codes.dim() == 5:
         sb, sh, sk, st, sd = v_codes.stride()
         return sb, sh, st, sd, sk
@@ -162,15 +162,14 @@ def kv_append(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor,
     synchronization."""
     if position.device.type == "cpu" and position.numel():
         first, last = int(position.min()), int(position.max())
-        length = codes.shape[2] * (codes.shape[3] if codes.dim() == 5 else 1)
-        if first < 0 or last >= length:
+        if first < 0 or last >= codes.shape[2]:
             raise IndexError(f"kv_append: position holds {first}..{last}, allowed values are "
-                             f"0..{length - 1} (the cache's length)")
+                             f"0..{codes.shape[2] - 1} (the cache's length)")
     if kernel_unavailable_reason(states.device) is not None:
         return append_kv(states, position, codes, scale, zero, bits)
     b, h, s, d = states.shape
     group = d // scale.shape[-1]
     block_s = min(16, triton.next_power_of_2(s))
     kv_append_kernel[(b * h, triton.cdiv(s, block_s))](
-        states, position, codes, scale, zero, h, s, scale.shape[2], *states.stride(), *_v_strides(codes),
-        *scale.stride(), D=d, BITS=bits, GROUP=group, BLOCK_S=block_s, VB=codes.shape[3] if codes.dim() == 5 else 0)
+        states, position, codes, scale, zero, h, s, codes.shape[2], *states.stride(), *codes.stride(), *scale.stride(),
+        D=d, BITS=bits, GROUP=group, BLOCK_S=block_s)
