@@ -74,9 +74,10 @@ stage() {
         --name attention-ab-cache${KV_DTYPE:+-$KV_DTYPE} --out "$R" ;;
     sass) python -m bench.sass --gpu h200 --v-layout rows --out "$R/sass.json"
         python -m bench.sass --gpu h200 --v-layout tokens --out "$R/sass-vt.json" ;;
-    attention-ncu) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_attention_kernel --launch-skip 1 --launch-count 4 --section SpeedOfLight \
-        --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section WarpStateStats \
-        --section SourceCounters python -m bench.attention --ncu --contexts 16384 --batches 1 ;;
+    attention-ncu) for layout in cache blocks; do  # batch 8 at 16k: int8 (V as the cache stores it, then in blocks), int4
+        QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_attention_kernel --launch-skip 1 --launch-count 4 --section SpeedOfLight \
+          --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section WarpStateStats \
+          --section SourceCounters python -m bench.attention --ncu --v-layout $layout --contexts 16384 --batches 8; done ;;
     kv-bandwidth) python -m bench.kv_bandwidth --out "$R" ;;
     attention-v-blocks) for layout in tokens blocks; do  # the int8 kernel on V token-contiguous, then in blocks
         python -m bench.attention --sweep --kv int8 --v-layout $layout --tiles "64,4,1,3;64,8,1,3;64,4,1,2;128,2,4,3" \
