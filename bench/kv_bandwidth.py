@@ -13,7 +13,10 @@ that nothing is skipped:
 - ``blocks``: V in blocks of BLOCK_T tokens, [T / BLOCK_T, 128, BLOCK_T]: token-contiguous
   within a tile, each tile one contiguous run.
 If ``tokens`` reads slower than the other two, V's layout caps the kernel, and ``blocks`` is
-the layout to store. Reports GB/s and % of the copy bandwidth, to $OUT as JSON.
+the layout to store. The loads are plain 16-byte loads (Triton moves through cp.async only
+loads that feed a dot), K and V summed apart so that neither changes layout; four one-warp
+programs an SM keep about 64 KB an SM in flight. Reports GB/s and % of the copy bandwidth,
+to $OUT as JSON.
 """
 import argparse
 import datetime
@@ -35,7 +38,8 @@ def kv_read_kernel(k_ptr, v_ptr, out_ptr, T, chunk, LAYOUT: tl.constexpr, BLOCK_
     h, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     start = split * chunk
     rd = tl.arange(0, D)
-    acc = tl.zeros((BLOCK_T, D), tl.int32)
+    acc_k = tl.zeros((BLOCK_T, D), tl.int32)  # one sum each, in its load's layout: no conversion
+    acc_v = tl.zeros((BLOCK_T, D), tl.int32)
     for t0 in range(start, tl.minimum(start + chunk, T), BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
         k = tl.load(k_ptr + h * T * D + rt[:, None] * D + rd[None, :])
@@ -46,8 +50,9 @@ def kv_read_kernel(k_ptr, v_ptr, out_ptr, T, chunk, LAYOUT: tl.constexpr, BLOCK_
         else:
             voff = t0 * D + rd[None, :] * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
         v = tl.load(v_ptr + h * T * D + voff)
-        acc += k.to(tl.int32) + v.to(tl.int32)
-    tl.store(out_ptr + h * splits + split, tl.sum(tl.sum(acc, 1), 0))
+        acc_k += k.to(tl.int32)
+        acc_v += v.to(tl.int32)
+    tl.store(out_ptr + h * splits + split, tl.sum(tl.sum(acc_k, 1), 0) + tl.sum(tl.sum(acc_v, 1), 0))
 
 
 def v_in(layout: str, v: torch.Tensor, block_t: int) -> torch.Tensor:
