@@ -95,8 +95,8 @@ V_LAYOUT_HELP = ("V's codes as the cache stores them (formats.kv.v_token_major),
 
 
 def v_tokens_first(layout: str, bits: int) -> bool:
-    """Whether V's codes are token-contiguous in ``layout`` (one of V_LAYOUTS)."""
-    return layout == "tokens" or layout == "cache" and v_token_major(bits)
+    """Whether V's codes are token-contiguous in ``layout`` (one of V_LAYOUTS; in blocks too)."""
+    return layout in ("tokens", "blocks") or layout == "cache" and v_token_major(bits)
 
 
 def quantized_kv(k, v, bits, group):

@@ -50,34 +50,38 @@ def available() -> str | None:
     return f"no {', '.join(missing)} in {BIN}" if missing else None
 
 
-def _decode_args(bits: int, group: int, dtype: str, v_token_major: bool, context: int = 16384) -> dict:
+def _decode_args(bits: int, group: int, dtype: str, v_token_major: bool, context: int = 16384,
+                 v_block: int = 0) -> dict:
     """kv_attention_kernel's arguments in a decode step of batch 1, contiguous tensors (V's codes
-    token-contiguous with ``v_token_major``): a type for pointers and floats, the value for
-    integers."""
+    token-contiguous with ``v_token_major``, in blocks of ``v_block`` tokens with it): a type for
+    pointers and floats, the value for integers."""
     groups, code_d, ptr = D // group, D * bits // 8, f"*{dtype}"
     head = context * code_d
-    v_token = (1, context) if v_token_major else (code_d, 1)
+    v_token = (1, v_block or context, v_block * code_d) if v_token_major else (code_d, 1, 0)
     return {"q_ptr": ptr, "kc_ptr": "*u8", "ks_ptr": ptr, "kz_ptr": ptr, "vc_ptr": "*u8", "vs_ptr": ptr,
             "vz_ptr": ptr, "mask_ptr": ptr, "live_ptr": "*i32", "o_ptr": ptr, "acc_ptr": "*fp32",
             "stat_ptr": "*fp32", "length": context, "sm_scale": "fp32", "splits": 32, "nlive": 0,
             **dict(zip(("sqb", "sqh", "sqs", "sqd"), (HQ * D, D, D, 1))),
             **dict(zip(("skb", "skh", "skt", "skd"), (HKV * head, head, code_d, 1))),
-            **dict(zip(("svb", "svh", "svt", "svd", "svk"), (HKV * head, head, *v_token, 0))),
+            **dict(zip(("svb", "svh", "svt", "svd", "svk"), (HKV * head, head, *v_token))),
             **dict(zip(("ssb", "ssh", "sst", "ssg"), (HKV * context * groups, context * groups, groups, 1))),
             **dict(zip(("smb", "smh", "sms", "smt"), (0, 0, 0, 0))),  # no mask
             **dict(zip(("sob", "soh", "sos", "sod"), (HQ * D, D, D, 1)))}
 
 
 def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages: int, v_token_major: bool = False,
-                   arch: int = 90, block_t: int = 128, maxnreg: int | None = None):
+                   arch: int = 90, block_t: int = 128, maxnreg: int | None = None, v_block: int = 0):
     """The kernel compiled as a decode step launches it, for sm_``arch`` (a version of before V's
-    blocks, without svk and VB, as well)."""
+    blocks, without svk and VB, as well, for strided V)."""
+    if v_block and "VB" not in kernel.arg_names:
+        raise ValueError("v_block: this kernel reads V through strides alone")
     tdtype = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
     consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
-                  PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False, VB=0)
+                  PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False,
+                  VB=v_block if v_token_major else 0)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     signature, attrs = {}, {}
-    for name, value in _decode_args(bits, group, dtype, v_token_major).items():
+    for name, value in _decode_args(bits, group, dtype, v_token_major, v_block=v_block).items():
         if name not in kernel.arg_names:
             continue
         if isinstance(value, int) and value == 1:
@@ -146,7 +150,7 @@ def report(kernel, gpu: str, v_layout: str = "cache") -> list:
         for dtype in ("fp16", "bf16"):
             for block_t, _, warps, stages, regs in kv_tiling.WINNERS[bits][:FIRST]:
                 compiled = compile_decode(kernel, bits, group, dtype, warps, stages, v_tokens_first(v_layout, bits),
-                                          block_t=block_t, maxnreg=regs)
+                                          block_t=block_t, maxnreg=regs, v_block=64 if v_layout == "blocks" else 0)
                 text, registers = _sass(compiled)
                 programs = programs_per_sm(registers, compiled.metadata.shared, warps)
                 ops = loop_mix(text)
@@ -173,8 +177,7 @@ def main():
     p.add_argument("--kernel", help="a file defining kv_attention_kernel to compile instead of the package's "
                                     "(git show REV:codegen/kv_attention.py > FILE: an older version)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
-    p.add_argument("--v-layout", choices=[v for v in V_LAYOUTS if v != "blocks"], default="cache",
-                   help=V_LAYOUT_HELP + " (not blocks: compiled with strides alone)")
+    p.add_argument("--v-layout", choices=V_LAYOUTS, default="cache", help=V_LAYOUT_HELP)
     p.add_argument("--out", help="write the rows to this JSON file")
     a = p.parse_args()
     if reason := available():
