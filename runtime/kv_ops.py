@@ -84,13 +84,14 @@ def kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, 
     return _attention(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), length, bits, attn_mask, sm_scale)
 
 
-def _v_strides(v_codes) -> tuple:
-    """V's codes' strides as the kernel takes them: batch, head, token, channel, then block
-    (0 unless V is in blocks of tokens, [B, H, T / VB, VB, C]: formats.kv.as_token_blocks)."""
+def _v_layout(v_codes) -> tuple[tuple, int]:
+    """V's codes' strides as the kernel takes them (batch, head, token, channel, then block) and
+    VB: the tokens a block, when V is in blocks ([B, H, T / VB, VB, C]:
+    formats.kv.as_token_blocks), else 0 with a block stride of 0."""
     if v_codes.dim() == 5:
         sb, sh, sk, st, sd = v_codes.stride()
-        return sb, sh, st, sd, sk
-    return (*v_codes.stride(), 0)
+        return (sb, sh, st, sd, sk), v_codes.shape[3]
+    return (*v_codes.stride(), 0), 0
 
 
 def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
@@ -115,13 +116,14 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     out = torch.empty_like(q)
     sms = _sms(q.device)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, mask, live if live is not None else q, out)
-    strides = (*q.stride(), *k_codes.stride(), *_v_strides(v_codes), *k_scale.stride(),
+    v_strides, vb = _v_layout(v_codes)
+    strides = (*q.stride(), *k_codes.stride(), *v_strides, *k_scale.stride(),
                *(mask.stride() if attn_mask is not None else (0,) * 4), *out.stride())
     consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d)
     own = dict(BITS=bits, GROUP=group, DEQ=dot_dtype(k_scale.dtype), DOT=dot,
                PRECISION="ieee" if dot == tl.float32 else "tf32",
                HAS_MASK=attn_mask is not None, LIVE=0 if live is None else triton.next_power_of_2(live.shape[1]),
-               SKIP_HIDDEN=attn_mask is not None and not decode, VB=v_codes.shape[3] if v_codes.dim() == 5 else 0)
+               SKIP_HIDDEN=attn_mask is not None and not decode, VB=vb)
 
     def run(c):
         cfg = c.config
