@@ -19,7 +19,7 @@ token per sequence (``qcompile::kv_append``) against Inductor's compiled quantiz
 only a few plain launches, for Nsight Compute. The qcompile rows record the tuned tile. With
 ``--v-layout`` V's codes as QuantizedStaticCache stores them (8-bit token-contiguous, [B, H, C,
 T] seen transposed), or all row- or token-contiguous, or in blocks of 64 tokens
-(formats.kv.as_token_blocks: a layout the cache does not store, to measure whether it should).
+(formats.kv.as_token_blocks).
 """
 import argparse
 import datetime
@@ -38,7 +38,7 @@ from qcompile.codegen.tiling import Choice
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 from bench.linear import L2_BYTES, copy_bandwidth, time_rotated
 from qcompile.formats.kv import (append_kv, as_token_blocks, as_token_major, kv_attention_reference, quantize_kv,
-                                 v_token_major)
+                                 v_block, v_token_major)
 
 HQ, HKV, D = 32, 8, 128
 CONTEXTS = [1024, 4096, 16384, 32768, 131072]
@@ -86,12 +86,11 @@ def kernel_module(path: str | None):
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-V_BLOCK = 64  # tokens a block of V's codes with --v-layout blocks
 DTYPE = torch.float16  # --dtype: of the queries, the unquantized K/V and the scales (the "fp16_*" fields' baseline)
 V_LAYOUTS = ("cache", "rows", "tokens", "blocks")
 V_LAYOUT = "cache"  # --v-layout: V's codes as QuantizedStaticCache stores them, or "rows" / "tokens" / "blocks" for all
 V_LAYOUT_HELP = ("V's codes as the cache stores them (formats.kv.v_token_major), row- or token-contiguous, or in "
-                 f"blocks of {V_BLOCK} tokens (formats.kv.as_token_blocks)")
+                 "blocks of 64 tokens (formats.kv.as_token_blocks)")
 
 
 def v_tokens_first(layout: str, bits: int) -> bool:
@@ -102,8 +101,8 @@ def v_tokens_first(layout: str, bits: int) -> bool:
 def quantized_kv(k, v, bits, group):
     """K and V quantized, V's codes in the layout the run measures."""
     (vc, vs, vz) = quantize_kv(v, bits, group)
-    if V_LAYOUT == "blocks":
-        vc = as_token_blocks(vc, V_BLOCK)
+    if V_LAYOUT == "blocks" or V_LAYOUT == "cache" and v_token_major(bits):
+        vc = as_token_blocks(vc, v_block(vc.shape[2]))
     elif v_tokens_first(V_LAYOUT, bits):
         vc = as_token_major(vc)
     return quantize_kv(k, bits, group), (vc, vs, vz)

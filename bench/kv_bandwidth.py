@@ -36,20 +36,21 @@ def kv_read_kernel(k_ptr, v_ptr, out_ptr, T, chunk, LAYOUT: tl.constexpr, BLOCK_
                    D: tl.constexpr):
     """Grid (heads, splits): the sum of K's and V's bytes over this split's tokens."""
     h, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    base = h.to(tl.int64) * T * D  # 256 heads of 128k tokens pass 2^31 bytes
     start = split * chunk
     rd = tl.arange(0, D)
     acc_k = tl.zeros((BLOCK_T, D), tl.int32)  # one sum each, in its load's layout: no conversion
     acc_v = tl.zeros((BLOCK_T, D), tl.int32)
     for t0 in range(start, tl.minimum(start + chunk, T), BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
-        k = tl.load(k_ptr + h * T * D + rt[:, None] * D + rd[None, :])
+        k = tl.load(k_ptr + base + rt[:, None] * D + rd[None, :])
         if LAYOUT == "rows":
             voff = rt[:, None] * D + rd[None, :]
         elif LAYOUT == "tokens":
             voff = rt[:, None] + rd[None, :] * T
         else:
             voff = t0 * D + rd[None, :] * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
-        v = tl.load(v_ptr + h * T * D + voff)
+        v = tl.load(v_ptr + base + voff)
         acc_k += k.to(tl.int32)
         acc_v += v.to(tl.int32)
     tl.store(out_ptr + h * splits + split, tl.sum(tl.sum(acc_k, 1), 0) + tl.sum(tl.sum(acc_v, 1), 0))

@@ -411,8 +411,8 @@ def _rounded_to(x, dtype: tl.constexpr):
 @triton.jit
 def kv_append_kernel(
     x_ptr, pos_ptr, c_ptr, s_ptr, z_ptr, H, S, T,
-    sxb, sxh, sxs, sxd, scb, sch, sct, scd, ssb, ssh, sst, ssg,
-    D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+    sxb, sxh, sxs, sxd, scb, sch, sct, scd, sck, ssb, ssh, sst, ssg,
+    D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr, VB: tl.constexpr,
 ):
     """New tokens x [B, H, S, D] quantized as formats.kv.quantize_kv does and written at their
     positions pos [S] into the cache's codes, scale and zero (T tokens long): one launch instead
@@ -439,7 +439,8 @@ def kv_append_kernel(
         low, high = tl.split(tl.reshape(codes, (BLOCK_S, D // 2, 2)))
         codes = low | (high << 4)
     rc = tl.arange(0, codes.shape[1])
-    tl.store(c_ptr + b * scb + h * sch + t[:, None] * sct + rc[None, :] * scd, codes, mask=smask[:, None])
+    ct = _token_offsets(t, sct, sck, VB)  # the codes in blocks of VB tokens, sck apart, with VB
+    tl.store(c_ptr + b * scb + h * sch + ct[:, None] + rc[None, :] * scd, codes, mask=smask[:, None])
     rg = tl.arange(0, D // GROUP)
     soff = b * ssb + h * ssh + t[:, None] * sst + rg[None, :] * ssg
     tl.store(s_ptr + soff, scale.to(s_ptr.dtype.element_ty), mask=smask[:, None])

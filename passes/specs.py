@@ -150,7 +150,8 @@ class W4A8Spec(Spec):
 @dataclass(frozen=True, eq=True)
 class KVSpec(Spec):
     """A quantized KV cache tensor [B, H, T, D] rebuilt by formats/kv.py's ``dequantize_kv``
-    from uint8 codes [B, H, T, D or D/2] and a scale and a zero point [B, H, T, D/group]."""
+    from uint8 codes [B, H, T, D or D/2] (or in blocks of tokens, [B, H, T / block, block, C])
+    and a scale and a zero point [B, H, T, D/group]."""
     name: str = "kv"
 
     def reference(self, bits, k):
@@ -161,7 +162,9 @@ class KVSpec(Spec):
         if len(ints) != 1 or ints[0][1] != torch.uint8 or len(floats) != 2 or floats[0] != floats[1]:
             return
         (cshape, _), (sshape, _) = ints[0], floats[0]
-        if len(cshape) == 4 and cshape[:3] == sshape[:3] and k % sshape[3] == 0:
+        if len(cshape) == 5:  # in blocks of tokens, [B, H, T / block, block, C]
+            cshape = (*cshape[:2], cshape[2] * cshape[3], cshape[4])
+        if len(cshape) == 4 and tuple(cshape[:3]) == tuple(sshape[:3]) and k % sshape[3] == 0:
             for bits in (b for b, width in ((8, k), (4, k // 2)) if cshape[3] == width):
                 yield Candidate(self, bits, k // sshape[3], (ints[0], floats[0], floats[1]))
 

@@ -18,12 +18,13 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_append
-from qcompile.formats.kv import check_kv_args, codes_buffer, default_group, dequantize_kv, v_token_major
+from qcompile.formats.kv import check_kv_args, codes_buffer, default_group, dequantize_kv, v_block, v_token_major
 
 
 class QuantizedStaticLayer(StaticLayer):
     """One attention layer's cache: ``keys``/``values`` hold the uint8 codes
-    [B, H, max_cache_len, D or D/2] (8-bit values token-contiguous: formats.kv.v_token_major);
+    [B, H, max_cache_len, D or D/2] (8-bit values token-contiguous in blocks of tokens,
+    [B, H, max_cache_len / block, block, D]: formats.kv.v_token_major);
     ``key_scale``/``key_zero`` (and the value ones) hold [B, H, max_cache_len, D / group] in the
     model's dtype (``group`` None: formats.kv.default_group, once the head size is known)."""
 
@@ -41,8 +42,8 @@ class QuantizedStaticLayer(StaticLayer):
         for name, states in (("key", key_states), ("value", value_states)):
             b, h, _, d = states.shape
             check_kv_args(d, self.bits, self.group)
-            tensors[name] = codes_buffer(b, h, self.max_cache_len, d, self.bits,
-                                         name == "value" and v_token_major(self.bits), self.device)
+            block = v_block(self.max_cache_len) if name == "value" and v_token_major(self.bits) else 0
+            tensors[name] = codes_buffer(b, h, self.max_cache_len, d, self.bits, block, self.device)
             for part in ("scale", "zero"):
                 tensors[f"{name}_{part}"] = torch.zeros(b, h, self.max_cache_len, d // self.group, dtype=states.dtype,
                                                         device=self.device)

@@ -21,9 +21,12 @@ def test_a_layer_stores_codes_and_returns_them_dequantized(bits, group):
     layer.update(k1, v1)
     k, v = layer.update(k2, v2)  # the next position comes from the layer's own count
     assert int(layer.get_seq_length()) == 5
-    assert layer.keys.dtype == torch.uint8 and layer.keys.shape == layer.values.shape == (2, 3, 10, 16 * bits // 8)
-    # 8-bit V token-contiguous, the order the attention kernel's p @ V reads; the rest row-contiguous
-    assert layer.keys.is_contiguous() and layer.values.stride()[2:] == ((1, 10) if bits == 8 else (8, 1))
+    assert layer.keys.dtype == torch.uint8 and layer.keys.shape == (2, 3, 10, 16 * bits // 8)
+    assert layer.keys.is_contiguous()
+    if bits == 8:  # V token-contiguous (the order of p @ V) in blocks of gcd(64, 10) = 2 tokens
+        assert layer.values.shape == (2, 3, 5, 2, 16) and layer.values.stride()[2:] == (32, 1, 2)
+    else:
+        assert layer.values.shape == layer.keys.shape and layer.values.stride()[2:] == (8, 1)
     for got, new in ((k, torch.cat((k1, k2), 2)), (v, torch.cat((v1, v2), 2))):
         assert torch.equal(got[:, :, :5], dequantize_kv(*quantize_kv(new, bits, group), bits))
         assert not got[:, :, 5:].any()

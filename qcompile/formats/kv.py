@@ -7,10 +7,13 @@ Codes are unsigned (affine, min-max per group): 8-bit codes are one byte each, [
 high one. ``dequantize_kv`` and ``kv_attention_reference`` are the specification that the
 attention kernel (codegen/kv_attention.py) is tested against.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
 KV_BITS = (4, 8)
+V_BLOCK = 64  # tokens a block of a cache's 8-bit V codes (v_block)
 
 
 def check_kv_args(head_dim: int, bits, group) -> None:
@@ -29,10 +32,18 @@ def default_group(head_dim: int, bits: int) -> int:
 
 
 def v_token_major(bits: int) -> bool:
-    """Whether a cache stores V's codes token-contiguous ([B, H, C, T] seen as [B, H, T, C]):
-    8-bit codes reach the attention kernel's p @ V, which sums over tokens, in that order
-    (1.1-1.3x on the H200); 4-bit ones, unpacked along channels, were slower so (1.2-1.4x)."""
+    """Whether a cache stores V's codes token-contiguous, in blocks of v_block tokens
+    (as_token_blocks): 8-bit codes reach the attention kernel's p @ V, which sums over tokens,
+    in that order (1.1-1.3x on the H200); 4-bit ones, unpacked along channels, were slower so
+    (1.2-1.4x)."""
     return bits == 8
+
+
+def v_block(length: int) -> int:
+    """Tokens a block of V's codes in a cache of ``length`` tokens: V_BLOCK, or the largest
+    divisor of it that divides ``length``. A block is one contiguous run, where a [B, H, C, T]
+    buffer's runs of a tile's tokens lie T bytes apart."""
+    return math.gcd(V_BLOCK, length)
 
 
 def as_token_major(codes: torch.Tensor) -> torch.Tensor:
@@ -49,11 +60,12 @@ def as_token_blocks(codes: torch.Tensor, block: int) -> torch.Tensor:
     return codes.reshape(b, h, t // block, block, c).transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-def codes_buffer(b: int, h: int, t: int, d: int, bits: int, token_major: bool = False, device=None) -> torch.Tensor:
-    """Zeroed uint8 codes [B, H, T, D or D/2], stored token-contiguous with ``token_major``."""
+def codes_buffer(b: int, h: int, t: int, d: int, bits: int, block: int = 0, device=None) -> torch.Tensor:
+    """Zeroed uint8 codes [B, H, T, D or D/2], or with ``block`` in blocks of that many tokens
+    ([B, H, T / block, block, C]: as_token_blocks)."""
     c = d if bits == 8 else d // 2
-    if token_major:
-        return torch.zeros(b, h, c, t, dtype=torch.uint8, device=device).transpose(-1, -2)
+    if block:
+        return torch.zeros(b, h, t // block, c, block, dtype=torch.uint8, device=device).transpose(-1, -2)
     return torch.zeros(b, h, t, c, dtype=torch.uint8, device=device)
 
 
@@ -78,7 +90,10 @@ def append_kv(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor,
     them at ``position`` [S] along the cache's token dim: the reference of the fused append."""
     new = quantize_kv(states, bits, states.shape[-1] // scale.shape[-1])
     for buffer, part in zip((codes, scale, zero), new):
-        buffer.index_copy_(2, position, part)
+        if buffer.dim() == 5:  # in blocks of tokens
+            buffer[:, :, position // buffer.shape[3], position % buffer.shape[3]] = part
+        else:
+            buffer.index_copy_(2, position, part)
 
 
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
