@@ -57,8 +57,7 @@ def copies_of(tensors):
 
 class _launchable:
     """A kernel launched as the package launches its own: one of before V's blocks (no svk, VB
-    arguments) without them, for strided V; one of before stacked rows (no GR) without it, its
-    rows as they come (a decode step's, padded)."""
+    arguments) without them, for strided V."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -66,14 +65,12 @@ class _launchable:
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
+        if self.drop is None:
+            return launch
 
-        def run(*args, **kwargs):
-            if "GR" not in self.kernel.arg_names:
-                kwargs.pop("GR")
-            if self.drop is not None:
-                assert not kwargs.pop("VB"), "a kernel of before V's blocks reads V through its strides alone"
-                args = (*args[:self.drop], *args[self.drop + 1:])
-            return launch(*args, **kwargs)
+        def run(*args, VB, **kwargs):
+            assert not VB, "a kernel of before V's blocks reads V through its strides alone"
+            return launch(*args[:self.drop], *args[self.drop + 1:], **kwargs)
         return run
 
 

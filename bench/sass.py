@@ -35,7 +35,6 @@ from triton.compiler import ASTSource
 from bench.attention import (D, HKV, HQ, KV, V_LAYOUT_HELP, V_LAYOUTS,  # the benchmark's shapes
                              kernel_module, v_tokens_first)
 from qcompile.codegen import kv_tiling
-from qcompile.runtime import kv_ops
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 FIRST = 2  # tiles per width: the tuner's first guesses (kv_tiling.WINNERS)
@@ -77,10 +76,9 @@ def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages
     if v_block and "VB" not in kernel.arg_names:
         raise ValueError("v_block: this kernel reads V through strides alone")
     tdtype = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
-    rows, stacked = kv_ops._row_block(HQ // HKV, bits, D // group)
-    consts = dict(REP=HQ // HKV, S=1, ROWS=rows, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
+    consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
                   PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False,
-                  VB=v_block if v_token_major else 0, GR=stacked)
+                  VB=v_block if v_token_major else 0)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     signature, attrs = {}, {}
     for name, value in _decode_args(bits, group, dtype, v_token_major, v_block=v_block).items():

@@ -144,16 +144,12 @@ def _exp2(x):
 @triton.jit
 def _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt, svd,
           svk, sst, ssg, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr,
-          DOT: tl.constexpr, PRECISION: tl.constexpr, DEFERRED: tl.constexpr, HALF: tl.constexpr, VB: tl.constexpr,
-          GR: tl.constexpr):
+          DOT: tl.constexpr, PRECISION: tl.constexpr, DEFERRED: tl.constexpr, HALF: tl.constexpr, VB: tl.constexpr):
     """One tile of the online softmax: (acc, l, m) updated with tokens rt, those of tmask, plus
     bias (None: every row sees every token, tmask all true). With HALF (only DEFERRED's) the
     dots have twice the rows of acc (the tensor cores' 16 for a step's 8 or fewer), and only the
-    top half of them goes through the softmax and the accumulator. GR > 1: _tile_grouped's."""
-    if GR > 1:
-        acc, l, m = _tile_grouped(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                                  skt, skd, svt, svd, svk, sst, ssg, D, GROUP, DOT, PRECISION, VB)
-    elif DEFERRED:
+    top half of them goes through the softmax and the accumulator."""
+    if DEFERRED:
         acc, l, m = _tile_deferred(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
                                    vz_ptr, skt, skd, svt, svd, svk, sst, D, DOT, PRECISION, HALF, VB)
     else:  # (an early return would still trace this branch)
@@ -164,55 +160,6 @@ def _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_
         p, alpha, l, m = _softmax_step(qk, l, m)
         v = _dequant(vc_ptr, vs_ptr, vz_ptr, rt, tmask, svt, svd, svk, sst, ssg, D, BITS, GROUP, DEQ, VB)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
-    return acc, l, m
-
-
-@triton.jit
-def _nibble_codes(byte, DOT: tl.constexpr):
-    """[T, 2C] codes of the bytes [T, C] in DOT, channel 2i the low nibble, plus NIBBLE_BIAS[DOT]
-    (1024 in fp16 and 128 in bf16, where _biased_nibbles makes them by bit operations)."""
-    if DOT == tl.float16 or DOT == tl.bfloat16:
-        low, high = _biased_nibbles(byte, DOT)
-    else:
-        low, high = (byte & 15).to(DOT), (byte >> 4).to(DOT)
-    return tl.reshape(tl.join(low, high), (byte.shape[0], 2 * byte.shape[1]))
-
-
-@triton.jit
-def _tile_grouped(q, qsum, acc, l, m, bias, rt, tmask, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, skt, skd, svt,
-                  svd, svk, sst, ssg, D: tl.constexpr, GROUP: tl.constexpr, DOT: tl.constexpr,
-                  PRECISION: tl.constexpr, VB: tl.constexpr):
-    """_tile for 4-bit codes in G = D / GROUP groups, a decode step's rows stacked once per group
-    in the tensor cores' rows (which a step's 4 query rows leave 3/4 empty): row (g, r) of q
-    [G x KEPT, D] holds query r's channels of group g, zeros elsewhere, so the dots take the
-    biased nibbles as they are and each group's scale and zero go on the dots' results, per
-    token and group, not on each code. K: qk[r] = sum_g (q_g . (bias + c) - (bias + zero_g)
-    sum(q_g)) scale_g. V: row (g, r) of p's operand is p[r] scale_g / the tile's largest scale,
-    its product with bias + c less the same sum of bias + zero_g; acc [G, KEPT, D], whose row
-    (g, r) is right for group g's channels only (the kernel's epilogue picks them)."""
-    G: tl.constexpr = D // GROUP
-    ROWS: tl.constexpr = q.shape[0]
-    KEPT: tl.constexpr = ROWS // G
-    T: tl.constexpr = rt.shape[0]
-    BIAS: tl.constexpr = 1024.0 if DOT == tl.float16 else 128.0 if DOT == tl.bfloat16 else 0.0
-    rh = tl.arange(0, D // 2)
-    soff = tl.arange(0, G)[:, None] * ssg + rt[None, :] * sst  # [G, T]
-    kb = tl.load(kc_ptr + rt[:, None] * skt + rh[None, :] * skd, mask=tmask[:, None], other=0)
-    dots = tl.reshape(tl.dot(q, tl.trans(_nibble_codes(kb, DOT)), input_precision=PRECISION), (G, KEPT, T))
-    ks = tl.load(ks_ptr + soff, mask=tmask[None, :], other=0.0).to(tl.float32)
-    kz = tl.load(kz_ptr + soff, mask=tmask[None, :], other=0.0).to(tl.float32)
-    qk = tl.sum((dots - (kz + BIAS)[:, None, :] * qsum[:, :, None]) * ks[:, None, :], 0)
-    if bias is not None:
-        qk += bias
-    p, alpha, l, m = _softmax_step(qk, l, m)
-    vb = tl.load(vc_ptr + _token_offsets(rt, svt, svk, VB)[:, None] + rh[None, :] * svd, mask=tmask[:, None], other=0)
-    vs = tl.load(vs_ptr + soff, mask=tmask[None, :], other=0.0).to(tl.float32)
-    vz = tl.load(vz_ptr + soff, mask=tmask[None, :], other=0.0).to(tl.float32)
-    top = tl.maximum(tl.max(tl.max(tl.abs(vs), 1), 0), 1e-30)
-    pg = (p[None, :, :] * (vs * (1.0 / top))[:, None, :]).to(DOT)  # [G, KEPT, T], rounded as the dot takes it
-    pv = tl.dot(tl.reshape(pg, (ROWS, T)), _nibble_codes(vb, DOT), input_precision=PRECISION)
-    shift = tl.sum(pg.to(tl.float32) * (vz + BIAS)[:, None, :], 2)
-    acc = acc * alpha[None, :, None] + (tl.reshape(pv, (G, KEPT, D)) - shift[:, :, None]) * top
     return acc, l, m
 
 
@@ -325,15 +272,13 @@ def kv_attention_kernel(
     sqb, sqh, sqs, sqd, skb, skh, skt, skd, svb, svh, svt, svd, svk, ssb, ssh, sst, ssg, smb, smh, sms, smt,
     sob, soh, sos, sod, REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_MASK: tl.constexpr, LIVE: tl.constexpr, SKIP_HIDDEN: tl.constexpr, VB: tl.constexpr, GR: tl.constexpr,
+    HAS_MASK: tl.constexpr, LIVE: tl.constexpr, SKIP_HIDDEN: tl.constexpr, VB: tl.constexpr,
 ):
     """LIVE (a decode step with a mask): the cache is split up to the end kv_live_kernel found,
     not up to ``length``. SKIP_HIDDEN (a prefill with a mask): each tile's mask is checked and
     a tile hidden from every row of the block is not read; that branch keeps Triton from
     pipelining the loads, so decoding, whose loop is all loads, does without it. VB: V's codes
-    in blocks of VB tokens, svk apart (formats.kv.as_token_blocks); 0, through svt alone. GR > 1
-    (4-bit codes, a decode step: _tile_grouped): the block's rows hold ROWS / GR query rows once
-    per group of channels."""
+    in blocks of VB tokens, svk apart (formats.kv.as_token_blocks); 0, through svt alone."""
     b, hkv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     split, block = pid % splits, pid // splits
     DEFERRED: tl.constexpr = BITS == 8 and GROUP == D  # _tile_deferred's codes
@@ -341,11 +286,8 @@ def kv_attention_kernel(
     # dots' rows: the softmax and the accumulator do half the work, in half the registers.
     # (4-bit codes ran 0.93x with it: -attention-ab-e20.json.)
     HALF: tl.constexpr = DEFERRED and ROWS == 16 and REP * S <= 8
-    KEPT: tl.constexpr = ROWS // 2 if HALF else ROWS // GR
-    if GR > 1:  # the dots' rows: each query row once per group
-        rq = block * ROWS + tl.arange(0, ROWS) % KEPT
-    else:
-        rq = block * ROWS + tl.arange(0, ROWS)
+    KEPT: tl.constexpr = ROWS // 2 if HALF else ROWS
+    rq = block * ROWS + tl.arange(0, ROWS)  # the dots' rows
     r = block * ROWS + tl.arange(0, KEPT)  # row r: query head hkv * REP + r // S, new token r % S
     rvalid = r < REP * S
     rd = tl.arange(0, D)
@@ -373,15 +315,10 @@ def kv_attention_kernel(
         q = (q * qf[:, None]).to(tl.float16)
     else:
         q = q.to(DOT)
-    if GR > 1:  # row (g, r): query r's channels of group g
-        q = tl.where((tl.arange(0, ROWS) // KEPT)[:, None] == (rd // GROUP)[None, :], q, tl.zeros_like(q))
-        qsum = tl.reshape(tl.sum(q.to(tl.float32), 1), (GR, KEPT))
-        acc = tl.zeros((GR, KEPT, D), tl.float32)
-    else:
-        qsum = tl.sum(_rows(q.to(tl.float32), HALF), 1)
-        acc = tl.zeros((KEPT, D), tl.float32)
+    qsum = tl.sum(_rows(q.to(tl.float32), HALF), 1)
     m = tl.full((KEPT,), float("-inf"), tl.float32)
     l = tl.zeros((KEPT,), tl.float32)
+    acc = tl.zeros((KEPT, D), tl.float32)
     full = start
     if not HAS_MASK:  # first the tiles every row sees whole: no bias, no bounds (an all-true mask)
         seen = tl.min(tl.where(rvalid, last, length)) + 1
@@ -390,7 +327,7 @@ def kv_attention_kernel(
             rt = t0 + tl.arange(0, BLOCK_T)
             acc, l, m = _tile(q, qsum, qinv, acc, l, m, None, rt, tl.full((BLOCK_T,), True, tl.int1), kc, ks_ptr + sv,
                               kz_ptr + sv, vc, vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, svk, sst, ssg, D, BITS,
-                              GROUP, DEQ, DOT, PRECISION, DEFERRED, HALF, VB, GR)
+                              GROUP, DEQ, DOT, PRECISION, DEFERRED, HALF, VB)
     for t0 in range(full, end, BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
         tmask = rt < length
@@ -399,13 +336,11 @@ def kv_attention_kernel(
             if tl.max(tl.max(bias, 1), 0) > float("-inf"):
                 acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc,
                                   vs_ptr + sv, vz_ptr + sv, skt, skd, svt, svd, svk, sst, ssg, D, BITS, GROUP, DEQ,
-                                  DOT, PRECISION, DEFERRED, HALF, VB, GR)
+                                  DOT, PRECISION, DEFERRED, HALF, VB)
         else:
             acc, l, m = _tile(q, qsum, qinv, acc, l, m, bias, rt, tmask, kc, ks_ptr + sv, kz_ptr + sv, vc, vs_ptr + sv,
                               vz_ptr + sv, skt, skd, svt, svd, svk, sst, ssg, D, BITS, GROUP, DEQ, DOT, PRECISION,
-                              DEFERRED, HALF, VB, GR)
-    if GR > 1:  # each channel from its group's row
-        acc = tl.sum(tl.where(tl.arange(0, GR)[:, None, None] == (rd // GROUP)[None, None, :], acc, 0.0), 0)
+                              DEFERRED, HALF, VB)
     if splits == 1:  # the whole cache in this program: the output directly
         tl.store(o_ptr + b * sob + head[:, None] * soh + (r % S)[:, None] * sos + rd[None, :] * sod,
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=rvalid[:, None])

@@ -21,16 +21,11 @@ COMBINE_ELEMENTS = 8192  # partial values it loads at once: all 64 splits of a G
 chosen = {}  # tuning key -> the tiling.Choice that ran: tests assert what was tuned
 
 
-def _row_block(rows: int, bits: int, groups: int) -> tuple[int, int]:
-    """Query rows per program, and GR, the times they are stacked there: all of a decode
-    step's (its cache is split instead), 64 for a prefill (16 under the interpreter: small
-    tests still take several blocks). A 4-bit decode step's rows come once per group of
-    channels (GR = groups: the kernel's _tile_grouped) where that makes 64 rows or fewer."""
-    stacked = triton.next_power_of_2(rows) * groups
-    if bits == 4 and groups > 1 and stacked <= 64:
-        return max(16, stacked), groups
+def _row_block(rows: int) -> int:
+    """Query rows per program: all of a decode step's (its cache is split instead), 64 for a
+    prefill (16 under the interpreter: small tests still take several blocks)."""
     limit = 16 if interpreting() else 64
-    return (max(16, triton.next_power_of_2(rows)) if rows <= limit else limit), 1
+    return max(16, triton.next_power_of_2(rows)) if rows <= limit else limit
 
 
 def _sms(device) -> int:
@@ -108,8 +103,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     group = d // k_scale.shape[-1]
     if not (k_scale.stride() == v_scale.stride() == k_zero.stride() == v_zero.stride()):
         k_scale, v_scale, k_zero, v_zero = (t.contiguous() for t in (k_scale, v_scale, k_zero, v_zero))
-    rows, stacked = _row_block(hq // hkv * s, bits, d // group)
-    blocks = triton.cdiv(hq // hkv * s, rows // stacked)
+    rows = _row_block(hq // hkv * s)
+    blocks = triton.cdiv(hq // hkv * s, rows)
     decode = blocks == 1
     dot = tl.float32 if interpreting() else dot_dtype(q.dtype)
     if attn_mask is not None:
@@ -128,7 +123,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     own = dict(BITS=bits, GROUP=group, DEQ=dot_dtype(k_scale.dtype), DOT=dot,
                PRECISION="ieee" if dot == tl.float32 else "tf32",
                HAS_MASK=attn_mask is not None, LIVE=0 if live is None else triton.next_power_of_2(live.shape[1]),
-               SKIP_HIDDEN=attn_mask is not None and not decode, VB=vb, GR=stacked)
+               SKIP_HIDDEN=attn_mask is not None and not decode, VB=vb)
 
     def run(c):
         cfg = c.config

@@ -62,8 +62,8 @@ def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, d
     for config in kv_tiling.INTERPRETED if device == "cpu" else GPU_CONFIGS:
         assert_close(kv_ops._attention(q, k, v, length, bits, None, None, Choice("kv_attention", config)), ref, dtype)
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, length, bits), ref, dtype)
-    rows, stacked = kv_ops._row_block(4 * s, bits, 64 // group)
-    key = kv_ops.tuning_key(bits, group, 64, rows, rows // stacked >= 4 * s, 4, length, dtype, False)
+    rows = kv_ops._row_block(4 * s)
+    key = kv_ops.tuning_key(bits, group, 64, rows, rows >= 4 * s, 4, length, dtype, False)
     tiles = {c.kwargs["BLOCK_T"] for c in kv_tiling.INTERPRETED} if device == "cpu" else {32, 64, 128}
     assert kv_ops.chosen[key].config.kwargs["BLOCK_T"] in tiles, "the tuner chose among the candidates"
 
