@@ -17,9 +17,9 @@ token per sequence (``qcompile::kv_append``) against Inductor's compiled quantiz
 ``--sweep``: every candidate tile of the decode kernel (codegen/kv_tiling.py) timed, and with
 ``--kernels`` other versions of that kernel on the same caches (an A/B in one run); ``--ncu``:
 only a few plain launches, for Nsight Compute. The qcompile rows record the tuned tile. With
-``--v-layout`` V's codes as QuantizedStaticCache stores them (8-bit token-contiguous, [B, H, C,
-T] seen transposed), or all row- or token-contiguous, or in blocks of 64 tokens
-(formats.kv.as_token_blocks).
+``--v-layout`` V's codes as QuantizedStaticCache stores them (8-bit in blocks of 64 tokens,
+token-contiguous within a block: formats.kv.v_block), or all row- or token-contiguous, or in
+blocks of 64 tokens (formats.kv.as_token_blocks).
 """
 import argparse
 import datetime
@@ -57,7 +57,8 @@ def copies_of(tensors):
 
 class _launchable:
     """A kernel launched as the package launches its own: one of before V's blocks (no svk, VB
-    arguments) without them, for strided V."""
+    arguments) without them, for strided V; one of before dependent launches without PDL (its
+    merge then waits, launched dependent, for the whole of it to end)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -65,12 +66,14 @@ class _launchable:
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
-        if self.drop is None:
-            return launch
 
-        def run(*args, VB, **kwargs):
-            assert not VB, "a kernel of before V's blocks reads V through its strides alone"
-            return launch(*args[:self.drop], *args[self.drop + 1:], **kwargs)
+        def run(*args, **kwargs):
+            if "PDL" not in self.kernel.arg_names:
+                kwargs.pop("PDL")
+            if self.drop is not None:
+                assert not kwargs.pop("VB"), "a kernel of before V's blocks reads V through its strides alone"
+                args = (*args[:self.drop], *args[self.drop + 1:])
+            return launch(*args, **kwargs)
         return run
 
 

@@ -11,7 +11,7 @@
 # attention-ab-vt (the same with V's codes token-contiguous), attention-ab-cache (V's codes as the
 # cache stores them; KV_DTYPE=bf16 for bf16, KV_WIDTHS=int8 for one width, KV_TILES
 # for tiles the tuner does not try: --tiles), attention-bf16 (the decode table in bf16), sass (bench.sass: the machine code's static profile, with the machine's Triton),
-# attention-ncu (Nsight Compute of it), kv-bandwidth (the cache's read speed per layout of V), attention-v-blocks (the int8 kernel with V token-contiguous, then in blocks of 64 tokens), accuracy-rounding (eager under
+# attention-ncu (Nsight Compute of it), kv-kernel-times (int8 batch 1: the attention and the merge kernels' times apart), kv-bandwidth (the cache's read speed per layout of V), attention-v-blocks (the int8 kernel with V token-contiguous, then in blocks of 64 tokens), accuracy-rounding (eager under
 # jitter and plain Inductor, for the activation-quantized formats),
 # profile (Nsight Compute of the tuned W4 kernels), gguf-part and accuracy (the 98 MB model file, split in
 # two parts under .gguf/ that two back-to-back calls carry: the device tool carries 64 MiB a call). README "GPU runs" says more.
@@ -61,7 +61,8 @@ stage() {
     attention-extra) python -m bench.attention --prefill 1024,4096,16384 --tail 32768 --contexts 4096,16384 --batches 1,8 \
         --append --name attention-extra --out "$R" ;;
     accuracy-rounding) [ -f /tmp/smol.gguf ] || cat /tmp/gguf/* .gguf/* > /tmp/smol.gguf; python -m bench.accuracy --gguf /tmp/smol.gguf --configs w8a8,fp8,w4a8 --spread 4 --inductor --out "$R" ;;
-    attention-quick) python -m bench.attention --contexts 4096,16384,32768 --batches 1,8 --out "$R" ;;
+    attention-quick) python -m bench.attention --contexts 4096,16384,32768 --batches 1,8 ${KV_WIDTHS:+--kv "$KV_WIDTHS"} \
+        --name attention-quick --out "$R" ;;
     attention-bf16) python -m bench.attention --dtype bf16 --contexts 4096,16384,32768,131072 --batches 1,8,32 \
         --name attention-bf16 --out "$R" ;;
     attention-sweep) python -m bench.attention --sweep --contexts 4096,16384 --batches 1,8 --name attention-sweep --out "$R" ;;
@@ -79,6 +80,8 @@ stage() {
           --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section WarpStateStats \
           --section SourceCounters python -m bench.attention --ncu --v-layout $layout --contexts 16384 --batches 8; done ;;
     kv-bandwidth) python -m bench.kv_bandwidth --out "$R" ;;
+    kv-kernel-times) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_ --cache-control none --metrics gpu__time_duration.sum \
+        python -m bench.attention --ncu --kv int8 --contexts 1024,16384,32768 --batches 1 ;;
     attention-v-blocks) for layout in tokens blocks; do  # the int8 kernel on V token-contiguous, then in blocks
         python -m bench.attention --sweep --kv int8 --v-layout $layout --tiles "64,4,1,3;64,8,1,3;64,4,1,2;128,2,4,3" \
           --contexts 16384,32768 --batches 1,8,32 --name attention-v-$layout --out "$R"; done ;;

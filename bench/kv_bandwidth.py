@@ -9,7 +9,8 @@ probe reads K with V in three layouts, tiles and splits as the kernel has them (
 split of a head, BLOCK_T tokens a step, loads pipelined in ``stages``), and sums the bytes so
 that nothing is skipped:
 - ``rows``: V like K, [T, 128];
-- ``tokens``: V token-contiguous, [128, T], as QuantizedStaticCache stores it;
+- ``tokens``: V token-contiguous, [128, T], as QuantizedStaticCache stored it before it took
+  ``blocks`` on this probe's word (README, fifth H200 run);
 - ``blocks``: V in blocks of BLOCK_T tokens, [T / BLOCK_T, 128, BLOCK_T]: token-contiguous
   within a tile, each tile one contiguous run.
 If ``tokens`` reads slower than the other two, V's layout caps the kernel, and ``blocks`` is

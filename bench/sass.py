@@ -73,12 +73,12 @@ def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages
                    arch: int = 90, block_t: int = 128, maxnreg: int | None = None, v_block: int = 0):
     """The kernel compiled as a decode step launches it, for sm_``arch`` (a version of before V's
     blocks, without svk and VB, as well, for strided V)."""
-    if v_block and "VB" not in kernel.arg_names:
+    if v_block and v_token_major and "VB" not in kernel.arg_names:
         raise ValueError("v_block: this kernel reads V through strides alone")
     tdtype = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
     consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
                   PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False,
-                  VB=v_block if v_token_major else 0)
+                  VB=v_block if v_token_major else 0, PDL=True)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     signature, attrs = {}, {}
     for name, value in _decode_args(bits, group, dtype, v_token_major, v_block=v_block).items():
@@ -149,8 +149,9 @@ def report(kernel, gpu: str, v_layout: str = "cache") -> list:
     for name, (bits, group) in KV.items():
         for dtype in ("fp16", "bf16"):
             for block_t, _, warps, stages, regs in kv_tiling.WINNERS[bits][:FIRST]:
+                blocks = 64 if v_layout in ("blocks", "cache") else 0  # the cache's 8-bit V: formats.kv.v_block
                 compiled = compile_decode(kernel, bits, group, dtype, warps, stages, v_tokens_first(v_layout, bits),
-                                          block_t=block_t, maxnreg=regs, v_block=64 if v_layout == "blocks" else 0)
+                                          block_t=block_t, maxnreg=regs, v_block=blocks)
                 text, registers = _sass(compiled)
                 programs = programs_per_sm(registers, compiled.metadata.shared, warps)
                 ops = loop_mix(text)

@@ -18,7 +18,9 @@ tuned per shape (codegen/kv_tiling.py).
 BITS 8: one byte per code; 4: two per byte, channel 2i low nibble. K's and V's codes are read
 through their own strides: 8-bit V is stored token-contiguous (formats.kv.v_token_major), the
 order in which p @ V sums, so its bytes reach the tensor cores without a byte-wise
-shared-memory read. Per token and group of GROUP channels: value = (code - zero) * scale,
+shared-memory read, and in blocks of VB tokens (one contiguous run a tile, where runs T bytes
+apart read at 60% of the copy bandwidth: 1.27-1.34x at batch 8 and 32 on the H200,
+bench/results/2026-12-01-h200-attention-v-*.json). Per token and group of GROUP channels: value = (code - zero) * scale,
 computed in the scale's dtype. Two paths skip the integer-to-float conversion of each code
 (measured on the H200, 16k context, against the version before them:
 bench/results/2026-11-30-h200-attention-ab*.json): 8-bit codes with whole-head groups and
@@ -49,6 +51,7 @@ history, 1a2cb8e).
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from qcompile.runtime.device import interpreting
 
@@ -272,14 +275,17 @@ def kv_attention_kernel(
     sqb, sqh, sqs, sqd, skb, skh, skt, skd, svb, svh, svt, svd, svk, ssb, ssh, sst, ssg, smb, smh, sms, smt,
     sob, soh, sos, sod, REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     GROUP: tl.constexpr, DEQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_MASK: tl.constexpr, LIVE: tl.constexpr, SKIP_HIDDEN: tl.constexpr, VB: tl.constexpr,
+    HAS_MASK: tl.constexpr, LIVE: tl.constexpr, SKIP_HIDDEN: tl.constexpr, VB: tl.constexpr, PDL: tl.constexpr,
 ):
     """LIVE (a decode step with a mask): the cache is split up to the end kv_live_kernel found,
     not up to ``length``. SKIP_HIDDEN (a prefill with a mask): each tile's mask is checked and
     a tile hidden from every row of the block is not read; that branch keeps Triton from
     pipelining the loads, so decoding, whose loop is all loads, does without it. VB: V's codes
-    in blocks of VB tokens, svk apart (formats.kv.as_token_blocks); 0, through svt alone."""
+    in blocks of VB tokens, svk apart (formats.kv.as_token_blocks); 0, through svt alone. PDL
+    (sm_90 and later): kv_combine_kernel is launched as a programmatic dependent of this one."""
     b, hkv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if PDL:  # the merge, launched dependent on this kernel, may start its programs now
+        gdc_launch_dependents()
     split, block = pid % splits, pid // splits
     DEFERRED: tl.constexpr = BITS == 8 and GROUP == D  # _tile_deferred's codes
     # There a block of 16 rows for 8 or fewer (a decode step) keeps only the top half of the
@@ -355,13 +361,16 @@ def kv_attention_kernel(
 def kv_combine_kernel(
     acc_ptr, stat_ptr, o_ptr, splits, sob, soh, sos, sod,
     REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, MROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     """out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M) over the splits, M = max_i m_i, for
     BLOCK_D channels of one KV head's REP * S rows (MROWS a power of two above; the partials
     are laid out ROWS apart), BLOCK_S splits at a time with a running M: grid (B, Hkv,
     D / BLOCK_D). A loop over the splits one by one waits on each one's loads: 38 us for the
-    264 splits of a batch-1 decode step on the H200, longer than the attention itself."""
+    264 splits of a batch-1 decode step on the H200, longer than the attention itself. On the
+    GPU it is launched as a programmatic dependent of the attention kernel: its programs start
+    while that kernel runs and wait (griddepcontrol.wait) for its writes, which hides the launch
+    (about 4 of a batch-1 step's 18 us at 16k went to this kernel: the kv-kernel-times stage)."""
     b, hkv, dblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, MROWS)
     rmask = r < REP * S  # the rows the attention kernel stored
@@ -370,6 +379,8 @@ def kv_combine_kernel(
     mx = tl.full((MROWS,), float("-inf"), tl.float32)
     num = tl.zeros((MROWS, BLOCK_D), tl.float32)
     den = tl.zeros((MROWS,), tl.float32)
+    if PDL:  # launched dependent on the attention kernel: wait for its partials
+        gdc_wait()
     for s0 in range(0, splits, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)
         valid = (rs < splits)[:, None] & rmask[None, :]

@@ -33,6 +33,12 @@ def _sms(device) -> int:
     return 8 if device.type == "cpu" else torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _dependent_launches(device) -> bool:
+    """Whether the merge is launched as a programmatic dependent of the attention kernel (PDL,
+    sm_90 and later; not under the interpreter): its launch then overlaps that kernel's run."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def _live_ends(mask: torch.Tensor, s: int, length: int):
     """kv_live_kernel's partial ends [B, nlive] of a decode step's mask [B, Hq, S, T] (heads
     broadcast or not), or None when it has more distinct rows than LIVE_MAX_ROWS."""
@@ -119,7 +125,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     v_strides, vb = _v_layout(v_codes)
     strides = (*q.stride(), *k_codes.stride(), *v_strides, *k_scale.stride(),
                *(mask.stride() if attn_mask is not None else (0,) * 4), *out.stride())
-    consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d)
+    consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d, PDL=_dependent_launches(q.device))
     own = dict(BITS=bits, GROUP=group, DEQ=dot_dtype(k_scale.dtype), DOT=dot,
                PRECISION="ieee" if dot == tl.float32 else "tf32",
                HAS_MASK=attn_mask is not None, LIVE=0 if live is None else triton.next_power_of_2(live.shape[1]),
@@ -138,7 +144,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
             block_d, mrows = min(d, COMBINE_CHANNELS), triton.next_power_of_2(hq // hkv * s)
             block_s = max(1, min(triton.next_power_of_2(splits), COMBINE_ELEMENTS // (mrows * block_d)))
             kv_combine_kernel[(b, hkv, d // block_d)](acc, stat, out, splits, *out.stride(), **consts, MROWS=mrows,
-                                                      BLOCK_D=block_d, BLOCK_S=block_s)
+                                                      BLOCK_D=block_d, BLOCK_S=block_s,
+                                                      **({"launch_pdl": True} if consts["PDL"] else {}))
         return binary
 
     key = tuning_key(bits, group, d, rows, decode, b * hkv, length, q.dtype, attn_mask is not None)
