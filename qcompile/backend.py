@@ -10,10 +10,14 @@ _listeners: list[Report] = []
 
 @contextlib.contextmanager
 def listen(report: Report):
-    """Within the block, every graph the backend compiles adds its report to ``report``."""
+    """Within the block, every graph the backend compiles adds its report to ``report``. Inductor's
+    and AOTAutograd's caches are bypassed there: a graph served from them runs no pass, so it
+    would report nothing."""
     _listeners.append(report)
     try:
-        yield report
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            yield report
     finally:
         _listeners.remove(report)
 

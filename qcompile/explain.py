@@ -15,9 +15,7 @@ def explain(model_or_fn, *args, **kwargs) -> Report:
     breaks_before = sum(counters["graph_break"].values())
     compiled = torch.compile(model_or_fn, backend=_Fresh())
     limit = torch._dynamo.config.recompile_limit + 8  # explain's own compiles must not hit the limit
-    with listen(report), torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False), \
-            torch._dynamo.config.patch(recompile_limit=limit):
+    with listen(report), torch._dynamo.config.patch(recompile_limit=limit):
         compiled(*args, **kwargs)
     report.graph_breaks = sum(counters["graph_break"].values()) - breaks_before
     return report

@@ -117,6 +117,21 @@ def test_int8_with_k_not_multiple_of_4_falls_back_with_reason(device):
     assert_close(outs[0], refs[0], torch.float32)
 
 
+def test_listen_reports_a_graph_the_caches_would_serve(device):
+    """A graph compiled before comes back from Inductor's FX graph cache without running any
+    pass; listen() bypasses the caches, so that it still reports the match."""
+    model = nn.Sequential(nn.Linear(64, 8))
+    qcompile.quantize(model, bits=4, group_size=32)
+    model.to(device)
+    x = torch.randn(3, 64, device=device)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
+        torch.compile(model, backend="qcompile")(x)  # fills the cache
+        torch._dynamo.reset()
+        with qcompile.backend.listen(qcompile.Report()) as report:
+            torch.compile(model, backend="qcompile")(x)
+    assert [(m.format, m.bits) for m in report.matched] == [("affine", 4)], str(report)
+
+
 def test_autograd_graphs_are_left_to_inductor(device):
     model = nn.Sequential(nn.Linear(64, 8))
     qcompile.quantize(model, group_size=32)

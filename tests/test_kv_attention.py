@@ -213,7 +213,7 @@ def test_shapes_the_kernel_cannot_take_get_the_reference(d, k_group, v_group, de
 
     q4 = q[:, :2]  # as many query heads as KV heads: SDPA without GQA
     torch._dynamo.reset()
-    with qcompile.backend.listen(qcompile.Report()) as report, torch._inductor.config.patch(fx_graph_cache=False):
+    with qcompile.backend.listen(qcompile.Report()) as report:
         out = torch.compile(attend, backend="qcompile")(q4, *k, *v)
     assert not report.matched and len(report.fallbacks) == 1, str(report)
     assert ("head_dim=96" if d == 96 else "K in 2 scale groups and V in 4") in report.fallbacks[0].reason

@@ -95,7 +95,7 @@ def test_generate_and_a_compiled_decode_loop_agree_with_eager(bits, group, devic
     if reason := kernel_unavailable_reason(torch.device(device)):
         pytest.skip(reason)
     torch._dynamo.reset()
-    with qcompile.backend.listen(qcompile.Report()) as report, torch._inductor.config.patch(fx_graph_cache=False):
+    with qcompile.backend.listen(qcompile.Report()) as report:
         compiled, _, compiled_last = _greedy(torch.compile(model, backend="qcompile"), model, ids, 5,
                                              QuantizedStaticCache(model.config, 16, bits=bits, group=group))
     assert torch.equal(compiled, eager)
@@ -119,7 +119,7 @@ def test_a_compiled_prefill_reads_the_codes_in_blocks_of_query_rows(device):
         eager = model(ids, past_key_values=QuantizedStaticCache(model.config, 24, bits=4, group=8),
                       use_cache=True).logits
         torch._dynamo.reset()
-        with qcompile.backend.listen(qcompile.Report()) as report, torch._inductor.config.patch(fx_graph_cache=False):
+        with qcompile.backend.listen(qcompile.Report()) as report:
             compiled = torch.compile(model, backend="qcompile")(
                 ids, past_key_values=QuantizedStaticCache(model.config, 24, bits=4, group=8), use_cache=True).logits
     found = [(m.kind, m.shapes["S"], m.shapes["T"]) for m in report.matched]

@@ -55,7 +55,7 @@ def test_regional_compilation_traces_one_layer_for_all(device):
     counters.clear()
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-        with qcompile.backend.listen(qcompile.Report()) as report, torch._inductor.config.patch(fx_graph_cache=False):
+        with qcompile.backend.listen(qcompile.Report()) as report:
             out = qcompile.compile_regions(model)(ids, use_cache=False).logits
     assert counters["stats"]["unique_graphs"] == 1
     assert len(report.matched) == 7, str(report)  # one layer's q k v o gate up down, once

@@ -236,7 +236,7 @@ def test_w4a8_compiles_to_one_fused_int8_gemm_per_layer(dtype, device):
     # with symbolic sizes (x's included) the weight's rebuilding is still found
     dynamic = qcompile.Report()
     torch._dynamo.reset()  # or an earlier test's graph of nn.Sequential.forward is reused, uncompiled
-    with listen(dynamic), torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):  # the pass must run
+    with listen(dynamic), torch.no_grad():
         torch.compile(model, backend="qcompile", dynamic=True)(x)
     assert [m.kernel for m in dynamic.matched] == [m.kernel for m in report.matched], str(dynamic)
 
@@ -270,9 +270,7 @@ def test_w4a8_weights_of_symbolic_size_say_that_inductor_rebuilds_them(device):
     for n, k in ((16, 64), (24, 128)):
         q = qcompile.quantize(nn.Sequential(nn.Linear(k, n, bias=False)), format="w4a8", group_size=32)[0].to(device)
         x = torch.randn(2, k, device=device)
-        with qcompile.backend.listen(qcompile.Report()) as report, torch.no_grad(), \
-                torch._inductor.config.patch(fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):  # the pass must run
+        with qcompile.backend.listen(qcompile.Report()) as report, torch.no_grad():
             out = fn(x, q.qweight, q.zero, q.scale_int, q.channel_scale)
         reports.append(report)
         torch.testing.assert_close(out, q(x), rtol=1e-5, atol=1e-5)
