@@ -26,7 +26,8 @@ class QuantizedStaticLayer(StaticLayer):
     [B, H, max_cache_len, D or D/2] (8-bit values token-contiguous in blocks of tokens,
     [B, H, max_cache_len / block, block, D]: formats.kv.v_token_major);
     ``key_scale``/``key_zero`` (and the value ones) hold [B, H, max_cache_len, D / group] in the
-    model's dtype (``group`` None: formats.kv.default_group, once the head size is known)."""
+    model's dtype (``group`` None: formats.kv.default_group, once the head size is known). A
+    max_cache_len that is a multiple of 64 gives the attention kernel V's fastest layout."""
 
     def __init__(self, max_cache_len: int, bits: int = 8, group: int | None = None, **kwargs):
         super().__init__(max_cache_len=max_cache_len)
