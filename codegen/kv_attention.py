@@ -20,9 +20,10 @@ through their own strides: 8-bit V is stored token-contiguous (formats.kv.v_toke
 order in which p @ V sums, so its bytes reach the tensor cores without a byte-wise
 shared-memory read, and in blocks of VB tokens (one contiguous run a tile, where runs T bytes
 apart read at 60% of the copy bandwidth: 1.27-1.34x at batch 8 and 32 on the H200,
-bench/results/2026-12-01-h200-attention-v-*.json). Per token and group of GROUP channels: value = (code - zero) * scale,
-computed in the scale's dtype. Two paths skip the integer-to-float conversion of each code
-(measured on the H200, 16k context, against the version before them:
+bench/results/2026-12-01-h200-attention-v-*.json). Per token and group of GROUP channels:
+value = (code - zero) * scale, computed in the scale's dtype. Two paths skip the
+integer-to-float conversion of each code (measured on the H200, 16k context, against the
+version before them:
 bench/results/2026-11-30-h200-attention-ab*.json): 8-bit codes with whole-head groups and
 fp16 dots take their scales on the dots, not on every code (``_tile_deferred``, 1.25-1.49x);
 4-bit codes with fp16 scales become ``1024 + nibble`` in fp16 by bit operations
