@@ -18,7 +18,8 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 import qcompile.runtime.kv_ops  # noqa: F401  registers qcompile::kv_append
-from qcompile.formats.kv import check_kv_args, codes_buffer, default_group, dequantize_kv, v_block, v_token_major
+from qcompile.formats.kv import (V_BLOCK, check_kv_args, codes_buffer, default_group, dequantize_kv, v_block,
+                                 v_token_major)
 
 
 class QuantizedStaticLayer(StaticLayer):
@@ -26,10 +27,15 @@ class QuantizedStaticLayer(StaticLayer):
     [B, H, max_cache_len, D or D/2] (8-bit values token-contiguous in blocks of tokens,
     [B, H, max_cache_len / block, block, D]: formats.kv.v_token_major);
     ``key_scale``/``key_zero`` (and the value ones) hold [B, H, max_cache_len, D / group] in the
-    model's dtype (``group`` None: formats.kv.default_group, once the head size is known). A
-    max_cache_len that is a multiple of 64 gives the attention kernel V's fastest layout."""
+    model's dtype (``group`` None: formats.kv.default_group, once the head size is known).
+    8-bit: max_cache_len is rounded up to whole blocks of V (formats.kv.V_BLOCK tokens), V's
+    fastest layout for the attention kernel at any length (a length that 64 does not divide
+    would get smaller blocks); the mask hides the extra tokens, and the kernel does not read
+    them."""
 
     def __init__(self, max_cache_len: int, bits: int = 8, group: int | None = None, **kwargs):
+        if v_token_major(bits):
+            max_cache_len = -(-max_cache_len // V_BLOCK) * V_BLOCK
         super().__init__(max_cache_len=max_cache_len)
         self.bits, self.group = bits, group
         self.cumulative_length = torch.tensor(0, dtype=torch.long)

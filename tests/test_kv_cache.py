@@ -21,10 +21,12 @@ def test_a_layer_stores_codes_and_returns_them_dequantized(bits, group):
     layer.update(k1, v1)
     k, v = layer.update(k2, v2)  # the next position comes from the layer's own count
     assert int(layer.get_seq_length()) == 5
-    assert layer.keys.dtype == torch.uint8 and layer.keys.shape == (2, 3, 10, 16 * bits // 8)
+    t = 64 if bits == 8 else 10  # 8-bit: whole blocks of 64 tokens, which the mask then covers
+    assert layer.max_cache_len == t and layer.get_mask_sizes() == (t, 0)
+    assert layer.keys.dtype == torch.uint8 and layer.keys.shape == (2, 3, t, 16 * bits // 8)
     assert layer.keys.is_contiguous()
-    if bits == 8:  # V token-contiguous (the order of p @ V) in blocks of gcd(64, 10) = 2 tokens
-        assert layer.values.shape == (2, 3, 5, 2, 16) and layer.values.stride()[2:] == (32, 1, 2)
+    if bits == 8:  # V token-contiguous (the order of p @ V) in one block of 64 tokens
+        assert layer.values.shape == (2, 3, 1, 64, 16) and layer.values.stride()[2:] == (1024, 1, 64)
     else:
         assert layer.values.shape == layer.keys.shape and layer.values.stride()[2:] == (8, 1)
     for got, new in ((k, torch.cat((k1, k2), 2)), (v, torch.cat((v1, v2), 2))):
@@ -34,8 +36,8 @@ def test_a_layer_stores_codes_and_returns_them_dequantized(bits, group):
     assert torch.equal(k[:, :, 7:8], dequantize_kv(*quantize_kv(k2 * 2, bits, group), bits))
     assert int(layer.get_seq_length()) == 8
     # per token and head: the codes, and an fp16 scale and zero per group; fp16 K and V take 2 * 32 bytes
-    assert layer.memory_bytes() == 2 * 2 * 3 * 10 * (16 * bits // 8 + 2 * 2 * 16 // group)
-    assert layer.memory_bytes() <= 2 * 2 * 3 * 10 * 32 * (0.625 if bits == 8 else 0.5)
+    assert layer.memory_bytes() == 2 * 2 * 3 * t * (16 * bits // 8 + 2 * 2 * 16 // group)
+    assert layer.memory_bytes() <= 2 * 2 * 3 * t * 32 * (0.625 if bits == 8 else 0.5)
 
 
 def test_the_default_group_is_the_head_for_int8_and_32_channels_for_int4():
@@ -44,9 +46,9 @@ def test_the_default_group_is_the_head_for_int8_and_32_channels_for_int4():
     assert [layer.group for layer in QuantizedStaticCache(config, 8).layers] == [128, 128]
     assert [layer.group for layer in QuantizedStaticCache(config, 8, bits=4).layers] == [32, 32]
     assert QuantizedStaticCache(config, 8, bits=8, group=64).layers[0].group == 64
-    layer = QuantizedStaticLayer(max_cache_len=8, bits=8)  # a layer alone: once it sees the head size
+    layer = QuantizedStaticLayer(max_cache_len=64, bits=8)  # a layer alone: once it sees the head size
     layer.update(*(torch.randn(1, 2, 3, 64) for _ in range(2)))
-    assert layer.group == 64 and layer.key_scale.shape == (1, 2, 8, 1)
+    assert layer.group == 64 and layer.key_scale.shape == (1, 2, 64, 1)
     small = tiny_llama(torch.float32, "cpu").config  # head_dim 16: int4 groups of the whole head
     assert QuantizedStaticCache(small, 8, bits=4).layers[0].group == 16
 
