@@ -40,6 +40,22 @@ def test_a_layer_stores_codes_and_returns_them_dequantized(bits, group):
     assert layer.memory_bytes() <= 2 * 2 * 3 * t * 32 * (0.625 if bits == 8 else 0.5)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_beam_search_reorders_every_buffer_in_place(bits):
+    """reorder_cache (beam search) moves each beam's codes, scales and zeros, V's blocks of
+    tokens included, and keeps the buffers' addresses, which compiled steps hold."""
+    torch.manual_seed(1)
+    layer = QuantizedStaticLayer(max_cache_len=10, bits=bits, group=8)
+    k, v = layer.update(*(torch.randn(3, 2, 4, 16, dtype=torch.float16) for _ in range(2)))
+    k, v = k.clone(), v.clone()
+    addresses = [t.data_ptr() for t in layer._buffers()]
+    beams = torch.tensor([2, 0, 0])
+    layer.reorder_cache(beams)
+    assert [t.data_ptr() for t in layer._buffers()] == addresses
+    assert torch.equal(dequantize_kv(layer.keys, layer.key_scale, layer.key_zero, bits), k[beams])
+    assert torch.equal(dequantize_kv(layer.values, layer.value_scale, layer.value_zero, bits), v[beams])
+
+
 def test_the_default_group_is_the_head_for_int8_and_32_channels_for_int4():
     """int8's whole-head groups take the kernel's path that scales the dots, not each code."""
     config = transformers.LlamaConfig(hidden_size=512, num_attention_heads=4, num_hidden_layers=2)  # head_dim 128
