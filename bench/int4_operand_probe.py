@@ -18,10 +18,15 @@ The probe computes one tile of q @ K^T for head_dim 128, 64 tokens, one warp, wi
   otherwise.
 - q is loaded in that channel order (k_order: the same reshapes on channel numbers).
 
-It reports the SASS opcode mix of the tile. The K path should show 8 LDG.E.128, 64 PRMT (the
-unpack's own) and no LDSM. The only STS/LDS belong to q's conversion to the A operand, which
-a kernel does once, outside its loop. The full int4 tile of the Triton kernel takes about
-2800 instructions for the same 64 tokens with V.
+It computes p @ V the same way (pv_tile). Here the operand pairs two tokens of one channel,
+so a lane reads its 8 contiguous bytes of each of its 16 tokens (LDG.E.64). One PRMT for 8
+bytes puts tokens 2j and 2j + 1 side by side in a register before the unpack, and the output
+columns come in v_order (n = g + 8 h + 16 r for nibble h of byte 8 g + r).
+
+It reports the SASS opcode mix of each tile. Expected: for K, 8 LDG.E.128 and 64 PRMT (the
+unpack's own); for V, 96 PRMT; no LDSM in either. The only STS/LDS belong to q's or p's
+conversion to the A operand: a kernel does q once, and p comes from registers. The full int4
+tile of the Triton kernel takes about 2800 instructions for the same 64 tokens, K and V.
 """
 import argparse
 import collections
@@ -52,6 +57,15 @@ BYTES = gl.DistributedLinearLayout(
     lane_bases=[[1, 0, 0], [2, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]], warp_bases=[], block_bases=[],
     shape=[4, 16, T])
 Q = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[1, 1], order=[1, 0])
+# V's bytes [8 (g), 8 (r), T]: byte 8 g + r of a token, a lane's 8 bytes of a token in its registers,
+# then the same with tokens 2j and 2j + 1 in one register (p @ V's B operand pairs tokens)
+_V_LANES = [[0, 0, 2], [0, 0, 4], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+V_LOAD = gl.DistributedLinearLayout(
+    reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 0, 1], [0, 0, 8], [0, 0, 16], [0, 0, 32]], lane_bases=_V_LANES,
+    warp_bases=[], block_bases=[], shape=[8, 8, T])
+V_PAIRS = gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 1], [0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 0, 8], [0, 0, 16], [0, 0, 32]], lane_bases=_V_LANES,
+    warp_bases=[], block_bases=[], shape=[8, 8, T])
 
 
 @gluon.jit
@@ -81,6 +95,35 @@ def qk_tile(q_ptr, k_ptr, o_ptr, NIB: gl.constexpr):
     gl.store(o_ptr + ro[:, None] * T + rt[None, :], acc)
 
 
+@gluon.jit
+def pv_tile(p_ptr, v_ptr, o_ptr, NIB: gl.constexpr):
+    """o [16, D] (channels in v_order) = p [16, T] @ (1024 + V's codes [T, D])."""
+    rg = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, V_LOAD)))
+    rr = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, V_LOAD)))
+    rn = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(1, V_LOAD)))
+    byte = gl.load(v_ptr + rn[None, None, :] * (D // 2) + (rg[:, None, None] * 8 + rr[None, :, None]))
+    byte = gl.convert_layout(byte, V_PAIRS)  # within each lane: tokens 2j, 2j + 1 side by side
+    low, high = gl.inline_asm_elementwise(NIB, "=r,=r,=r,=r,r", [byte], dtype=(gl.float16, gl.float16),
+                                          is_pure=True, pack=4)
+    x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
+    vb = gl.convert_layout(gl.reshape(x, (x.shape[0], D)), gl.DotOperandLayout(1, MMA, 2), assert_trivial=True)
+    rq = gl.arange(0, 16, layout=gl.SliceLayout(1, Q))
+    rt = gl.arange(0, T, layout=gl.SliceLayout(0, Q))
+    pa = gl.convert_layout(gl.load(p_ptr + rq[:, None] * T + rt[None, :]), A)
+    acc = mma_v2(pa, vb, gl.full((16, D), 0.0, gl.float32, MMA))
+    ro = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
+    rd = gl.arange(0, D, layout=gl.SliceLayout(0, MMA))
+    gl.store(o_ptr + ro[:, None] * D + rd[None, :], acc)
+
+
+def v_order() -> torch.Tensor:
+    """The head channel at each of pv_tile's output columns: n = g + 8 h + 16 r for nibble h
+    of byte 8 g + r."""
+    g, r, h = torch.meshgrid(torch.arange(8), torch.arange(8), torch.arange(2), indexing="ij")
+    channel = 2 * (8 * g + r) + h  # [8, 8, 2]
+    return channel.permute(1, 2, 0).reshape(D.value)
+
+
 def k_order() -> torch.Tensor:
     """The head channel at each position of the dot's K dimension: _operand_order applied to
     channel numbers (byte 16 i + m holds channels 2 (16 i + m) + h)."""
@@ -89,11 +132,11 @@ def k_order() -> torch.Tensor:
     return channel.reshape(4, 2, 2, 2, 2, 2).permute(5, 1, 2, 3, 0, 4).reshape(D.value)
 
 
-def opcode_mix() -> collections.Counter:
-    """The SASS opcodes of qk_tile compiled for sm_90 (the compile fails if K's conversion to
-    the B operand would move data)."""
-    src = GluonASTSource(fn=qk_tile, signature={"q_ptr": "*fp16", "k_ptr": "*u8", "o_ptr": "*fp32",
-                                                 "NIB": "constexpr"},
+def opcode_mix(tile) -> collections.Counter:
+    """The SASS opcodes of ``tile`` (qk_tile or pv_tile) compiled for sm_90 (the compile fails
+    if the codes' conversion to the B operand would move data between lanes)."""
+    a, c, _ = tile.arg_names[:3]
+    src = GluonASTSource(fn=tile, signature={a: "*fp16", c: "*u8", "o_ptr": "*fp32", "NIB": "constexpr"},
                          constexprs={"NIB": NIBBLES_FP16}, attrs={(i,): [["tt.divisibility", 16]] for i in range(3)})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -109,11 +152,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", help="write the opcode mix and k_order to this JSON file")
     a = p.parse_args()
-    ops = opcode_mix()
-    print(f"{sum(ops.values())} instructions:", dict(ops.most_common()))
+    res = {"triton": triton.__version__, "k_order": k_order().tolist(), "v_order": v_order().tolist()}
+    for tile in (qk_tile, pv_tile):
+        res[tile.__name__] = ops = opcode_mix(tile)
+        print(f"{tile.__name__}: {sum(ops.values())} instructions:", dict(ops.most_common()))
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"triton": triton.__version__, "ops": ops, "k_order": k_order().tolist()}, f, indent=1)
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
