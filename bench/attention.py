@@ -106,7 +106,7 @@ def quantized_kv(k, v, bits, group):
     (vc, vs, vz) = quantize_kv(v, bits, group)
     if V_LAYOUT == "blocks" or V_LAYOUT == "cache" and v_token_major(bits):
         vc = as_token_blocks(vc, v_block(vc.shape[2]))
-    elif v_tokens_first(V_LAYOUT, bits):
+    elif V_LAYOUT == "tokens":
         vc = as_token_major(vc)
     return quantize_kv(k, bits, group), (vc, vs, vz)
 

@@ -77,43 +77,48 @@ def _operand_order(x):
 
 
 @gluon.jit
+def _token_bytes(c_ptr, RUNS: gl.constexpr, RUN: gl.constexpr, LAYOUT: gl.constexpr):
+    """[RUNS, RUN, T] bytes in LAYOUT: byte RUN r + j of each token's D / 2 at [r, j]."""
+    rr = gl.arange(0, RUNS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LAYOUT)))
+    rj = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(2, LAYOUT)))
+    rt = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(1, LAYOUT)))
+    return gl.load(c_ptr + rt[None, None, :] * (D // 2) + (rr[:, None, None] * RUN + rj[None, :, None]))
+
+
+@gluon.jit
+def _nibbles(byte, NIB: gl.constexpr):
+    """1024 + each nibble of the bytes in fp16 (low, high), by the KV kernel's asm: a
+    register's four bytes give two registers of each."""
+    return gl.inline_asm_elementwise(NIB, "=r,=r,=r,=r,r", [byte], dtype=(gl.float16, gl.float16), is_pure=True,
+                                     pack=4)
+
+
+@gluon.jit
+def _dot_store(a_ptr, b, o_ptr, K: gl.constexpr, N: gl.constexpr):
+    """o [16, N] = a [16, K] (read from memory into the A operand) @ b (the B operand)."""
+    ra = gl.arange(0, 16, layout=gl.SliceLayout(1, Q))
+    rk = gl.arange(0, K, layout=gl.SliceLayout(0, Q))
+    a = gl.convert_layout(gl.load(a_ptr + ra[:, None] * K + rk[None, :]), A)
+    acc = mma_v2(a, b, gl.full((16, N), 0.0, gl.float32, MMA))
+    ro = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
+    rn = gl.arange(0, N, layout=gl.SliceLayout(0, MMA))
+    gl.store(o_ptr + ro[:, None] * N + rn[None, :], acc)
+
+
+@gluon.jit
 def qk_tile(q_ptr, k_ptr, o_ptr, NIB: gl.constexpr):
     """o [16, T] = q [16, D] (channels in k_order) @ (1024 + K's codes [T, D])^T."""
-    ri = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, BYTES)))
-    rm = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, BYTES)))
-    rn = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(1, BYTES)))
-    byte = gl.load(k_ptr + rn[None, None, :] * (D // 2) + (ri[:, None, None] * 16 + rm[None, :, None]))
-    low, high = gl.inline_asm_elementwise(NIB, "=r,=r,=r,=r,r", [byte], dtype=(gl.float16, gl.float16),
-                                          is_pure=True, pack=4)
-    kb = gl.convert_layout(_operand_order(gl.join(low, high)), B, assert_trivial=True)
-    rq = gl.arange(0, 16, layout=gl.SliceLayout(1, Q))
-    rd = gl.arange(0, D, layout=gl.SliceLayout(0, Q))
-    qa = gl.convert_layout(gl.load(q_ptr + rq[:, None] * D + rd[None, :]), A)
-    acc = mma_v2(qa, kb, gl.full((16, T), 0.0, gl.float32, MMA))
-    ro = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
-    rt = gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
-    gl.store(o_ptr + ro[:, None] * T + rt[None, :], acc)
+    low, high = _nibbles(_token_bytes(k_ptr, 4, 16, BYTES), NIB)
+    _dot_store(q_ptr, gl.convert_layout(_operand_order(gl.join(low, high)), B, assert_trivial=True), o_ptr, D, T)
 
 
 @gluon.jit
 def pv_tile(p_ptr, v_ptr, o_ptr, NIB: gl.constexpr):
     """o [16, D] (channels in v_order) = p [16, T] @ (1024 + V's codes [T, D])."""
-    rg = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, V_LOAD)))
-    rr = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, V_LOAD)))
-    rn = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(1, V_LOAD)))
-    byte = gl.load(v_ptr + rn[None, None, :] * (D // 2) + (rg[:, None, None] * 8 + rr[None, :, None]))
-    byte = gl.convert_layout(byte, V_PAIRS)  # within each lane: tokens 2j, 2j + 1 side by side
-    low, high = gl.inline_asm_elementwise(NIB, "=r,=r,=r,=r,r", [byte], dtype=(gl.float16, gl.float16),
-                                          is_pure=True, pack=4)
+    byte = gl.convert_layout(_token_bytes(v_ptr, 8, 8, V_LOAD), V_PAIRS)  # in a lane: tokens 2j, 2j + 1 side by side
+    low, high = _nibbles(byte, NIB)
     x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
-    vb = gl.convert_layout(gl.reshape(x, (x.shape[0], D)), gl.DotOperandLayout(1, MMA, 2), assert_trivial=True)
-    rq = gl.arange(0, 16, layout=gl.SliceLayout(1, Q))
-    rt = gl.arange(0, T, layout=gl.SliceLayout(0, Q))
-    pa = gl.convert_layout(gl.load(p_ptr + rq[:, None] * T + rt[None, :]), A)
-    acc = mma_v2(pa, vb, gl.full((16, D), 0.0, gl.float32, MMA))
-    ro = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
-    rd = gl.arange(0, D, layout=gl.SliceLayout(0, MMA))
-    gl.store(o_ptr + ro[:, None] * D + rd[None, :], acc)
+    _dot_store(p_ptr, gl.convert_layout(gl.reshape(x, (x.shape[0], D)), B, assert_trivial=True), o_ptr, T, D)
 
 
 def v_order() -> torch.Tensor:
