@@ -108,14 +108,14 @@ def _dot_store(a_ptr, b, o_ptr, K: gl.constexpr, N: gl.constexpr):
 @gluon.jit
 def qk_tile(q_ptr, k_ptr, o_ptr, NIB: gl.constexpr):
     """o [16, T] = q [16, D] (channels in k_order) @ (1024 + K's codes [T, D])^T."""
-    low, high = _nibbles(_token_bytes(k_ptr, 4, 16, BYTES), NIB)
+    low, high = _nibbles(_token_bytes(k_ptr, 4, 16, gl.constexpr(BYTES)), NIB)
     _dot_store(q_ptr, gl.convert_layout(_operand_order(gl.join(low, high)), B, assert_trivial=True), o_ptr, D, T)
 
 
 @gluon.jit
 def pv_tile(p_ptr, v_ptr, o_ptr, NIB: gl.constexpr):
     """o [16, D] (channels in v_order) = p [16, T] @ (1024 + V's codes [T, D])."""
-    byte = gl.convert_layout(_token_bytes(v_ptr, 8, 8, V_LOAD), V_PAIRS)  # in a lane: tokens 2j, 2j + 1 side by side
+    byte = gl.convert_layout(_token_bytes(v_ptr, 8, 8, gl.constexpr(V_LOAD)), V_PAIRS)  # in a lane: tokens 2j, 2j + 1 side by side
     low, high = _nibbles(byte, NIB)
     x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
     _dot_store(p_ptr, gl.convert_layout(gl.reshape(x, (x.shape[0], D)), B, assert_trivial=True), o_ptr, T, D)
