@@ -169,10 +169,9 @@ def kv_append(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor,
     """formats.kv.append_kv in one kernel (where none can run, append_kv itself). A position past
     the cache raises on CPU; on a GPU the kernel drops that token, as a check would cost a
     synchronization."""
-    strides, vb = _v_layout(codes)
+    length = scale.shape[2]  # the cache's tokens, whatever the codes' layout
     if position.device.type == "cpu" and position.numel():
         first, last = int(position.min()), int(position.max())
-        length = codes.shape[2] * max(vb, 1)
         if first < 0 or last >= length:
             raise IndexError(f"kv_append: position holds {first}..{last}, allowed values are "
                              f"0..{length - 1} (the cache's length)")
@@ -181,6 +180,7 @@ def kv_append(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor,
     b, h, s, d = states.shape
     group = d // scale.shape[-1]
     block_s = min(16, triton.next_power_of_2(s))
+    strides, vb = _v_layout(codes)
     kv_append_kernel[(b * h, triton.cdiv(s, block_s))](
-        states, position, codes, scale, zero, h, s, scale.shape[2], *states.stride(), *strides,
+        states, position, codes, scale, zero, h, s, length, *states.stride(), *strides,
         *scale.stride(), D=d, BITS=bits, GROUP=group, BLOCK_S=block_s, VB=vb)
