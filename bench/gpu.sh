@@ -85,7 +85,7 @@ stage() {
     attention-v-blocks) for layout in tokens blocks; do  # the int8 kernel on V token-contiguous, then in blocks
         python -m bench.attention --sweep --kv int8 --v-layout $layout --tiles "64,4,1,3;64,8,1,3;64,4,1,2;128,2,4,3" \
           --contexts 16384,32768 --batches 1,8,32 --name attention-v-$layout --out "$R"; done ;;
-    kv-tests) python -m pytest -q -n 16 --tb=short -p no:cacheprovider tests/test_kv_attention.py tests/test_kv_cache.py ;;
+    kv-tests) python -m pytest -q -n 16 --tb=short -p no:cacheprovider tests/test_kv_attention.py tests/test_kv_int4_attention.py tests/test_kv_cache.py ;;
     scaled-new) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,1024,4096 --formats w4a8,w8a8-outliers \
         --profile --out "$R" ;;
     scaled-w4a8) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,128,1024,4096 --formats w4a8 \

@@ -54,6 +54,10 @@ WINNERS = {8: ((64, 4, 1, 3, None), (128, 1, 8, 3, None), (64, 2, 1, 3, None), (
                (128, 2, 4, 1, None), (64, 4, 4, 3, None)),
            4: ((128, 4, 4, 1, 128), (64, 8, 1, 1, None), (128, 2, 8, 1, None), (64, 4, 4, 1, 96),
                (128, 4, 4, 1, None), (128, 1, 8, 3, None), (128, 4, 8, 1, None))}
+# codegen/kv_int4_attention.py: one warp over 64 tokens, 1 KB of shared memory (q's conversion
+# once); its 255 registers fit 8 programs an SM
+INT4_KERNEL = "kv_int4_decode"
+INT4_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=1) for w in (8, 4, 2)]
 ONE_WARP = list(itertools.product((64, 32), (1, 2, 4, 8), (1,), (1, 3)))  # decoding: at most 64 tokens a warp
 
 
@@ -80,14 +84,16 @@ def _grid(decode: bool, bits: int, rows: int):
 
 
 def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,
-               mask: bool, device) -> list:
-    """The Choices worth timing, those over the device's shared memory pruned."""
+               mask: bool, device, int4: bool = False) -> list:
+    """The Choices worth timing, those over the device's shared memory pruned; with ``int4``
+    (kv_int4_attention.unsupported_reason found nothing against it) the Gluon kernel's first."""
     if interpreting():
         return [Choice("kv_attention", c) for c in INTERPRETED]
     limit = max_shared_mem(device.index or 0)
     fits = [c for c in _grid(decode, bits, rows)
             if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
-    return [Choice("kv_attention", c) for c in fits or [SMALLEST]]
+    own = [Choice(INT4_KERNEL, c) for c in INT4_TILES] if int4 else []
+    return own + [Choice("kv_attention", c) for c in fits or [SMALLEST]]
 
 
 def splits(programs: int, length: int, block_t: int, waves: int, sms: int) -> int:

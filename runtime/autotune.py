@@ -21,13 +21,14 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from qcompile.codegen import kv_attention, kv_tiling, scaled_gemm, tiling, unpack, wq_gemm, wq_gemv
+from qcompile.codegen import kv_attention, kv_int4_attention, kv_tiling, scaled_gemm, tiling, unpack, wq_gemm, wq_gemv
 
 from .autotune_cache import AutotuneCache
 
 # A tuned choice is only valid for the code it was timed on.
 SOURCE = hashlib.sha256("".join(inspect.getsource(m) for m in (tiling, unpack, wq_gemm, wq_gemv, scaled_gemm,
-                                                                   kv_tiling, kv_attention)).encode()
+                                                                   kv_tiling, kv_attention, kv_int4_attention)
+                                ).encode()
                         ).hexdigest()[:16]
 
 

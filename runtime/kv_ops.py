@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.codegen import kv_tiling
+from qcompile.codegen import kv_int4_attention, kv_tiling
 from qcompile.codegen.kv_attention import kv_append_kernel, kv_attention_kernel, kv_combine_kernel, kv_live_kernel
 from qcompile.formats.kv import append_kv, kv_attention_reference
 
@@ -131,15 +131,24 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
                HAS_MASK=attn_mask is not None, LIVE=0 if live is None else triton.next_power_of_2(live.shape[1]),
                SKIP_HIDDEN=attn_mask is not None and not decode, VB=vb)
 
+    int4 = decode and kv_int4_attention.unsupported_reason(q, k, v, bits) is None
+    scalars = (1 / math.sqrt(d) if sm_scale is None else sm_scale, live.shape[1] if live is not None else 0)
+
     def run(c):
         cfg = c.config
         splits = kv_tiling.splits(b * hkv, length, cfg.kwargs["BLOCK_T"], cfg.kwargs["WAVES"], sms) if decode else 1
         acc = q.new_empty(b * hkv * splits * rows * d if splits > 1 else 0, dtype=torch.float32)
         stat = q.new_empty(b * hkv * splits * rows * 2 if splits > 1 else 0, dtype=torch.float32)
-        binary = kv_attention_kernel[(b, hkv, blocks * splits)](
-            *args, acc, stat, length, 1 / math.sqrt(d) if sm_scale is None else sm_scale, splits,
-            live.shape[1] if live is not None else 0, *strides, **consts, **own, BLOCK_T=cfg.kwargs["BLOCK_T"],
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.kwargs.get("REGS"))
+        if c.kernel == kv_tiling.INT4_KERNEL:  # strides but the cache's token and channel ones (constants there)
+            binary = kv_int4_attention.kv_int4_decode_kernel[(b, hkv, splits)](
+                *args, acc, stat, length, scalars[0], splits, scalars[1], *q.stride(), *k_codes.stride()[:2],
+                *v_codes.stride()[:2], *k_scale.stride()[:2], *strides[-8:], REP=consts["REP"], S=s, ROWS=rows,
+                HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"], num_warps=1)
+        else:
+            binary = kv_attention_kernel[(b, hkv, blocks * splits)](
+                *args, acc, stat, length, scalars[0], splits, scalars[1], *strides, **consts, **own,
+                BLOCK_T=cfg.kwargs["BLOCK_T"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                maxnreg=cfg.kwargs.get("REGS"))
         if splits > 1:
             block_d, mrows = min(d, COMBINE_CHANNELS), triton.next_power_of_2(hq // hkv * s)
             block_s = max(1, min(triton.next_power_of_2(splits), COMBINE_ELEMENTS // (mrows * block_d)))
@@ -149,10 +158,10 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
         return binary
 
     key = tuning_key(bits, group, d, rows, decode, b * hkv, length, q.dtype, attn_mask is not None)
-    if choice is None:
-        choice = TUNER.pick("kv_attention", key, lambda: kv_tiling.candidates(
+    if choice is None:  # the Gluon kernel's choices only where it applies
+        choice = TUNER.pick("kv_attention", (*key, int4), lambda: kv_tiling.candidates(
             decode, rows, d, d // group, bits, k_scale.element_size(), 4 if dot == tl.float32 else 2,
-            attn_mask is not None, q.device), run, q.device, graphed=True)
+            attn_mask is not None, q.device, int4), run, q.device, graphed=True)
     run(choice)
     chosen[key] = choice
     return out

@@ -1,0 +1,329 @@
+"""Decode attention over a 4-bit KV cache in groups of 32 channels, head_dim 128, fp16 queries,
+in Gluon (triton.experimental.gluon): the codes go from global memory into the tensor cores'
+operand registers, unpacked there, with no trip through shared memory (issue 5).
+
+Why a second kernel next to codegen/kv_attention.py: Triton infers layouts, and its unpack of
+nibbles (a join and reshape that doubles the elements) sends every fp16 tile through shared
+memory, then rearranges registers: about 2800 instructions for 64 tokens, which held the 4-bit
+path at 21-32% of the memory roofline on the H200 (README, fifth run). Gluon states them:
+
+- K's bytes stay as the cache stores them ([T, 64] a head, byte j holding channels 2j and
+  2j + 1). Lane % 4 = i reads bytes 16 i .. 16 i + 15 of a token (one 16-byte load). The
+  nibbles become 1024 + code in fp16 by bit operations (kv_attention's asm), and their places
+  in the dot's K dimension are chosen so that each 32-bit register already is a B operand
+  register: k = m0 + 2 i + 8 m1 + 16 m2 + 32 m3 + 64 h for nibble h of byte 16 i + m
+  (``k_order``). q is loaded in that channel order.
+- V's: a lane reads its 8 contiguous bytes of a token; one PRMT pairs tokens 2j and 2j + 1 in a
+  register (p @ V's B operand pairs tokens), and the output's columns come in ``v_order``.
+- The scales and zeros go on the dots' results, not on the codes. A decode step has REP * S
+  <= 4 query rows, and the tensor cores compute 16: row 8 j + 4 b + r holds query r's channels
+  of group 2 b + j and zeros elsewhere (in k_order a group is one lane of four in the K
+  dimension, so no row-wise trick on the dot's output could separate them). Its dot with
+  1024 + code is exact per group: (dot - (1024 + zero) sum(q's group)) scale, summed over the
+  4 groups, is q . k. For p @ V the same rows hold p scale_g / top_g (top_g: the largest scale
+  of group g so far, keeping the fp16 operand in [0, 1]), less the sum of p scale_g / top_g
+  (1024 + zero); output column n takes the row of its own group at the end.
+- The conversions between the dots' result layout and these views are stated as reshapes and
+  permutes, checked free by ``convert_layout(..., assert_trivial=True)`` at compile time.
+
+One warp a program, 64 tokens a tile; grid (B, Hkv, splits) with the split and merge of
+kv_attention_kernel (kv_combine_kernel merges the partials), the same arguments. Offline
+(bench.sass, sm_90): see the module's test for the instruction counts it keeps.
+"""
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .kv_attention import NIBBLES_FP16
+
+D, T = gl.constexpr(128), gl.constexpr(64)  # head_dim, tokens a tile
+GROUP, R = gl.constexpr(32), gl.constexpr(4)  # channels a scale group; query rows (16 dot rows / 4 groups)
+LOG2E = gl.constexpr(1.4426950408889634)
+MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+B = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
+# K's bytes [4 (i), 16 (m), T]: byte 16 i + m of a token; a lane's 16 bytes in its registers
+K_BYTES = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 8, 0], [0, 0, 8], [0, 0, 16], [0, 0, 32]],
+    lane_bases=[[1, 0, 0], [2, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]], warp_bases=[], block_bases=[],
+    shape=[4, 16, 64]))
+# V's bytes [8 (g), 8 (r), T]: byte 8 g + r of a token, a lane's 8 bytes of a token in its
+# registers, then the same with tokens 2j and 2j + 1 in one register
+_V_LANES = [[0, 0, 2], [0, 0, 4], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+V_LOAD = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 0, 1], [0, 0, 8], [0, 0, 16], [0, 0, 32]], lane_bases=_V_LANES,
+    warp_bases=[], block_bases=[], shape=[8, 8, 64]))
+V_PAIRS = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 1], [0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 0, 8], [0, 0, 16], [0, 0, 32]], lane_bases=_V_LANES,
+    warp_bases=[], block_bases=[], shape=[8, 8, 64]))
+# q @ K^T's result [16, T] seen as [T, 4 (group), 4 (query row)]: row 8 j + 4 b + r is group 2 b + j
+GROUPS = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[1, 0, 0], [0, 1, 0], [8, 0, 0], [16, 0, 0], [32, 0, 0]],
+    lane_bases=[[2, 0, 0], [4, 0, 0], [0, 0, 1], [0, 0, 2], [0, 2, 0]], warp_bases=[], block_bases=[],
+    shape=[64, 4, 4]))
+TG = gl.constexpr(gl.SliceLayout(2, GROUPS))  # [T, group]: scales and zeros
+# the same with a token's two groups in adjacent registers: one 4-byte load
+TG_LOAD = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1], [1, 0], [8, 0], [16, 0], [32, 0]], lane_bases=[[2, 0], [4, 0], [0, 0], [0, 0], [0, 2]],
+    warp_bases=[], block_bases=[], shape=[64, 4]))
+TR = gl.constexpr(gl.SliceLayout(1, GROUPS))  # [T, row]: scores, p
+GR = gl.constexpr(gl.SliceLayout(0, GROUPS))  # [group, row]: the dot rows' sums
+ROW = gl.constexpr(gl.SliceLayout(0, TR))  # [row]: softmax state
+QL = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[1, 1],
+                                   order=[1, 0]))
+
+
+def k_order() -> torch.Tensor:
+    """The head channel at each position of q @ K^T's K dimension (module docstring)."""
+    i, m, h = torch.meshgrid(torch.arange(4), torch.arange(16), torch.arange(2), indexing="ij")
+    channel = 2 * (16 * i + m) + h  # [4, 16, 2]
+    return channel.reshape(4, 2, 2, 2, 2, 2).permute(5, 1, 2, 3, 0, 4).reshape(D.value)
+
+
+def v_order() -> torch.Tensor:
+    """The head channel at each column of p @ V: n = g + 8 h + 16 r for nibble h of byte 8 g + r."""
+    g, r, h = torch.meshgrid(torch.arange(8), torch.arange(8), torch.arange(2), indexing="ij")
+    return (2 * (8 * g + r) + h).permute(1, 2, 0).reshape(D.value)
+
+
+@gluon.jit
+def _k_channel(k):
+    """k_order on positions k: nibble h of byte 16 i + m, m's bits m3..m0."""
+    m = (k & 1) + ((k >> 3) & 1) * 2 + ((k >> 4) & 1) * 4 + ((k >> 5) & 1) * 8
+    return 2 * (16 * ((k >> 1) & 3) + m) + (k >> 6)
+
+
+@gluon.jit
+def _v_channel(n):
+    """v_order on columns n."""
+    return 2 * (8 * (n % 8) + n // 16) + (n // 8) % 2
+
+
+@gluon.jit
+def _dot_group(rho):
+    """The scale group of dot row rho = 8 j + 4 b + r: 2 b + j."""
+    return 2 * ((rho >> 2) & 1) + (rho >> 3)
+
+
+@gluon.jit
+def _exp2(x):
+    """2^x flushing subnormal results to 0, one MUFU.EX2 (kv_attention's _exp2)."""
+    return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _nibbles(byte):
+    """1024 + each nibble of the bytes in fp16 (low, high): a register's four bytes give two
+    registers of each."""
+    return gl.inline_asm_elementwise(NIBBLES_FP16, "=r,=r,=r,=r,r", [byte], dtype=(gl.float16, gl.float16),
+                                     is_pure=True, pack=4)
+
+
+@gluon.jit
+def _token_bytes(c_ptr, ST: gl.constexpr, t0, length, RUNS: gl.constexpr, RUN: gl.constexpr, LAYOUT: gl.constexpr,
+                 MASKED: gl.constexpr):
+    """[RUNS, RUN, T] bytes of tokens t0.. in LAYOUT: byte RUN r + j of a token at [r, j] (0
+    past ``length`` with MASKED)."""
+    rr = gl.arange(0, RUNS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LAYOUT)))
+    rj = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(2, LAYOUT)))
+    rt = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(1, LAYOUT)))
+    ptr = c_ptr + t0 * ST + rt[None, None, :] * ST + (rr[:, None, None] * RUN + rj[None, :, None])  # constant offsets
+    if MASKED:
+        return gl.load(ptr, mask=(rt < length - t0)[None, None, :], other=0)
+    return gl.load(ptr)
+
+
+@gluon.jit
+def _k_operand(kc, SKT: gl.constexpr, t0, length, MASKED: gl.constexpr):
+    """1024 + K's codes of tokens t0.. as q @ K^T's B operand [D (k_order), T]."""
+    low, high = _nibbles(_token_bytes(kc, SKT, t0, length, 4, 16, K_BYTES, MASKED))
+    x = gl.reshape(gl.join(low, high), (4, 2, 2, 2, 2, T, 2))  # [i, m3, m2, m1, m0, T, h]
+    x = gl.permute(x, (6, 1, 2, 3, 0, 4, 5))  # [h, m3, m2, m1, i, m0, T]
+    return gl.convert_layout(gl.reshape(x, (D, T)), B, assert_trivial=True)
+
+
+@gluon.jit
+def _v_operand(vc, SVT: gl.constexpr, t0, length, MASKED: gl.constexpr):
+    """1024 + V's codes of tokens t0.. as p @ V's B operand [T, D (v_order)]."""
+    byte = gl.convert_layout(_token_bytes(vc, SVT, t0, length, 8, 8, V_LOAD, MASKED), V_PAIRS)
+    low, high = _nibbles(byte)
+    x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
+    return gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True)
+
+
+@gluon.jit
+def _by_group(x):
+    """[16, T] dot rows -> [T, group, row] (GROUPS), moving no data."""
+    x = gl.permute(gl.reshape(x, (2, 2, 4, T)), (3, 1, 0, 2))  # [T, b, j, r]
+    return gl.convert_layout(gl.reshape(x, (T, 4, R)), GROUPS, assert_trivial=True)
+
+
+@gluon.jit
+def _by_row(x):
+    """[T, group, row] -> [16, T] dot rows, the inverse of _by_group."""
+    x = gl.permute(gl.reshape(x, (T, 2, 2, R)), (2, 1, 3, 0))  # [j, b, r, T]
+    return gl.convert_layout(gl.reshape(x, (16, T)), MMA, assert_trivial=True)
+
+
+@gluon.jit
+def _rows(x):
+    """[group, row] -> [16] dot rows (the accumulator's row factors), moving no data."""
+    x = gl.reshape(gl.permute(gl.reshape(x, (2, 2, R)), (1, 0, 2)), (16,))
+    return gl.convert_layout(x, gl.SliceLayout(1, MMA), assert_trivial=True)
+
+
+@gluon.jit
+def _per_group(ptr, t0, length, SST: gl.constexpr, MASKED: gl.constexpr):
+    """[T, group] float32 scales or zeros of tokens t0.. (0 past ``length`` with MASKED)."""
+    rt = gl.arange(0, T, layout=gl.SliceLayout(1, TG_LOAD))
+    rg = gl.arange(0, 4, layout=gl.SliceLayout(0, TG_LOAD))
+    # int64 offsets: a lane's offsets then differ by constants the loads take as immediates
+    ptr = ptr + t0 * SST + (rt[:, None] * SST + rg[None, :]).to(gl.int64)
+    if MASKED:
+        x = gl.load(ptr, mask=(rt < length - t0)[:, None], other=0.0)
+    else:
+        x = gl.load(ptr)
+    return gl.convert_layout(x.to(gl.float32), TG, assert_trivial=True)
+
+
+@gluon.jit
+def _tile(qa, qsum, acc, m, l, zsum, top, t0, length, last, kc, vc, ks, kz, vs, vz, bias_ptr, smt,
+          bias_mask, SKT: gl.constexpr, SVT: gl.constexpr, SST: gl.constexpr, MASKED: gl.constexpr,
+          HAS_MASK: gl.constexpr):
+    """One tile of 64 tokens of the online softmax: acc [16, D] (rows by group, units of top),
+    m, l per query row, zsum [group, row] (the zeros' share of acc), top per group."""
+    s = mma_v2(qa, _k_operand(kc, SKT, t0, length, MASKED), gl.zeros([16, T], gl.float32, MMA))
+    k_scale = _per_group(ks, t0, length, SST, MASKED)
+    k_zero = _per_group(kz, t0, length, SST, MASKED)
+    v_scale = _per_group(vs, t0, length, SST, MASKED)
+    v_zero = _per_group(vz, t0, length, SST, MASKED)
+    qk = gl.sum((_by_group(s) - (k_zero + 1024.0)[:, :, None] * qsum[None, :, :]) * k_scale[:, :, None], axis=1)
+    if MASKED:
+        rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(1, TR))
+        if HAS_MASK:
+            qk += gl.load(bias_ptr + rs[:, None] * smt, mask=bias_mask & (rs < length)[:, None],
+                          other=float("-inf")).to(gl.float32)
+        else:
+            qk = gl.where(rs[:, None] <= last[None, :], qk, float("-inf"))
+    m_new = gl.maximum(m, gl.max(qk, axis=0))
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E  # rows that have seen nothing yet
+    p = _exp2(qk * LOG2E - m_safe[None, :])
+    alpha = _exp2(m * LOG2E - m_safe)
+    l = l * alpha + gl.sum(p, axis=0)
+    top_new = gl.maximum(top, gl.max(v_scale, axis=0))
+    # p scale / top in fp16 (in [0, 1]), the same rounded values in the zeros' sum as in the dot
+    pv = (gl.expand_dims(p, 1) * (v_scale * (1.0 / top_new)[None, :])[:, :, None]).to(gl.float16)
+    rescale = (gl.convert_layout(alpha, gl.SliceLayout(0, GR))[None, :]
+               * gl.convert_layout(top / top_new, gl.SliceLayout(1, GR))[:, None])  # [group, row]
+    zsum = zsum * rescale + gl.sum(pv.to(gl.float32) * (v_zero + 1024.0)[:, :, None], axis=0)
+    acc = acc * _rows(rescale)[:, None]
+    acc = mma_v2(gl.convert_layout(_by_row(pv), A), _v_operand(vc, SVT, t0, length, MASKED), acc)
+    return acc, m_new, l, zsum, top_new
+
+
+@gluon.jit
+def kv_int4_decode_kernel(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, live_ptr, o_ptr, acc_ptr, stat_ptr,
+    length, sm_scale, splits, nlive,
+    sqb, sqh, sqs, sqd, skb, skh, svb, svh, ssb, ssh, smb, smh, sms, smt, sob, soh, sos, sod,
+    REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, HAS_MASK: gl.constexpr, LIVE: gl.constexpr,
+):
+    """kv_attention_kernel's decode step for REP * S <= 4 rows, over codes and scales as
+    ``layout_unsupported_reason`` allows them (their token strides then constants, which the
+    loads take as offsets): grid (B, Hkv, splits), partials for kv_combine_kernel when splits > 1."""
+    b, hkv, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+    r = gl.arange(0, R, layout=ROW)
+    rvalid = r < REP * S
+    last = length - S + r % S  # the last position each row may see
+    span = length
+    if LIVE:  # the end kv_live_kernel found in the mask
+        rl = gl.arange(0, LIVE, layout=gl.BlockedLayout([1], [32], [1], [0]))
+        span = gl.max(gl.load(live_ptr + b * nlive + rl, mask=rl < nlive, other=0), axis=0)
+    chunk = gl.cdiv(gl.cdiv(span, splits), T) * T
+    start = split * chunk
+    end = gl.minimum(start + chunk, span)
+    if not HAS_MASK:  # causal: no row sees past its last query's position
+        end = gl.minimum(end, gl.max(gl.where(rvalid, last, 0), axis=0) + 1)
+    # q [16 dot rows, D (k_order)], row 8 j + 4 b + r holding query r's channels of group 2 b + j
+    rho = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
+    k = gl.arange(0, D, layout=gl.SliceLayout(0, QL))
+    qr = rho % R
+    ch = _k_channel(k)
+    keep = (qr < REP * S)[:, None] & (_dot_group(rho)[:, None] == (ch // GROUP)[None, :])
+    q = gl.load(q_ptr + b * sqb + (hkv * REP + qr // S)[:, None] * sqh + (qr % S)[:, None] * sqs + ch[None, :] * sqd,
+                mask=keep, other=0.0)
+    q = (q.to(gl.float32) * sm_scale).to(gl.float16)
+    qsum = gl.sum(q.to(gl.float32), axis=1)  # of the fp16 values the dot takes
+    qsum = gl.convert_layout(gl.reshape(gl.permute(gl.reshape(qsum, (2, 2, R)), (1, 0, 2)), (4, R)), GR)
+    qa = gl.convert_layout(q, A)
+    acc = gl.zeros([16, D], gl.float32, MMA)
+    m = gl.full([R], float("-inf"), gl.float32, ROW)
+    l = gl.zeros([R], gl.float32, ROW)
+    zsum = gl.zeros([4, R], gl.float32, GR)
+    top = gl.full([4], 1e-30, gl.float32, gl.SliceLayout(0, TG))
+    kc = kc_ptr + b * skb + hkv * skh
+    vc = vc_ptr + b * svb + hkv * svh
+    sv = b * ssb + hkv * ssh
+    head = hkv * REP + r // S
+    bias_ptr = mask_ptr + b * smb + (head * smh + (r % S) * sms)[None, :]
+    bias_mask = rvalid[None, :]
+    full = start
+    if not HAS_MASK:  # the tiles every row sees whole first: no bounds, no bias
+        seen = gl.min(gl.where(rvalid, last, length), axis=0) + 1
+        full += gl.maximum(gl.minimum(end, seen) - start, 0) // T * T
+        for t0 in range(start, full, T):
+            acc, m, l, zsum, top = _tile(qa, qsum, acc, m, l, zsum, top, t0, length, last, kc, vc, ks_ptr + sv,
+                                         kz_ptr + sv, vs_ptr + sv, vz_ptr + sv, bias_ptr, smt, bias_mask, D // 2,
+                                         D // 2, D // GROUP, False, HAS_MASK)
+    for t0 in range(full, end, T):
+        acc, m, l, zsum, top = _tile(qa, qsum, acc, m, l, zsum, top, t0, length, last, kc, vc, ks_ptr + sv,
+                                     kz_ptr + sv, vs_ptr + sv, vz_ptr + sv, bias_ptr, smt, bias_mask, D // 2,
+                                     D // 2, D // GROUP, True, HAS_MASK)
+    # column n takes the row of its own group: (acc - zsum) top, the other groups' rows dropped
+    rows = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
+    n = gl.arange(0, D, layout=gl.SliceLayout(0, MMA))
+    tops = _rows(gl.zeros([4, R], gl.float32, GR) + gl.convert_layout(top, gl.SliceLayout(1, GR))[:, None])
+    own = _dot_group(rows)[:, None] == ((n % 8) // 2)[None, :]
+    x = gl.where(own, (acc - _rows(zsum)[:, None]) * tops[:, None], 0.0)
+    x = gl.sum(gl.sum(gl.reshape(x, (2, 2, R, D)), axis=0), axis=0)  # [R, D]
+    x = gl.convert_layout(x, QL)
+    ro = gl.arange(0, R, layout=gl.SliceLayout(1, QL))
+    co = _v_channel(gl.arange(0, D, layout=gl.SliceLayout(0, QL)))
+    ok = (ro < REP * S)[:, None]
+    lo = gl.convert_layout(l, gl.SliceLayout(1, QL))
+    if splits == 1:  # the whole cache in this program: the output directly
+        optr = o_ptr + b * sob + (hkv * REP + ro // S)[:, None] * soh + (ro % S)[:, None] * sos + co[None, :] * sod
+        gl.store(optr, (x / lo[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
+    else:  # partials for kv_combine_kernel, ROWS apart
+        part = ((b * gl.num_programs(1) + hkv) * splits + split) * ROWS + ro
+        gl.store(acc_ptr + part[:, None] * D + co[None, :], x, mask=ok)
+        mo = gl.convert_layout(m, gl.SliceLayout(1, QL))
+        gl.store(stat_ptr + part * 2, mo, mask=ro < REP * S)
+        gl.store(stat_ptr + part * 2 + 1, lo, mask=ro < REP * S)
+
+
+def unsupported_reason(q, k, v, bits: int) -> str | None:
+    """Why kv_int4_decode_kernel cannot take this decode step (q [B, Hq, S, D], K and V as
+    (codes, scale, zero) of a cache), or None. It takes 4-bit codes in groups of 32 of head_dim
+    128, fp16 queries, at most 4 query rows a KV head, on sm_80 and later, with the cache's own
+    contiguous layout (its loads take the token strides as constants)."""
+    (kc, ks, kz), (vc, vs, vz) = k, v
+    b, hq, s, d = q.shape
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the Gluon int4 kernel runs on CUDA sm_80 and later (mma.sync)"
+    if bits != 4 or d != D.value or ks.shape[-1] != D.value // GROUP.value:
+        return (f"bits={bits}, head_dim={d}, {ks.shape[-1]} groups: the Gluon kernel takes 4-bit codes, head_dim 128, "
+                "groups of 32")
+    if q.dtype != torch.float16:
+        return f"{q.dtype} queries: the Gluon kernel's dots take fp16"
+    if hq // kc.shape[1] * s > R.value:
+        return f"{hq // kc.shape[1] * s} query rows a KV head: the Gluon kernel takes at most {R.value}"
+    for name, c in (("K", kc), ("V", vc)):
+        if c.dim() != 4 or c.stride()[2:] != (D.value // 2, 1):
+            return f"{name}'s codes strided {tuple(c.stride())}: the Gluon kernel takes [B, H, T, 64] rows"
+    for t in (ks, kz, vs, vz):
+        if t.stride()[2:] != (D.value // GROUP.value, 1):
+            return f"scales or zeros strided {tuple(t.stride())}: the Gluon kernel takes [B, H, T, 4] rows"
+    return None

@@ -1,0 +1,85 @@
+"""The Gluon decode kernel for 4-bit caches (codegen/kv_int4_attention.py) against the
+dequantize + SDPA reference on a GPU, which op takes it, and what stays with the Triton kernel.
+The interpreter runs no Gluon, so on CPU these are skipped; its compile for sm_90 is checked
+offline in tests/test_sass.py."""
+import pytest
+import torch
+import triton
+
+from conftest import assert_close
+from qcompile.codegen import kv_int4_attention, kv_tiling
+from qcompile.codegen.tiling import Choice
+from qcompile.formats.kv import kv_attention_reference, quantize_kv
+from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="Gluon kernels need a CUDA GPU: the Triton interpreter does not run them")
+
+
+def _cache(b, hkv, t, dtype=torch.float16, v_range=1.0):
+    k, v = (torch.randn(b, hkv, t, 128, dtype=dtype, device="cuda") for _ in range(2))
+    return quantize_kv(k, 4, 32), quantize_kv(v * v_range, 4, 32)
+
+
+def _choices(waves=(8, 2)):
+    return [Choice(kv_tiling.INT4_KERNEL, triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=1))
+            for w in waves]
+
+
+@pytest.mark.parametrize("hq, hkv, s", [(8, 2, 1), (4, 2, 2), (2, 2, 1), (6, 2, 1)], ids=["gqa4", "s2", "mha", "gqa3"])
+@pytest.mark.parametrize("length", [1, 37, 64, 200, 1000])
+def test_matches_the_reference(hq, hkv, s, length):
+    """Up to 4 query rows a KV head (GQA with S = 1 or 2 new tokens, MHA, 3 rows of 4), a cache
+    longer than its filled part, lengths off the 64-token tile, one program or many splits."""
+    torch.manual_seed(length)
+    k, v = _cache(3, hkv, 1024)
+    q = torch.randn(3, hq, s, 128, dtype=torch.float16, device="cuda")
+    ref = kv_attention_reference(q, k, v, 4, length)
+    for choice in _choices():
+        assert_close(kv_ops._attention(q, k, v, length, 4, None, None, choice), ref, torch.float16)
+    assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, length, 4), ref, torch.float16)
+    key = kv_ops.tuning_key(4, 32, 128, 16, True, 3 * hkv, length, torch.float16, False)
+    assert kv_ops.chosen[key].kernel == kv_tiling.INT4_KERNEL, "the op's first candidate is the Gluon kernel"
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, "additive"])
+def test_a_mask_decides_what_each_query_sees(mask_dtype):
+    """A static cache's mask (the unwritten tail hidden, split only up to what it shows) with
+    holes, per head, for S = 2 new tokens."""
+    torch.manual_seed(0)
+    k, v = _cache(2, 2, 512)
+    q = torch.randn(2, 4, 2, 128, dtype=torch.float16, device="cuda")
+    seen = torch.rand(2, 4, 2, 512, device="cuda") > 0.3
+    seen[..., 300:] = False
+    seen[..., 0] = True
+    mask = seen if mask_dtype == torch.bool else torch.zeros(seen.shape, dtype=torch.float16,
+                                                             device="cuda").masked_fill_(~seen, float("-inf"))
+    ref = kv_attention_reference(q, k, v, 4, 512, mask)
+    for choice in _choices():
+        assert_close(kv_ops._attention(q, k, v, 512, 4, mask, None, choice), ref, torch.float16)
+
+
+def test_small_v_scales_keep_their_precision():
+    """V's scales near fp16's smallest normals: p scale / top stays in [0, 1] (top: the largest
+    scale so far), where p scale itself would be subnormal."""
+    torch.manual_seed(1)
+    k, v = _cache(1, 2, 700, v_range=1e-3)
+    q = torch.randn(1, 8, 1, 128, dtype=torch.float16, device="cuda")
+    ref = kv_attention_reference(q, k, v, 4, 700)
+    for choice in _choices():
+        assert_close(kv_ops._attention(q, k, v, 700, 4, None, None, choice), ref, torch.float16)
+
+
+@pytest.mark.parametrize("case", ["bf16", "8 rows", "head_dim 64", "groups of 64"])
+def test_what_it_cannot_take_stays_with_the_triton_kernel(case):
+    torch.manual_seed(2)
+    dtype = torch.bfloat16 if case == "bf16" else torch.float16
+    d, group = (64, 32) if case == "head_dim 64" else (128, 64 if case == "groups of 64" else 32)
+    hq = 16 if case == "8 rows" else 8
+    k, v = (quantize_kv(torch.randn(1, 2, 256, d, dtype=dtype, device="cuda"), 4, group) for _ in range(2))
+    q = torch.randn(1, hq, 1, d, dtype=dtype, device="cuda")
+    reason = kv_int4_attention.unsupported_reason(q, k, v, 4)
+    assert reason is not None
+    assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 256, 4), kv_attention_reference(q, k, v, 4, 256), dtype)
+    key = kv_ops.tuning_key(4, group, d, 16, True, 2, 256, dtype, False)
+    assert kv_ops.chosen[key].kernel == "kv_attention"
