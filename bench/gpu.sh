@@ -2,7 +2,7 @@
 # bench/gpu.sh STAGE[:SECONDS] ...: one device-machine call of the GPU work, each stage under its
 # own time limit, logs and results under $OUT/r, packed into $OUT/results.tgz at the end (the
 # device tool returns at most 8 files). Stages: tests, tests-gpu, gemv-tests, linear, linear-m1, linear-bits, linear-spot,
-# tests-new (siblings, llama, w4a8), scaled, scaled-quick, scaled-new (w4a8, outliers), attention, attention-quick, kv-tests, bipolar, decode, decode-w4,
+# tests-new (siblings, llama, w4a8), scaled, scaled-quick, scaled-new (w4a8, outliers), attention, attention-quick, kv-tests, int4-tests (the Gluon int4 kernel's), bipolar, decode, decode-w4,
 # decode-b16, decode-w2, decode-profile (kernel time per name), decode-w4-all (lm_head quantized too), scaled-w4a8,
 # tests-scaled, linear-sweep (widths x M x bf16/fp16 on two shapes), compile_time, compile_time-regional,
 # attention-extra (prefill, masked static-cache tail, fused append), attention-sweep (every
@@ -85,6 +85,7 @@ stage() {
     attention-v-blocks) for layout in tokens blocks; do  # the int8 kernel on V token-contiguous, then in blocks
         python -m bench.attention --sweep --kv int8 --v-layout $layout --tiles "64,4,1,3;64,8,1,3;64,4,1,2;128,2,4,3" \
           --contexts 16384,32768 --batches 1,8,32 --name attention-v-$layout --out "$R"; done ;;
+    int4-tests) python -m pytest -q -n 8 --tb=short -p no:cacheprovider tests/test_kv_int4_attention.py ;;
     kv-tests) python -m pytest -q -n 16 --tb=short -p no:cacheprovider tests/test_kv_attention.py tests/test_kv_int4_attention.py tests/test_kv_cache.py ;;
     scaled-new) python -m bench.scaled --shapes 4096x4096,14336x4096,28672x8192 --m 1,16,1024,4096 --formats w4a8,w8a8-outliers \
         --profile --out "$R" ;;
