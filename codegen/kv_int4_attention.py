@@ -145,11 +145,22 @@ def _k_operand(kc, SKT: gl.constexpr, t0, length, MASKED: gl.constexpr):
 
 
 @gluon.jit
-def _v_operand(vc, SVT: gl.constexpr, t0, length, MASKED: gl.constexpr):
-    """1024 + V's codes of tokens t0.. as p @ V's B operand [T, D (v_order)]."""
+def _v_operand(vc, vz, SVT: gl.constexpr, SST: gl.constexpr, t0, length, MASKED: gl.constexpr):
+    """V's codes less their zeros, code - zero, of tokens t0.. as p @ V's B operand [T, D
+    (v_order)]: exact in fp16, where 1024 + code against a zeros' sum apart lost the
+    accumulator's low bits over a split (the tensor cores' float32 sums truncate)."""
     byte = gl.convert_layout(_token_bytes(vc, SVT, t0, length, 8, 8, V_LOAD, MASKED), V_PAIRS)
     low, high = _nibbles(byte)
     x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
+    x = gl.reshape(gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True), (T, 16, 4, 2))  # [T, n // 8, group, n % 2]
+    ZL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(3, x.type.layout))
+    rt = gl.arange(0, T, layout=gl.SliceLayout(1, ZL))
+    ptr = vz + t0 * SST + (rt[:, None] * SST + gl.arange(0, 4, layout=gl.SliceLayout(0, ZL))[None, :]).to(gl.int64)
+    if MASKED:
+        zero = gl.load(ptr, mask=(rt < length - t0)[:, None], other=0.0)
+    else:
+        zero = gl.load(ptr)
+    x = x - (zero.to(gl.float16) + 1024.0)[:, None, :, None]
     return gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True)
 
 
@@ -189,16 +200,15 @@ def _per_group(ptr, t0, length, SST: gl.constexpr, MASKED: gl.constexpr):
 
 
 @gluon.jit
-def _tile(qa, qsum, acc, m, l, zsum, top, t0, length, last, kc, vc, ks, kz, vs, vz, bias_ptr, smt,
+def _tile(qa, qsum, acc, m, l, top, t0, length, last, kc, vc, ks, kz, vs, vz, bias_ptr, smt,
           bias_mask, SKT: gl.constexpr, SVT: gl.constexpr, SST: gl.constexpr, MASKED: gl.constexpr,
           HAS_MASK: gl.constexpr):
     """One tile of 64 tokens of the online softmax: acc [16, D] (rows by group, units of top),
-    m, l per query row, zsum [group, row] (the zeros' share of acc), top per group."""
+    m, l per query row, top per group."""
     s = mma_v2(qa, _k_operand(kc, SKT, t0, length, MASKED), gl.zeros([16, T], gl.float32, MMA))
     k_scale = _per_group(ks, t0, length, SST, MASKED)
     k_zero = _per_group(kz, t0, length, SST, MASKED)
     v_scale = _per_group(vs, t0, length, SST, MASKED)
-    v_zero = _per_group(vz, t0, length, SST, MASKED)
     qk = gl.sum((_by_group(s) - (k_zero + 1024.0)[:, :, None] * qsum[None, :, :]) * k_scale[:, :, None], axis=1)
     if MASKED:
         rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(1, TR))
@@ -213,14 +223,13 @@ def _tile(qa, qsum, acc, m, l, zsum, top, t0, length, last, kc, vc, ks, kz, vs, 
     alpha = _exp2(m * LOG2E - m_safe)
     l = l * alpha + gl.sum(p, axis=0)
     top_new = gl.maximum(top, gl.max(v_scale, axis=0))
-    # p scale / top in fp16 (in [0, 1]), the same rounded values in the zeros' sum as in the dot
+    # p scale / top in fp16, in [0, 1]
     pv = (gl.expand_dims(p, 1) * (v_scale * (1.0 / top_new)[None, :])[:, :, None]).to(gl.float16)
     rescale = (gl.convert_layout(alpha, gl.SliceLayout(0, GR))[None, :]
                * gl.convert_layout(top / top_new, gl.SliceLayout(1, GR))[:, None])  # [group, row]
-    zsum = zsum * rescale + gl.sum(pv.to(gl.float32) * (v_zero + 1024.0)[:, :, None], axis=0)
     acc = acc * _rows(rescale)[:, None]
-    acc = mma_v2(gl.convert_layout(_by_row(pv), A), _v_operand(vc, SVT, t0, length, MASKED), acc)
-    return acc, m_new, l, zsum, top_new
+    acc = mma_v2(gl.convert_layout(_by_row(pv), A), _v_operand(vc, vz, SVT, SST, t0, length, MASKED), acc)
+    return acc, m_new, l, top_new
 
 
 @gluon.jit
@@ -261,7 +270,6 @@ def kv_int4_decode_kernel(
     acc = gl.zeros([16, D], gl.float32, MMA)
     m = gl.full([R], float("-inf"), gl.float32, ROW)
     l = gl.zeros([R], gl.float32, ROW)
-    zsum = gl.zeros([4, R], gl.float32, GR)
     top = gl.full([4], 1e-30, gl.float32, gl.SliceLayout(0, TG))
     kc = kc_ptr + b * skb + hkv * skh
     vc = vc_ptr + b * svb + hkv * svh
@@ -274,19 +282,19 @@ def kv_int4_decode_kernel(
         seen = gl.min(gl.where(rvalid, last, length), axis=0) + 1
         full += gl.maximum(gl.minimum(end, seen) - start, 0) // T * T
         for t0 in range(start, full, T):
-            acc, m, l, zsum, top = _tile(qa, qsum, acc, m, l, zsum, top, t0, length, last, kc, vc, ks_ptr + sv,
+            acc, m, l, top = _tile(qa, qsum, acc, m, l, top, t0, length, last, kc, vc, ks_ptr + sv,
                                          kz_ptr + sv, vs_ptr + sv, vz_ptr + sv, bias_ptr, smt, bias_mask, D // 2,
                                          D // 2, D // GROUP, False, HAS_MASK)
     for t0 in range(full, end, T):
-        acc, m, l, zsum, top = _tile(qa, qsum, acc, m, l, zsum, top, t0, length, last, kc, vc, ks_ptr + sv,
+        acc, m, l, top = _tile(qa, qsum, acc, m, l, top, t0, length, last, kc, vc, ks_ptr + sv,
                                      kz_ptr + sv, vs_ptr + sv, vz_ptr + sv, bias_ptr, smt, bias_mask, D // 2,
                                      D // 2, D // GROUP, True, HAS_MASK)
-    # column n takes the row of its own group: (acc - zsum) top, the other groups' rows dropped
+    # column n takes the row of its own group, times top: the other groups' rows dropped
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
     n = gl.arange(0, D, layout=gl.SliceLayout(0, MMA))
     tops = _rows(gl.zeros([4, R], gl.float32, GR) + gl.convert_layout(top, gl.SliceLayout(1, GR))[:, None])
     own = _dot_group(rows)[:, None] == ((n % 8) // 2)[None, :]
-    x = gl.where(own, (acc - _rows(zsum)[:, None]) * tops[:, None], 0.0)
+    x = gl.where(own, acc * tops[:, None], 0.0)
     x = gl.sum(gl.sum(gl.reshape(x, (2, 2, R, D)), axis=0), axis=0)  # [R, D]
     x = gl.convert_layout(x, QL)
     ro = gl.arange(0, R, layout=gl.SliceLayout(1, QL))
