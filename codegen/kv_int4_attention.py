@@ -33,13 +33,16 @@ kv_attention_kernel (kv_combine_kernel merges the partials), the same arguments.
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .kv_attention import NIBBLES_FP16
 
 D, T = gl.constexpr(128), gl.constexpr(64)  # head_dim, tokens a tile
 GROUP, R = gl.constexpr(32), gl.constexpr(4)  # channels a scale group; query rows (16 dot rows / 4 groups)
 LOG2E = gl.constexpr(1.4426950408889634)
+# Triton 3.6's names, renamed since
+_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+_async_load = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
 B = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
@@ -70,6 +73,13 @@ TG_LOAD = gl.constexpr(gl.DistributedLinearLayout(
 TR = gl.constexpr(gl.SliceLayout(1, GROUPS))  # [T, row]: scores, p
 GR = gl.constexpr(gl.SliceLayout(0, GROUPS))  # [group, row]: the dot rows' sums
 ROW = gl.constexpr(gl.SliceLayout(0, TR))  # [row]: softmax state
+# cp.async of a tile: 16 bytes a lane and copy, coalesced
+COPY_K = gl.constexpr(gl.BlockedLayout([1, 1, 16], [8, 4, 1], [1, 1, 1], [2, 1, 0]))  # [T, 4, 16] bytes
+COPY_V = gl.constexpr(gl.BlockedLayout([1, 16], [8, 4], [1, 1], [1, 0]))  # [T, 64] bytes
+COPY_S = gl.constexpr(gl.BlockedLayout([8], [32], [1], [0]))  # [T * 4] scales or zeros
+SHARED = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))  # a stage's; the buffer adds the stage dim
+SHARED_V = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+SHARED_S = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
 QL = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[1, 1],
                                    order=[1, 0]))
 
@@ -122,46 +132,56 @@ def _nibbles(byte):
 
 
 @gluon.jit
-def _token_bytes(c_ptr, ST: gl.constexpr, t0, length, RUNS: gl.constexpr, RUN: gl.constexpr, LAYOUT: gl.constexpr,
-                 MASKED: gl.constexpr):
-    """[RUNS, RUN, T] bytes of tokens t0.. in LAYOUT: byte RUN r + j of a token at [r, j] (0
-    past ``length`` with MASKED)."""
-    rr = gl.arange(0, RUNS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LAYOUT)))
-    rj = gl.arange(0, RUN, layout=gl.SliceLayout(0, gl.SliceLayout(2, LAYOUT)))
-    rt = gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(1, LAYOUT)))
-    ptr = c_ptr + t0 * ST + rt[None, None, :] * ST + (rr[:, None, None] * RUN + rj[None, :, None])  # constant offsets
-    if MASKED:
-        return gl.load(ptr, mask=(rt < length - t0)[None, None, :], other=0)
-    return gl.load(ptr)
+def _copy_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim):
+    """cp.async of tile t0's codes, scales and zeros into ``stage`` of the shared buffers (tokens
+    from ``lim`` on zero-filled, not read)."""
+    kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
+    tk = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, COPY_K)))
+    ok = (tk < lim - t0)[:, None, None]
+    byte = (gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, COPY_K)))[None, :, None] * 16
+            + gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, COPY_K)))[None, None, :])
+    _async_load(kbuf.index(stage), kc + t0 * (D // 2) + tk[:, None, None] * (D // 2) + byte,
+                                           mask=ok)
+    tv = gl.arange(0, T, layout=gl.SliceLayout(1, COPY_V))
+    byte = gl.arange(0, D // 2, layout=gl.SliceLayout(0, COPY_V))
+    _async_load(vbuf.index(stage), vc + t0 * (D // 2) + tv[:, None] * (D // 2) + byte[None, :],
+                                           mask=(tv < lim - t0)[:, None])
+    e = gl.arange(0, T * 4, layout=COPY_S)
+    ok = e < (lim - t0) * 4
+    _async_load(ksbuf.index(stage), ks + t0 * 4 + e, mask=ok)
+    _async_load(kzbuf.index(stage), kz + t0 * 4 + e, mask=ok)
+    _async_load(vsbuf.index(stage), vs + t0 * 4 + e, mask=ok)
+    _async_load(vzbuf.index(stage), vz + t0 * 4 + e, mask=ok)
 
 
 @gluon.jit
-def _k_operand(kc, SKT: gl.constexpr, t0, length, MASKED: gl.constexpr):
-    """1024 + K's codes of tokens t0.. as q @ K^T's B operand [D (k_order), T]."""
-    low, high = _nibbles(_token_bytes(kc, SKT, t0, length, 4, 16, K_BYTES, MASKED))
+def _k_operand(kbuf):
+    """1024 + K's codes of a tile ([T, 4, 16] bytes in shared memory) as q @ K^T's B operand
+    [D (k_order), T]."""
+    low, high = _nibbles(kbuf.permute((1, 2, 0)).load(K_BYTES))
     x = gl.reshape(gl.join(low, high), (4, 2, 2, 2, 2, T, 2))  # [i, m3, m2, m1, m0, T, h]
     x = gl.permute(x, (6, 1, 2, 3, 0, 4, 5))  # [h, m3, m2, m1, i, m0, T]
     return gl.convert_layout(gl.reshape(x, (D, T)), B, assert_trivial=True)
 
 
 @gluon.jit
-def _v_operand(vc, vz, SVT: gl.constexpr, SST: gl.constexpr, t0, length, MASKED: gl.constexpr):
-    """V's codes less their zeros, code - zero, of tokens t0.. as p @ V's B operand [T, D
-    (v_order)]: exact in fp16, where 1024 + code against a zeros' sum apart lost the
-    accumulator's low bits over a split (the tensor cores' float32 sums truncate)."""
-    byte = gl.convert_layout(_token_bytes(vc, SVT, t0, length, 8, 8, V_LOAD, MASKED), V_PAIRS)
-    low, high = _nibbles(byte)
+def _v_operand(vbuf, vzbuf):
+    """V's codes less their zeros, code - zero, of a tile ([T, 64] bytes and [T * 4] zeros
+    in shared memory) as p @ V's B operand [T, D (v_order)]: exact in fp16, where 1024 + code
+    against a zeros' sum apart lost the accumulator's low bits over a split (the tensor cores'
+    float32 sums truncate)."""
+    low, high = _nibbles(gl.convert_layout(vbuf.reshape((T, 8, 8)).permute((1, 2, 0)).load(V_LOAD), V_PAIRS))
     x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
     x = gl.reshape(gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True), (T, 16, 4, 2))  # [T, n // 8, group, n % 2]
-    ZL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(3, x.type.layout))
-    rt = gl.arange(0, T, layout=gl.SliceLayout(1, ZL))
-    ptr = vz + t0 * SST + (rt[:, None] * SST + gl.arange(0, 4, layout=gl.SliceLayout(0, ZL))[None, :]).to(gl.int64)
-    if MASKED:
-        zero = gl.load(ptr, mask=(rt < length - t0)[:, None], other=0.0)
-    else:
-        zero = gl.load(ptr)
+    zero = vzbuf.reshape((T, 4)).load(gl.SliceLayout(1, gl.SliceLayout(3, x.type.layout)))
     x = x - (zero.to(gl.float16) + 1024.0)[:, None, :, None]
     return gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True)
+
+
+@gluon.jit
+def _per_group(buf):
+    """[T, group] float32 scales or zeros of a tile ([T * 4] in shared memory)."""
+    return gl.convert_layout(buf.reshape((T, 4)).load(TG_LOAD).to(gl.float32), TG, assert_trivial=True)
 
 
 @gluon.jit
@@ -186,49 +206,36 @@ def _rows(x):
 
 
 @gluon.jit
-def _per_group(ptr, t0, length, SST: gl.constexpr, MASKED: gl.constexpr):
-    """[T, group] float32 scales or zeros of tokens t0.. (0 past ``length`` with MASKED)."""
-    rt = gl.arange(0, T, layout=gl.SliceLayout(1, TG_LOAD))
-    rg = gl.arange(0, 4, layout=gl.SliceLayout(0, TG_LOAD))
-    # int64 offsets: a lane's offsets then differ by constants the loads take as immediates
-    ptr = ptr + t0 * SST + (rt[:, None] * SST + rg[None, :]).to(gl.int64)
-    if MASKED:
-        x = gl.load(ptr, mask=(rt < length - t0)[:, None], other=0.0)
-    else:
-        x = gl.load(ptr)
-    return gl.convert_layout(x.to(gl.float32), TG, assert_trivial=True)
-
-
-@gluon.jit
-def _tile(qa, qsum, acc, m, l, top, t0, length, last, kc, vc, ks, kz, vs, vz, bias_ptr, smt,
-          bias_mask, SKT: gl.constexpr, SVT: gl.constexpr, SST: gl.constexpr, MASKED: gl.constexpr,
+def _tile(qa, qsum, acc, m, l, top, bufs, stage, t0, length, seen, last, bias_ptr, smt, bias_mask,
           HAS_MASK: gl.constexpr):
-    """One tile of 64 tokens of the online softmax: acc [16, D] (rows by group, units of top),
-    m, l per query row, top per group."""
-    s = mma_v2(qa, _k_operand(kc, SKT, t0, length, MASKED), gl.zeros([16, T], gl.float32, MMA))
-    k_scale = _per_group(ks, t0, length, SST, MASKED)
-    k_zero = _per_group(kz, t0, length, SST, MASKED)
-    v_scale = _per_group(vs, t0, length, SST, MASKED)
+    """One tile of 64 tokens of the online softmax, from ``stage`` of the shared buffers: acc
+    [16, D] (rows by group, units of top), m, l per query row, top per group. Tokens from
+    ``seen`` on are hidden from some row: the tile that holds them takes the mask (or the
+    causal bound ``last``)."""
+    kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
+    s = mma_v2(qa, _k_operand(kbuf.index(stage)), gl.zeros([16, T], gl.float32, MMA))
+    k_scale = _per_group(ksbuf.index(stage))
+    k_zero = _per_group(kzbuf.index(stage))
     qk = gl.sum((_by_group(s) - (k_zero + 1024.0)[:, :, None] * qsum[None, :, :]) * k_scale[:, :, None], axis=1)
-    if MASKED:
-        rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(1, TR))
-        if HAS_MASK:
-            qk += gl.load(bias_ptr + rs[:, None] * smt, mask=bias_mask & (rs < length)[:, None],
-                          other=float("-inf")).to(gl.float32)
-        else:
-            qk = gl.where(rs[:, None] <= last[None, :], qk, float("-inf"))
+    rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(1, TR))
+    if HAS_MASK:
+        qk += gl.load(bias_ptr + rs[:, None] * smt, mask=bias_mask & (rs < length)[:, None],
+                      other=float("-inf")).to(gl.float32)
+    elif t0 + T > seen:
+        qk = gl.where(rs[:, None] <= last[None, :], qk, float("-inf"))
     m_new = gl.maximum(m, gl.max(qk, axis=0))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E  # rows that have seen nothing yet
     p = _exp2(qk * LOG2E - m_safe[None, :])
     alpha = _exp2(m * LOG2E - m_safe)
     l = l * alpha + gl.sum(p, axis=0)
+    v_scale = _per_group(vsbuf.index(stage))
     top_new = gl.maximum(top, gl.max(v_scale, axis=0))
     # p scale / top in fp16, in [0, 1]
     pv = (gl.expand_dims(p, 1) * (v_scale * (1.0 / top_new)[None, :])[:, :, None]).to(gl.float16)
     rescale = (gl.convert_layout(alpha, gl.SliceLayout(0, GR))[None, :]
                * gl.convert_layout(top / top_new, gl.SliceLayout(1, GR))[:, None])  # [group, row]
     acc = acc * _rows(rescale)[:, None]
-    acc = mma_v2(gl.convert_layout(_by_row(pv), A), _v_operand(vc, vz, SVT, SST, t0, length, MASKED), acc)
+    acc = mma_v2(gl.convert_layout(_by_row(pv), A), _v_operand(vbuf.index(stage), vzbuf.index(stage)), acc)
     return acc, m_new, l, top_new
 
 
@@ -238,6 +245,7 @@ def kv_int4_decode_kernel(
     length, sm_scale, splits, nlive,
     sqb, sqh, sqs, sqd, skb, skh, svb, svh, ssb, ssh, smb, smh, sms, smt, sob, soh, sos, sod,
     REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, HAS_MASK: gl.constexpr, LIVE: gl.constexpr,
+    STAGES: gl.constexpr,
 ):
     """kv_attention_kernel's decode step for REP * S <= 4 rows, over codes and scales as
     ``layout_unsupported_reason`` allows them (their token strides then constants, which the
@@ -277,18 +285,30 @@ def kv_int4_decode_kernel(
     head = hkv * REP + r // S
     bias_ptr = mask_ptr + b * smb + (head * smh + (r % S) * sms)[None, :]
     bias_mask = rvalid[None, :]
-    full = start
-    if not HAS_MASK:  # the tiles every row sees whole first: no bounds, no bias
-        seen = gl.min(gl.where(rvalid, last, length), axis=0) + 1
-        full += gl.maximum(gl.minimum(end, seen) - start, 0) // T * T
-        for t0 in range(start, full, T):
-            acc, m, l, top = _tile(qa, qsum, acc, m, l, top, t0, length, last, kc, vc, ks_ptr + sv,
-                                         kz_ptr + sv, vs_ptr + sv, vz_ptr + sv, bias_ptr, smt, bias_mask, D // 2,
-                                         D // 2, D // GROUP, False, HAS_MASK)
-    for t0 in range(full, end, T):
-        acc, m, l, top = _tile(qa, qsum, acc, m, l, top, t0, length, last, kc, vc, ks_ptr + sv,
-                                     kz_ptr + sv, vs_ptr + sv, vz_ptr + sv, bias_ptr, smt, bias_mask, D // 2,
-                                     D // 2, D // GROUP, True, HAS_MASK)
+    seen = gl.min(gl.where(rvalid, last, length), axis=0) + 1  # every row sees the tokens before (causal)
+    # STAGES - 1 tiles in flight (cp.async) while one is computed; one barrier a tile (one
+    # warp) orders both the copies' writes before the reads and a stage's reads before its
+    # next copy, issued after it
+    bufs = (gl.allocate_shared_memory(gl.uint8, [STAGES, T, 4, 16], SHARED),
+            gl.allocate_shared_memory(gl.uint8, [STAGES, T, D // 2], SHARED_V),
+            gl.allocate_shared_memory(ks_ptr.dtype.element_ty, [STAGES, T * 4], SHARED_S),
+            gl.allocate_shared_memory(kz_ptr.dtype.element_ty, [STAGES, T * 4], SHARED_S),
+            gl.allocate_shared_memory(vs_ptr.dtype.element_ty, [STAGES, T * 4], SHARED_S),
+            gl.allocate_shared_memory(vz_ptr.dtype.element_ty, [STAGES, T * 4], SHARED_S))
+    tiles = gl.cdiv(end - start, T)
+    lim = gl.minimum(length, start + tiles * T)
+    ks, kz, vs, vz = ks_ptr + sv, kz_ptr + sv, vs_ptr + sv, vz_ptr + sv
+    for i in gl.static_range(STAGES - 1):
+        _copy_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim)
+        async_copy.commit_group()
+    for i in range(tiles):
+        async_copy.wait_group(STAGES - 2)
+        _barrier()
+        ahead = i + STAGES - 1
+        _copy_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim)
+        async_copy.commit_group()
+        acc, m, l, top = _tile(qa, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, length, seen, last,
+                               bias_ptr, smt, bias_mask, HAS_MASK)
     # column n takes the row of its own group, times top: the other groups' rows dropped
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
     n = gl.arange(0, D, layout=gl.SliceLayout(0, MMA))

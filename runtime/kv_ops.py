@@ -143,7 +143,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
             binary = kv_int4_attention.kv_int4_decode_kernel[(b, hkv, splits)](
                 *args, acc, stat, length, scalars[0], splits, scalars[1], *q.stride(), *k_codes.stride()[:2],
                 *v_codes.stride()[:2], *k_scale.stride()[:2], *strides[-8:], REP=consts["REP"], S=s, ROWS=rows,
-                HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"], num_warps=1)
+                HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"], STAGES=cfg.num_stages, num_warps=1)
         else:
             binary = kv_attention_kernel[(b, hkv, blocks * splits)](
                 *args, acc, stat, length, scalars[0], splits, scalars[1], *strides, **consts, **own,
