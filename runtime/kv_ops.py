@@ -16,7 +16,7 @@ from .ops import dot_dtype
 
 LIVE_MAX_ROWS = 32  # distinct mask rows (heads x new tokens) up to which a decode step scans the mask
 LIVE_SCAN = 8192  # mask elements one kv_live_kernel program reads
-COMBINE_CHANNELS = (32, 16, 8)  # channels of a head one kv_combine_kernel program merges, the most that fill the SMs
+COMBINE_CHANNELS = 32  # channels of a head one kv_combine_kernel program merges
 COMBINE_ELEMENTS = 8192  # partial values it loads at once: all 64 splits of a GQA-4 step's 32 channels
 chosen = {}  # tuning key -> the tiling.Choice that ran: tests assert what was tuned
 
@@ -31,13 +31,6 @@ def _row_block(rows: int) -> int:
 def _sms(device) -> int:
     """SMs to fill (the interpreter counts 8, so that tests on CPU split and combine too)."""
     return 8 if device.type == "cpu" else torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _combine_channels(heads: int, d: int, sms: int) -> int:
-    """Channels a merge program takes: the most of COMBINE_CHANNELS whose programs fill the SMs
-    (a batch-1 step's 8 KV heads in blocks of 32 channels were 32 programs)."""
-    fits = [c for c in COMBINE_CHANNELS if c <= d and heads * (d // c) >= sms]
-    return fits[0] if fits else min(COMBINE_CHANNELS[-1], d)
 
 
 def _dependent_launches(device) -> bool:
@@ -158,7 +151,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
                 BLOCK_T=cfg.kwargs["BLOCK_T"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 maxnreg=cfg.kwargs.get("REGS"))
         if splits > 1:
-            block_d, mrows = _combine_channels(b * hkv, d, sms), triton.next_power_of_2(hq // hkv * s)
+            block_d, mrows = min(d, COMBINE_CHANNELS), triton.next_power_of_2(hq // hkv * s)
             block_s = max(1, min(triton.next_power_of_2(splits), COMBINE_ELEMENTS // (mrows * block_d)))
             kv_combine_kernel[(b, hkv, d // block_d)](acc, stat, out, splits, *out.stride(), **consts, MROWS=mrows,
                                                       BLOCK_D=block_d, BLOCK_S=block_s,
