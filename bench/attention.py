@@ -22,6 +22,7 @@ token-contiguous within a block: formats.kv.v_block), or all row- or token-conti
 blocks of 64 tokens (formats.kv.as_token_blocks).
 """
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 import triton
 from triton.runtime.errors import OutOfResources
 
-from qcompile.codegen import kv_attention, kv_tiling
+from qcompile.codegen import kv_attention, kv_int4_attention, kv_tiling
 from qcompile.codegen.tiling import Choice
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 from bench.linear import L2_BYTES, copy_bandwidth, time_rotated
@@ -186,38 +187,54 @@ def append(batches):
 
 
 def tiles(spec: str) -> list:
-    """Choices from ``--tiles``: "BLOCK_T,WAVES,warps,stages[,REGS]" entries separated by ";"."""
+    """Choices from ``--tiles``: "BLOCK_T,WAVES,warps,stages[,REGS]" entries separated by ";",
+    prefixed "int4:" for the Gluon int4 kernel's."""
     out = []
     for entry in spec.split(";"):
+        kernel, entry = (kv_tiling.INT4_KERNEL, entry[5:]) if entry.startswith("int4:") else ("kv_attention", entry)
         bt, waves, warps, stages, *regs = map(int, entry.split(","))
         config = triton.Config({"BLOCK_T": bt, "WAVES": waves} | ({"REGS": regs[0]} if regs else {}),
                                num_warps=warps, num_stages=stages)
-        out.append(Choice("kv_attention", config))
+        out.append(Choice(kernel, config))
     return out
+
+
+@contextlib.contextmanager
+def version_of_kernels(module):
+    """kv_ops launching ``module``'s kernel (a file of another version of codegen/kv_attention.py
+    or of codegen/kv_int4_attention.py), or the package's with None."""
+    saved = kv_ops.kv_attention_kernel, kv_ops.kv_int4_attention
+    if module is not None and hasattr(module, "kv_int4_decode_kernel"):
+        kv_ops.kv_int4_attention = module
+    elif module is not None:
+        kv_ops.kv_attention_kernel = _launchable(module.kv_attention_kernel)
+    try:
+        yield
+    finally:
+        kv_ops.kv_attention_kernel, kv_ops.kv_int4_attention = saved
 
 
 def sweep(contexts, batches, kernels=(), only=None):
     """Every tile the tuner may choose (codegen/kv_tiling.py), timed on decode steps (caches
     rotated as in the main sweep): the landscape behind the tuned choice, and how far the
     untuned first guess is from it. With ``kernels`` (files of other versions of
-    codegen/kv_attention.py), each of them too on the same caches, after the package's: an A/B
+    codegen/kv_attention.py or codegen/kv_int4_attention.py), each of them too on the same caches, after the package's: an A/B
     in one run, its best tiles compared at the end. ``only``: these Choices instead of the
     tuner's candidates (tiles it does not try)."""
     rows = []
-    versions = {"package": kv_ops.kv_attention_kernel} | {f: _launchable(kernel_module(f).kv_attention_kernel)
-                                                          for f in kernels}
+    versions = {"package": None} | {f: kernel_module(f) for f in kernels}
     for ctx in map(int, contexts.split(",")):
         for b in map(int, batches.split(",")):
             torch.manual_seed(0)
             q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device="cuda")
             for name, (bits, group) in KV.items():
                 k, v = random_cache(b, ctx, bits, group)
-                cands = only or kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device)
+                int4 = kv_int4_attention.unsupported_reason(q, k, v, bits) is None
+                cands = only or kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device, int4)
                 copies = copies_of((*k, *v))
                 ref = kv_attention_reference(q, k, v, bits, ctx)
-                for version, kernel in versions.items():
-                    kv_ops.kv_attention_kernel = kernel
-                    try:
+                for version, module in versions.items():
+                    with version_of_kernels(module):
                         err = (kv_ops._attention(q, k, v, ctx, bits, None, None, cands[0]) - ref).abs().max().item()
                         times = {}
                         for c in cands:
@@ -226,8 +243,6 @@ def sweep(contexts, batches, kernels=(), only=None):
                                     lambda *kv: kv_ops._attention(q, kv[:3], kv[3:], ctx, bits, None, None, c), copies)
                             except OutOfResources:
                                 times[str(c)] = None
-                    finally:
-                        kv_ops.kv_attention_kernel = versions["package"]
                     done = {c: t for c, t in times.items() if t is not None}
                     best = min(done, key=done.get)
                     rows.append({"context": ctx, "batch": b, "kv": name, "kernel": version, "us": times, "best": best,

@@ -35,7 +35,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from .kv_attention import NIBBLES_FP16
+from qcompile.codegen.kv_attention import NIBBLES_FP16  # absolute: bench.attention loads other versions of this file
 
 D, T = gl.constexpr(128), gl.constexpr(64)  # head_dim, tokens a tile
 GROUP, R = gl.constexpr(32), gl.constexpr(4)  # channels a scale group; query rows (16 dot rows / 4 groups)
