@@ -11,7 +11,7 @@
 # attention-ab-vt (the same with V's codes token-contiguous), attention-ab-cache (V's codes as the
 # cache stores them; KV_DTYPE=bf16 for bf16, KV_WIDTHS=int8 for one width, KV_TILES
 # for tiles the tuner does not try: --tiles), attention-bf16 (the decode table in bf16), sass (bench.sass: the machine code's static profile, with the machine's Triton),
-# attention-ncu (Nsight Compute of it, batch 1 and 8 at 16k), kv-kernel-times (int8 batch 1: the attention and the merge kernels' times apart), kv-bandwidth (the cache's read speed per layout of V), attention-v-blocks (the int8 kernel with V token-contiguous, then in blocks of 64 tokens), accuracy-rounding (eager under
+# attention-ncu (Nsight Compute of it, batch 1 and 8 at 16k), attention-ncu-int4 (of the Gluon int4 kernel, batch KV_BATCH, 8 by default), kv-kernel-times (int8 batch 1: the attention and the merge kernels' times apart), kv-bandwidth (the cache's read speed per layout of V), attention-v-blocks (the int8 kernel with V token-contiguous, then in blocks of 64 tokens), accuracy-rounding (eager under
 # jitter and plain Inductor, for the activation-quantized formats),
 # profile (Nsight Compute of the tuned W4 kernels), gguf-part and accuracy (the 98 MB model file, split in
 # two parts under .gguf/ that two back-to-back calls carry: the device tool carries 64 MiB a call). README "GPU runs" says more.
@@ -79,6 +79,9 @@ stage() {
         QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_attention_kernel --launch-skip 1 --launch-count 4 --section SpeedOfLight \
           --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section WarpStateStats \
           --section SourceCounters python -m bench.attention --ncu --contexts 16384 --batches $batch; done ;;
+    attention-ncu-int4) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_int4 --launch-skip 1 --launch-count 2 --section SpeedOfLight \
+          --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats \
+          --section InstructionStats python -m bench.attention --ncu --contexts 16384 --batches ${KV_BATCH:-8} --kv int4 ;;
     kv-bandwidth) python -m bench.kv_bandwidth --out "$R" ;;
     kv-kernel-times) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_ --cache-control none --metrics gpu__time_duration.sum \
         python -m bench.attention --ncu --kv int8 --contexts 1024,16384,32768 --batches 1 ;;

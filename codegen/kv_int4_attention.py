@@ -223,23 +223,17 @@ def _tile(qa, qsum, acc, m, l, top, bufs, stage, t0, length, seen, last, bias_pt
                       other=float("-inf")).to(gl.float32)
     elif t0 + T > seen:
         qk = gl.where(rs[:, None] <= last[None, :], qk, float("-inf"))
-    # m and top move only when the tile's exceed them by 2^8 and 16x (lazy rescaling): p then
-    # stays below 2^8 and p scale / top, in fp16, below 2^12, and most tiles leave acc alone
-    m_tile = gl.max(qk, axis=0)
-    m_new = gl.where(m_tile * LOG2E > m * LOG2E + 8.0, m_tile, m)
+    m_new = gl.maximum(m, gl.max(qk, axis=0))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E  # rows that have seen nothing yet
     p = _exp2(qk * LOG2E - m_safe[None, :])
     alpha = _exp2(m * LOG2E - m_safe)
     l = l * alpha + gl.sum(p, axis=0)
     v_scale = _per_group(vsbuf.index(stage))
-    tile_top = gl.max(v_scale, axis=0)
-    top_new = gl.where(tile_top > top * 16.0, tile_top, top)
+    top_new = gl.maximum(top, gl.max(v_scale, axis=0))
     pv = (gl.expand_dims(p, 1) * (v_scale * (1.0 / top_new)[None, :])[:, :, None]).to(gl.float16)
-    moved = gl.max(gl.where(m_new != m, 1, 0), axis=0) + gl.max(gl.where(top_new != top, 1, 0), axis=0)
-    if moved > 0:
-        rescale = (gl.convert_layout(alpha, gl.SliceLayout(0, GR))[None, :]
-                   * gl.convert_layout(top / top_new, gl.SliceLayout(1, GR))[:, None])  # [group, row]
-        acc = acc * _rows(rescale)[:, None]
+    rescale = (gl.convert_layout(alpha, gl.SliceLayout(0, GR))[None, :]
+               * gl.convert_layout(top / top_new, gl.SliceLayout(1, GR))[:, None])  # [group, row]
+    acc = acc * _rows(rescale)[:, None]
     acc = mma_v2(gl.convert_layout(_by_row(pv), A), _v_operand(vbuf.index(stage), vzbuf.index(stage)), acc)
     return acc, m_new, l, top_new
 
