@@ -35,7 +35,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from qcompile.codegen.kv_attention import NIBBLES_FP16  # absolute: bench.attention loads other versions of this file
 
 D, T = gl.constexpr(128), gl.constexpr(64)  # head_dim, tokens a tile
 GROUP, R = gl.constexpr(32), gl.constexpr(4)  # channels a scale group; query rows (16 dot rows / 4 groups)
@@ -58,7 +57,7 @@ V_LOAD = gl.constexpr(gl.DistributedLinearLayout(
     reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 0, 1], [0, 0, 8], [0, 0, 16], [0, 0, 32]], lane_bases=_V_LANES,
     warp_bases=[], block_bases=[], shape=[8, 8, 64]))
 V_PAIRS = gl.constexpr(gl.DistributedLinearLayout(
-    reg_bases=[[0, 0, 1], [0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 0, 8], [0, 0, 16], [0, 0, 32]], lane_bases=_V_LANES,
+    reg_bases=[[0, 1, 0], [0, 0, 1], [0, 2, 0], [0, 4, 0], [0, 0, 8], [0, 0, 16], [0, 0, 32]], lane_bases=_V_LANES,
     warp_bases=[], block_bases=[], shape=[8, 8, 64]))
 # q @ K^T's result [16, T] seen as [T, 4 (group), 4 (query row)]: row 8 j + 4 b + r is group 2 b + j
 GROUPS = gl.constexpr(gl.DistributedLinearLayout(
@@ -85,10 +84,11 @@ QL = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 
 
 
 def k_order() -> torch.Tensor:
-    """The head channel at each position of q @ K^T's K dimension (module docstring)."""
+    """The head channel at each position of q @ K^T's K dimension (module docstring; _nibbles
+    swaps bits m0 and m1 of the byte)."""
     i, m, h = torch.meshgrid(torch.arange(4), torch.arange(16), torch.arange(2), indexing="ij")
     channel = 2 * (16 * i + m) + h  # [4, 16, 2]
-    return channel.reshape(4, 2, 2, 2, 2, 2).permute(5, 1, 2, 3, 0, 4).reshape(D.value)
+    return channel.reshape(4, 2, 2, 2, 2, 2).permute(5, 1, 2, 4, 0, 3).reshape(D.value)
 
 
 def v_order() -> torch.Tensor:
@@ -100,7 +100,7 @@ def v_order() -> torch.Tensor:
 @gluon.jit
 def _k_channel(k):
     """k_order on positions k: nibble h of byte 16 i + m, m's bits m3..m0."""
-    m = (k & 1) + ((k >> 3) & 1) * 2 + ((k >> 4) & 1) * 4 + ((k >> 5) & 1) * 8
+    m = ((k >> 3) & 1) + (k & 1) * 2 + ((k >> 4) & 1) * 4 + ((k >> 5) & 1) * 8
     return 2 * (16 * ((k >> 1) & 3) + m) + (k >> 6)
 
 
@@ -123,11 +123,25 @@ def _exp2(x):
                                      pack=1)
 
 
+# A register's bytes x0..x3 give (x0, x2) and (x1, x3) of 1024 + low nibble and of 1024 + 16 high
+# nibble in fp16: 4 LOP3 and a shift for 8 codes (as Marlin's dequantization), where shifting the
+# high nibbles down and pairing bytes 0 and 1 (kv_attention's _biased_nibbles) takes 8.
+NIBBLES_PAIRED = gl.constexpr("""{
+        .reg .b32 t;
+        lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $2, $4, 0x00F000F0, 0x64006400, 0xEA;
+        shr.b32 t, $4, 8;
+        lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $3, t, 0x00F000F0, 0x64006400, 0xEA;
+        }""")
+
+
 @gluon.jit
 def _nibbles(byte):
-    """1024 + each nibble of the bytes in fp16 (low, high): a register's four bytes give two
-    registers of each."""
-    return gl.inline_asm_elementwise(NIBBLES_FP16, "=r,=r,=r,=r,r", [byte], dtype=(gl.float16, gl.float16),
+    """(1024 + low nibble, 1024 + 16 high nibble) of the bytes in fp16, with a register's bytes
+    1 and 2 swapped: the result at byte 1's place comes from byte 2, and the reverse. Callers
+    either relabel (a permute of those two bits) or read the swap into their channel order."""
+    return gl.inline_asm_elementwise(NIBBLES_PAIRED, "=r,=r,=r,=r,r", [byte], dtype=(gl.float16, gl.float16),
                                      is_pure=True, pack=4)
 
 
@@ -171,17 +185,33 @@ def _v_operand(vbuf, vzbuf):
     against a zeros' sum apart lost the accumulator's low bits over a split (the tensor cores'
     float32 sums truncate)."""
     low, high = _nibbles(gl.convert_layout(vbuf.reshape((T, 8, 8)).permute((1, 2, 0)).load(V_LOAD), V_PAIRS))
-    x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
-    x = gl.reshape(gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True), (T, 16, 4, 2))  # [T, n // 8, group, n % 2]
-    zero = vzbuf.reshape((T, 4)).load(gl.SliceLayout(1, gl.SliceLayout(3, x.type.layout)))
-    x = x - (zero.to(gl.float16) + 1024.0)[:, None, :, None]
+    low, high = _swapped(low), _swapped(high)  # [g, r, T] again, a register pairing tokens 2j, 2j + 1
+    low, high = gl.reshape(low, (4, 2, 8, T)), gl.reshape(high, (4, 2, 8, T))  # [group, g % 2, r, T]
+    zero = vzbuf.reshape((T, 4)).permute((1, 0)).load(gl.SliceLayout(1, gl.SliceLayout(1, low.type.layout)))
+    zero = zero.to(gl.float16)[:, None, :][:, None, :, :]  # [group, 1, 1, T]: r, then g % 2 restored
+    x = gl.join(gl.reshape(low - (zero + 1024.0), (8, 8, T)), gl.reshape(high * 0.0625 - (zero + 64.0), (8, 8, T)))
+    x = gl.permute(x, (2, 1, 3, 0))  # [T, r, h, g]
     return gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True)
+
+
+@gluon.jit
+def _swapped(x):
+    """x [8, 8, T] from _nibbles with bit 0 of its second dim and of its last (a register's
+    bytes 1 and 2 in V_PAIRS) exchanged back."""
+    x = gl.permute(gl.reshape(x, (8, 4, 2, T // 2, 2)), (0, 1, 4, 3, 2))
+    return gl.reshape(x, (8, 8, T))
 
 
 @gluon.jit
 def _per_group(buf):
     """[T, group] float32 scales or zeros of a tile ([T * 4] in shared memory)."""
     return gl.convert_layout(buf.reshape((T, 4)).load(TG_LOAD).to(gl.float32), TG, assert_trivial=True)
+
+
+@gluon.jit
+def _by_group_rows(x):
+    """[16] dot rows (QL's) -> [group, row] (GR), once a program."""
+    return gl.convert_layout(gl.reshape(gl.permute(gl.reshape(x, (2, 2, R)), (1, 0, 2)), (4, R)), GR)
 
 
 @gluon.jit
@@ -206,7 +236,7 @@ def _rows(x):
 
 
 @gluon.jit
-def _tile(qa, qsum, acc, m, l, top, bufs, stage, t0, length, seen, last, bias_ptr, smt, bias_mask,
+def _tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, length, seen, last, bias_ptr, smt, bias_mask,
           HAS_MASK: gl.constexpr):
     """One tile of 64 tokens of the online softmax, from ``stage`` of the shared buffers: acc
     [16, D] (rows by group, units of top), m, l per query row, top per group. Tokens from
@@ -216,7 +246,8 @@ def _tile(qa, qsum, acc, m, l, top, bufs, stage, t0, length, seen, last, bias_pt
     s = mma_v2(qa, _k_operand(kbuf.index(stage)), gl.zeros([16, T], gl.float32, MMA))
     k_scale = _per_group(ksbuf.index(stage))
     k_zero = _per_group(kzbuf.index(stage))
-    qk = gl.sum((_by_group(s) - (k_zero + 1024.0)[:, :, None] * qsum[None, :, :]) * k_scale[:, :, None], axis=1)
+    qk = gl.sum((_by_group(s) - bias[None, :, :] - k_zero[:, :, None] * qsum[None, :, :]) * k_scale[:, :, None],
+                axis=1)
     rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(1, TR))
     if HAS_MASK:
         qk += gl.load(bias_ptr + rs[:, None] * smt, mask=bias_mask & (rs < length)[:, None],
@@ -273,9 +304,12 @@ def kv_int4_decode_kernel(
     keep = (qr < REP * S)[:, None] & (_dot_group(rho)[:, None] == (ch // GROUP)[None, :])
     q = gl.load(q_ptr + b * sqb + (hkv * REP + qr // S)[:, None] * sqh + (qr % S)[:, None] * sqs + ch[None, :] * sqd,
                 mask=keep, other=0.0)
-    q = (q.to(gl.float32) * sm_scale).to(gl.float16)
-    qsum = gl.sum(q.to(gl.float32), axis=1)  # of the fp16 values the dot takes
-    qsum = gl.convert_layout(gl.reshape(gl.permute(gl.reshape(qsum, (2, 2, R)), (1, 0, 2)), (4, R)), GR)
+    # high nibbles come as 1024 + 16 code: their q is divided by 16 (exact), the dot's bias
+    # 1024 sum(q's operand) and the zero's sum(q) computed apart
+    high = (k >= D // 2)[None, :]
+    q = (q.to(gl.float32) * gl.where(high, sm_scale * 0.0625, sm_scale)).to(gl.float16)
+    bias = _by_group_rows(gl.sum(q.to(gl.float32), axis=1) * 1024.0)
+    qsum = _by_group_rows(gl.sum(q.to(gl.float32) * gl.where(high, 16.0, 1.0), axis=1))
     qa = gl.convert_layout(q, A)
     acc = gl.zeros([16, D], gl.float32, MMA)
     m = gl.full([R], float("-inf"), gl.float32, ROW)
@@ -309,7 +343,7 @@ def kv_int4_decode_kernel(
         ahead = i + STAGES - 1
         _copy_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim)
         async_copy.commit_group()
-        acc, m, l, top = _tile(qa, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, length, seen, last,
+        acc, m, l, top = _tile(qa, bias, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, length, seen, last,
                                bias_ptr, smt, bias_mask, HAS_MASK)
     # column n takes the row of its own group, times top: the other groups' rows dropped
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
