@@ -1,5 +1,6 @@
-"""python -m bench.sass: the machine code of the KV decode kernel, compiled for a GPU that this
-machine need not have, and what its main loop costs per tile. No device time: Triton compiles
+"""python -m bench.sass: the machine code of the KV decode kernels (codegen/kv_attention.py's, and
+the Gluon int4 one of codegen/kv_int4_attention.py), compiled for a GPU that this machine need
+not have, and what their main loop costs per tile. No device time: Triton compiles
 for an sm_90 target with the ptxas its wheel carries.
 
 For each width, dtype and launch shape (decode: 32 query heads on 8 KV heads, head_dim 128,
@@ -31,15 +32,17 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
 from bench.attention import (D, HKV, HQ, KV, V_LAYOUT_HELP, V_LAYOUTS,  # the benchmark's shapes
                              kernel_module, v_tokens_first)
-from qcompile.codegen import kv_tiling
+from qcompile.codegen import kv_int4_attention, kv_tiling
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 FIRST = 2  # tiles per width: the tuner's first guesses (kv_tiling.WINNERS)
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP", "F2I")
-MIX = ("I2F", "F2FP", "PRMT", "LOP3", "HADD2", "HMUL2", "IMAD", "LDS", "STS", "BAR", "HMMA")  # opcodes reported
+MIX = ("I2F", "F2FP", "PRMT", "LOP3", "HADD2", "HMUL2", "HFMA2", "IMAD", "LDS", "STS", "LDSM", "LDGSTS", "BAR",
+       "HMMA")  # opcodes reported
 SM_REGISTERS, SM_SHARED, SM_WARPS = 65536, 233472, 64
 GPUS = {"h100": (3.0e12, 132, 1.755e9), "h200": (4.3e12, 132, 1.755e9)}  # copy B/s measured here, SMs, clock
 
@@ -78,7 +81,7 @@ def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages
     tdtype = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
     consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
                   PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False,
-                  VB=v_block if v_token_major else 0, PDL=True)
+                  VB=v_block if v_token_major else 0, PDL=True, STAGES=stages)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     signature, attrs = {}, {}
     for name, value in _decode_args(bits, group, dtype, v_token_major, v_block=v_block).items():
@@ -95,7 +98,8 @@ def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages
             if value.startswith("*"):
                 attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
     signature.update({name: "constexpr" for name in consts})
-    src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    source = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+    src = source(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages,
                                                                                           maxnreg=maxnreg))
 
@@ -145,6 +149,8 @@ def programs_per_sm(registers: int, shared: int, warps: int) -> int:
 
 
 def report(kernel, gpu: str, v_layout: str = "cache") -> list:
+    """A row per width, dtype and first tile of the Triton kernel, then the Gluon int4 kernel's
+    (fp16, kv_tiling.INT4_TILES' first), whose rows say "gluon" and have no shared-memory model."""
     rows = []
     for name, (bits, group) in KV.items():
         for dtype in ("fp16", "bf16"):
@@ -152,25 +158,34 @@ def report(kernel, gpu: str, v_layout: str = "cache") -> list:
                 blocks = 64 if v_layout in ("blocks", "cache") else 0  # the cache's 8-bit V: formats.kv.v_block
                 compiled = compile_decode(kernel, bits, group, dtype, warps, stages, v_tokens_first(v_layout, bits),
                                           block_t=block_t, maxnreg=regs, v_block=blocks)
-                text, registers = _sass(compiled)
-                programs = programs_per_sm(registers, compiled.metadata.shared, warps)
-                ops = loop_mix(text)
-                elements = 2 * block_t * D / (32 * warps)  # K and V codes one thread dequantizes per tile
                 config = triton.Config({"BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
-                row = {"kv": name, "dtype": dtype, "block_t": block_t, "warps": warps, "stages": stages,
-                       "register_cap": regs, "registers": registers, "shared": compiled.metadata.shared,
-                       "programs_per_sm": programs,
-                       "shared_model": kv_tiling.smem_bytes(config, 16, D, D // group, bits, 2, 2, False),
-                       "loop_instructions": sum(ops.values()), "per_code": sum(ops.values()) / elements,
-                       "mix": {op: ops[op] for op in MIX}, **tile_bounds(ops, warps, bits, group, 2, gpu, block_t)}
-                rows.append(row)
-                cap = f", capped at {regs}" if regs else ""
-                print(f"{name} {dtype} {block_t} tokens {warps} warps {stages} stages: {registers} registers{cap}, "
-                      f"{programs} programs an SM, {row['loop_instructions']} instructions a tile "
-                      f"({row['per_code']:.1f} a code); cycles issue {row['issue']:.0f}, conversion "
-                      f"{row['conversion']:.0f}, memory {row['memory']:.0f} ({gpu}): at most "
-                      f"{row['roofline_bound']:.0%} of the roofline; {row['mix']}", flush=True)
+                rows.append(_row(compiled, gpu, name, dtype, block_t, warps, stages, regs, bits, group,
+                                 kv_tiling.smem_bytes(config, 16, D, D // group, bits, 2, 2, False)))
+    first = kv_tiling.INT4_TILES[0]
+    compiled = compile_decode(kv_int4_attention.kv_int4_decode_kernel, 4, 32, "fp16", 1, first.num_stages,
+                              block_t=first.kwargs["BLOCK_T"])
+    rows.append(_row(compiled, gpu, "int4", "fp16", first.kwargs["BLOCK_T"], 1, first.num_stages, None, 4, 32, None,
+                     kernel="gluon"))
     return rows
+
+
+def _row(compiled, gpu, name, dtype, block_t, warps, stages, regs, bits, group, shared_model, kernel="triton"):
+    text, registers = _sass(compiled)
+    programs = programs_per_sm(registers, compiled.metadata.shared, warps)
+    ops = loop_mix(text)
+    elements = 2 * block_t * D / (32 * warps)  # K and V codes one thread dequantizes per tile
+    row = {"kernel": kernel, "kv": name, "dtype": dtype, "block_t": block_t, "warps": warps, "stages": stages,
+           "register_cap": regs, "registers": registers, "shared": compiled.metadata.shared,
+           "programs_per_sm": programs, "shared_model": shared_model,
+           "loop_instructions": sum(ops.values()), "per_code": sum(ops.values()) / elements,
+           "mix": {op: ops[op] for op in MIX}, **tile_bounds(ops, warps, bits, group, 2, gpu, block_t)}
+    cap = f", capped at {regs}" if regs else ""
+    print(f"{kernel} {name} {dtype} {block_t} tokens {warps} warps {stages} stages: {registers} registers{cap}, "
+          f"{programs} programs an SM, {row['loop_instructions']} instructions a tile "
+          f"({row['per_code']:.1f} a code); cycles issue {row['issue']:.0f}, conversion "
+          f"{row['conversion']:.0f}, memory {row['memory']:.0f} ({gpu}): at most "
+          f"{row['roofline_bound']:.0%} of the roofline; {row['mix']}", flush=True)
+    return row
 
 
 def main():

@@ -1,34 +1,40 @@
 """Decode attention over a 4-bit KV cache in groups of 32 channels, head_dim 128, fp16 queries,
-in Gluon (triton.experimental.gluon): the codes go from global memory into the tensor cores'
-operand registers, unpacked there, with no trip through shared memory (issue 5).
+in Gluon (triton.experimental.gluon), whose layouts are stated, not inferred (issue 5).
 
-Why a second kernel next to codegen/kv_attention.py: Triton infers layouts, and its unpack of
-nibbles (a join and reshape that doubles the elements) sends every fp16 tile through shared
-memory, then rearranges registers: about 2800 instructions for 64 tokens, which held the 4-bit
-path at 21-32% of the memory roofline on the H200 (README, fifth run). Gluon states them:
+Why a second kernel next to codegen/kv_attention.py: Triton's unpack of nibbles (a join and
+reshape that doubles the elements) sends every fp16 tile through shared memory and then
+rearranges registers, about 2800 instructions for 64 tokens; that held the 4-bit path at 21-32%
+of the memory roofline on the H200 (README, fifth run). Here about 1470 (bench.sass):
 
+- A tile is 64 tokens for one warp. Its codes, scales and zeros are copied into shared memory
+  with cp.async, STAGES - 1 tiles ahead of the one computed; one barrier a tile orders both the
+  copies' writes before the reads and a stage's reads before its next copy.
 - K's bytes stay as the cache stores them ([T, 64] a head, byte j holding channels 2j and
-  2j + 1). Lane % 4 = i reads bytes 16 i .. 16 i + 15 of a token (one 16-byte load). The
-  nibbles become 1024 + code in fp16 by bit operations (kv_attention's asm), and their places
-  in the dot's K dimension are chosen so that each 32-bit register already is a B operand
-  register: k = m0 + 2 i + 8 m1 + 16 m2 + 32 m3 + 64 h for nibble h of byte 16 i + m
-  (``k_order``). q is loaded in that channel order.
+  2j + 1). Lane % 4 = i reads bytes 16 i .. 16 i + 15 of a token (one LDS.128), and the
+  nibbles of each register become fp16 operands in place (``_nibbles``: 4 LOP3 and a shift
+  for 8 codes, as Marlin does; high nibbles come as 1024 + 16 code, so their q is divided by
+  16). Their places in the dot's K dimension are chosen so that each result register already
+  is a B operand register (``_k_channel``); q is loaded in that channel order.
 - V's: a lane reads its 8 contiguous bytes of a token; one PRMT pairs tokens 2j and 2j + 1 in a
-  register (p @ V's B operand pairs tokens), and the output's columns come in ``v_order``.
-- The scales and zeros go on the dots' results, not on the codes. A decode step has REP * S
+  register (p @ V's B operand pairs tokens), the zero comes off each code in the operand
+  (an HADD2 or HFMA2 for two: exact in fp16), and the output's columns come in the order of
+  ``_v_channel``.
+- The scales and K's zeros go on the dots' results, not on the codes. A decode step has REP * S
   <= 4 query rows, and the tensor cores compute 16: row 8 j + 4 b + r holds query r's channels
-  of group 2 b + j and zeros elsewhere (in k_order a group is one lane of four in the K
-  dimension, so no row-wise trick on the dot's output could separate them). Its dot with
-  1024 + code is exact per group: (dot - (1024 + zero) sum(q's group)) scale, summed over the
-  4 groups, is q . k. For p @ V the same rows hold p scale_g / top_g (top_g: the largest scale
-  of group g so far, keeping the fp16 operand in [0, 1]), less the sum of p scale_g / top_g
-  (1024 + zero); output column n takes the row of its own group at the end.
-- The conversions between the dots' result layout and these views are stated as reshapes and
-  permutes, checked free by ``convert_layout(..., assert_trivial=True)`` at compile time.
+  of group 2 b + j and zeros elsewhere (a group is one lane of four in the dot's K dimension,
+  so no row-wise trick on the output could separate them). Per group, (dot - 1024 sum(q's
+  operand) - zero sum(q)) scale, summed over the 4 groups, is q . k. For p @ V the same rows
+  hold p scale_g / top_g (top_g: the largest scale of group g so far, keeping the fp16 operand
+  in [0, 1]); output column n takes the row of its own group at the end.
+- The conversions between the dots' result layout and these views are reshapes and permutes
+  that ``convert_layout(..., assert_trivial=True)`` proves free at compile time.
 
-One warp a program, 64 tokens a tile; grid (B, Hkv, splits) with the split and merge of
-kv_attention_kernel (kv_combine_kernel merges the partials), the same arguments. Offline
-(bench.sass, sm_90): see the module's test for the instruction counts it keeps.
+Grid (B, Hkv, splits), the split and the partials of kv_attention_kernel, merged by
+kv_combine_kernel (launched as a programmatic dependent, PDL). Measured on the H200 (README,
+sixth run): 1.7-2.7x the Triton kernel's speed at >= 16k context; the Marlin-style unpack 1.03x
+a PRMT one. Tried and not kept: each tile's loads waited for in registers (its first version,
+1.35x slower at 16k, batch 8), lazy rescaling (0.97x), 3 stages or 10 programs an SM (0.8-0.9x:
+-attention-ab-int4.json).
 """
 import torch
 from triton.experimental import gluon
@@ -83,30 +89,17 @@ QL = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 
                                    order=[1, 0]))
 
 
-def k_order() -> torch.Tensor:
-    """The head channel at each position of q @ K^T's K dimension (module docstring; _nibbles
-    swaps bits m0 and m1 of the byte)."""
-    i, m, h = torch.meshgrid(torch.arange(4), torch.arange(16), torch.arange(2), indexing="ij")
-    channel = 2 * (16 * i + m) + h  # [4, 16, 2]
-    return channel.reshape(4, 2, 2, 2, 2, 2).permute(5, 1, 2, 4, 0, 3).reshape(D.value)
-
-
-def v_order() -> torch.Tensor:
-    """The head channel at each column of p @ V: n = g + 8 h + 16 r for nibble h of byte 8 g + r."""
-    g, r, h = torch.meshgrid(torch.arange(8), torch.arange(8), torch.arange(2), indexing="ij")
-    return (2 * (8 * g + r) + h).permute(1, 2, 0).reshape(D.value)
-
-
 @gluon.jit
 def _k_channel(k):
-    """k_order on positions k: nibble h of byte 16 i + m, m's bits m3..m0."""
+    """The head channel at position k of q @ K^T's K dimension: k = m1 + 2 i + 8 m0 + 16 m2 +
+    32 m3 + 64 h for nibble h of byte 16 i + m (m's bits m3..m0; _nibbles swaps m0 and m1)."""
     m = ((k >> 3) & 1) + (k & 1) * 2 + ((k >> 4) & 1) * 4 + ((k >> 5) & 1) * 8
     return 2 * (16 * ((k >> 1) & 3) + m) + (k >> 6)
 
 
 @gluon.jit
 def _v_channel(n):
-    """v_order on columns n."""
+    """The head channel at column n of p @ V: n = g + 8 h + 16 r for nibble h of byte 8 g + r."""
     return 2 * (8 * (n % 8) + n // 16) + (n // 8) % 2
 
 
@@ -170,8 +163,8 @@ def _copy_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim):
 
 @gluon.jit
 def _k_operand(kbuf):
-    """1024 + K's codes of a tile ([T, 4, 16] bytes in shared memory) as q @ K^T's B operand
-    [D (k_order), T]."""
+    """K's codes of a tile ([T, 4, 16] bytes in shared memory) as q @ K^T's B operand [D
+    (_k_channel's order), T]: 1024 + code for low nibbles, 1024 + 16 code for high ones."""
     low, high = _nibbles(kbuf.permute((1, 2, 0)).load(K_BYTES))
     x = gl.reshape(gl.join(low, high), (4, 2, 2, 2, 2, T, 2))  # [i, m3, m2, m1, m0, T, h]
     x = gl.permute(x, (6, 1, 2, 3, 0, 4, 5))  # [h, m3, m2, m1, i, m0, T]
@@ -180,10 +173,10 @@ def _k_operand(kbuf):
 
 @gluon.jit
 def _v_operand(vbuf, vzbuf):
-    """V's codes less their zeros, code - zero, of a tile ([T, 64] bytes and [T * 4] zeros
-    in shared memory) as p @ V's B operand [T, D (v_order)]: exact in fp16, where 1024 + code
-    against a zeros' sum apart lost the accumulator's low bits over a split (the tensor cores'
-    float32 sums truncate)."""
+    """V's codes less their zeros, code - zero, of a tile ([T, 64] bytes and [T * 4] zeros in
+    shared memory) as p @ V's B operand [T, D (_v_channel's order)]: exact in fp16, where 1024 +
+    code against a zeros' sum kept apart lost the accumulator's low bits over a split (the
+    tensor cores' float32 sums truncate: 3.6e-3 against the reference at 32k, batch 8)."""
     low, high = _nibbles(gl.convert_layout(vbuf.reshape((T, 8, 8)).permute((1, 2, 0)).load(V_LOAD), V_PAIRS))
     low, high = _swapped(low), _swapped(high)  # [g, r, T] again, a register pairing tokens 2j, 2j + 1
     low, high = gl.reshape(low, (4, 2, 8, T)), gl.reshape(high, (4, 2, 8, T))  # [group, g % 2, r, T]
@@ -296,7 +289,7 @@ def kv_int4_decode_kernel(
     end = gl.minimum(start + chunk, span)
     if not HAS_MASK:  # causal: no row sees past its last query's position
         end = gl.minimum(end, gl.max(gl.where(rvalid, last, 0), axis=0) + 1)
-    # q [16 dot rows, D (k_order)], row 8 j + 4 b + r holding query r's channels of group 2 b + j
+    # q [16 dot rows, D (_k_channel's order)], row 8 j + 4 b + r holding query r's channels of group 2 b + j
     rho = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
     k = gl.arange(0, D, layout=gl.SliceLayout(0, QL))
     qr = rho % R

@@ -1,6 +1,6 @@
-"""bench/sass.py compiles the KV decode kernel for an sm_90 GPU on a machine without one: the
-static profile (loop instructions, registers, shared memory) that a session without device
-time still has. Run as a user runs it, in a process without the interpreter (under
+"""bench/sass.py compiles the KV decode kernels (Triton's, and the Gluon int4 one) for an sm_90
+GPU on a machine without one: the static profile (loop instructions, registers, shared memory)
+that a session without device time still has. Run as a user runs it, in a process without the interpreter (under
 TRITON_INTERPRET=1 @triton.jit gives functions that only the interpreter runs)."""
 import json
 import os
@@ -22,13 +22,22 @@ def test_the_decode_kernel_compiles_for_sm90_within_the_shared_memory_model(tmp_
                        cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "sass.json").read_text())["rows"]
+    triton_rows = [r for r in rows if r["kernel"] == "triton"]
     first = {bits: {(bt, nw) for bt, _, nw, _, _ in kv_tiling.WINNERS[bits][:FIRST]} for bits in (8, 4)}
-    assert {(r["kv"], r["dtype"], r["block_t"], r["warps"]) for r in rows} == {
+    assert {(r["kv"], r["dtype"], r["block_t"], r["warps"]) for r in triton_rows} == {
         (kv, dt, bt, nw) for kv, bits in (("int8", 8), ("int4", 4)) for dt in ("fp16", "bf16")
         for bt, nw in first[bits]}
     for row in rows:
         assert row["mix"]["HMMA"] > 0, "both dots on the tensor cores, inside the loop found"
-        assert 0 < row["shared"] <= row["shared_model"], "kv_tiling's model never under-counts (no launch failure)"
-        assert row["shared_model"] <= 2 * row["shared"], "nor over-counts 2x (a tile that fits is not pruned)"
         assert 1 <= row["programs_per_sm"] <= 64 // row["warps"]
         assert row["memory"] > 0 and 0 < row["roofline_bound"] <= 1
+    for row in triton_rows:
+        assert 0 < row["shared"] <= row["shared_model"], "kv_tiling's model never under-counts (no launch failure)"
+        assert row["shared_model"] <= 2 * row["shared"], "nor over-counts 2x (a tile that fits is not pruned)"
+    (gluon,) = [r for r in rows if r["kernel"] == "gluon"]  # compiled: its layout conversions assert no data moves
+    mix = gluon["mix"]
+    assert mix["HMMA"] == 128, "q @ K^T and p @ V of 64 tokens, 64 mma.m16n8k16 each"
+    assert mix["STS"] == mix["LDSM"] == 0 and mix["LDGSTS"] > 0, "codes copied by cp.async, read straight into operands"
+    assert mix["BAR"] <= 1, "one barrier a tile"
+    triton_int4 = next(r for r in triton_rows if (r["kv"], r["dtype"], r["warps"]) == ("int4", "fp16", 1))
+    assert gluon["per_code"] <= 3.2 < triton_int4["per_code"], "about half the Triton kernel's instructions a code"
