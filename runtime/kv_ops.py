@@ -144,7 +144,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
                 *args, acc, stat, length, scalars[0], splits, scalars[1], *q.stride(), *k_codes.stride()[:2],
                 *v_codes.stride()[:2], *k_scale.stride()[:2], *strides[-8:], REP=consts["REP"], S=s, ROWS=rows,
                 HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"], STAGES=cfg.num_stages, PDL=consts["PDL"],
-                FP16_RANGE=q.dtype == torch.bfloat16, num_warps=1, maxnreg=cfg.kwargs.get("REGS"))
+                num_warps=1, maxnreg=cfg.kwargs.get("REGS"))
         else:
             binary = kv_attention_kernel[(b, hkv, blocks * splits)](
                 *args, acc, stat, length, scalars[0], splits, scalars[1], *strides, **consts, **own,
