@@ -131,7 +131,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
                HAS_MASK=attn_mask is not None, LIVE=0 if live is None else triton.next_power_of_2(live.shape[1]),
                SKIP_HIDDEN=attn_mask is not None and not decode, VB=vb)
 
-    int4 = decode and kv_int4_attention.unsupported_reason(q, k, v, bits) is None
+    why_not = "a prefill" if not decode else kv_int4_attention.unsupported_reason(q, k, v, bits)
+    int4 = why_not is None
     scalars = (1 / math.sqrt(d) if sm_scale is None else sm_scale, live.shape[1] if live is not None else 0)
 
     def run(c):
@@ -140,6 +141,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
         acc = q.new_empty(b * hkv * splits * rows * d if splits > 1 else 0, dtype=torch.float32)
         stat = q.new_empty(b * hkv * splits * rows * 2 if splits > 1 else 0, dtype=torch.float32)
         if c.kernel == kv_tiling.INT4_KERNEL:  # strides but the cache's token and channel ones (constants there)
+            if not int4:  # a choice given from outside (the benchmark's)
+                raise ValueError(f"choice={c}: the Gluon int4 kernel cannot take this step ({why_not})")
             binary = kv_int4_attention.kv_int4_decode_kernel[(b, hkv, splits)](
                 *args, acc, stat, length, scalars[0], splits, scalars[1], *q.stride(), *k_codes.stride()[:2],
                 *v_codes.stride()[:2], *k_scale.stride()[:2], *strides[-8:], REP=consts["REP"], S=s, ROWS=rows,
