@@ -147,12 +147,11 @@ def _copy_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim):
     ok = (tk < lim - t0)[:, None, None]
     byte = (gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, COPY_K)))[None, :, None] * 16
             + gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, COPY_K)))[None, None, :])
-    _async_load(kbuf.index(stage), kc + t0 * (D // 2) + tk[:, None, None] * (D // 2) + byte,
-                                           mask=ok)
+    _async_load(kbuf.index(stage), kc + t0 * (D // 2) + tk[:, None, None] * (D // 2) + byte, mask=ok)
     tv = gl.arange(0, T, layout=gl.SliceLayout(1, COPY_V))
     byte = gl.arange(0, D // 2, layout=gl.SliceLayout(0, COPY_V))
     _async_load(vbuf.index(stage), vc + t0 * (D // 2) + tv[:, None] * (D // 2) + byte[None, :],
-                                           mask=(tv < lim - t0)[:, None])
+                mask=(tv < lim - t0)[:, None])
     e = gl.arange(0, T * 4, layout=COPY_S)
     ok = e < (lim - t0) * 4
     _async_load(ksbuf.index(stage), ks + t0 * 4 + e, mask=ok)
@@ -271,7 +270,7 @@ def kv_int4_decode_kernel(
     STAGES: gl.constexpr, PDL: gl.constexpr,
 ):
     """kv_attention_kernel's decode step for REP * S <= 4 rows, over codes and scales as
-    ``layout_unsupported_reason`` allows them (their token strides then constants, which the
+    ``unsupported_reason`` allows them (their token strides then constants, which the
     loads take as offsets): grid (B, Hkv, splits), partials for kv_combine_kernel when splits > 1."""
     b, hkv, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
     if PDL:  # the merge, launched dependent on this kernel, may start its programs now

@@ -55,9 +55,9 @@ WINNERS = {8: ((64, 4, 1, 3, None), (128, 1, 8, 3, None), (64, 2, 1, 3, None), (
            4: ((128, 4, 4, 1, 128), (64, 8, 1, 1, None), (128, 2, 8, 1, None), (64, 4, 4, 1, 96),
                (128, 4, 4, 1, None), (128, 1, 8, 3, None), (128, 4, 8, 1, None))}
 # codegen/kv_int4_attention.py: one warp over 64 tokens, STAGES - 1 tiles in flight (10 KB of
-# shared memory a stage); its 218-236 registers (Triton 3.9, 3.6) fit 8 programs an SM. On the H200 at 16k, 8
-# programs of 2 stages won: 54.4 us at batch 8 against 60.4 for 4 of 3 stages and 66.2 for 8 of
-# 3; 10 programs (registers capped at 200) 70.4 (-attention-ab-int4.json)
+# shared memory a stage); its 218-236 registers (Triton 3.9, 3.6) fit 8 programs an SM. On the
+# H200 at 16k, 8 programs of 2 stages won: 54.4 us at batch 8 against 60.4 for 4 of 3 stages and
+# 66.2 for 8 of 3; 10 programs (registers capped at 200) 70.4 (-attention-ab-int4.json)
 INT4_KERNEL = "kv_int4_decode"
 INT4_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st)
               for w, st in ((8, 2), (4, 3), (4, 2))]

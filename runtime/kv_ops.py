@@ -123,8 +123,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     sms = _sms(q.device)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, mask, live if live is not None else q, out)
     v_strides, vb = _v_layout(v_codes)
-    strides = (*q.stride(), *k_codes.stride(), *v_strides, *k_scale.stride(),
-               *(mask.stride() if attn_mask is not None else (0,) * 4), *out.stride())
+    mask_and_out = (*(mask.stride() if attn_mask is not None else (0,) * 4), *out.stride())
+    strides = (*q.stride(), *k_codes.stride(), *v_strides, *k_scale.stride(), *mask_and_out)
     consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d, PDL=_dependent_launches(q.device))
     own = dict(BITS=bits, GROUP=group, DEQ=dot_dtype(k_scale.dtype), DOT=dot,
                PRECISION="ieee" if dot == tl.float32 else "tf32",
@@ -133,7 +133,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
 
     why_not = "a prefill" if not decode else kv_int4_attention.unsupported_reason(q, k, v, bits)
     int4 = why_not is None
-    scalars = (1 / math.sqrt(d) if sm_scale is None else sm_scale, live.shape[1] if live is not None else 0)
+    scale, nlive = 1 / math.sqrt(d) if sm_scale is None else sm_scale, live.shape[1] if live is not None else 0
 
     def run(c):
         cfg = c.config
@@ -144,13 +144,13 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
             if not int4:  # a choice given from outside (the benchmark's)
                 raise ValueError(f"choice={c}: the Gluon int4 kernel cannot take this step ({why_not})")
             binary = kv_int4_attention.kv_int4_decode_kernel[(b, hkv, splits)](
-                *args, acc, stat, length, scalars[0], splits, scalars[1], *q.stride(), *k_codes.stride()[:2],
-                *v_codes.stride()[:2], *k_scale.stride()[:2], *strides[-8:], REP=consts["REP"], S=s, ROWS=rows,
+                *args, acc, stat, length, scale, splits, nlive, *q.stride(), *k_codes.stride()[:2],
+                *v_codes.stride()[:2], *k_scale.stride()[:2], *mask_and_out, REP=consts["REP"], S=s, ROWS=rows,
                 HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"], STAGES=cfg.num_stages, PDL=consts["PDL"],
                 num_warps=1, maxnreg=cfg.kwargs.get("REGS"))
         else:
             binary = kv_attention_kernel[(b, hkv, blocks * splits)](
-                *args, acc, stat, length, scalars[0], splits, scalars[1], *strides, **consts, **own,
+                *args, acc, stat, length, scale, splits, nlive, *strides, **consts, **own,
                 BLOCK_T=cfg.kwargs["BLOCK_T"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 maxnreg=cfg.kwargs.get("REGS"))
         if splits > 1:
