@@ -1,5 +1,6 @@
-"""Decode attention over a 4-bit KV cache in groups of 32 channels, head_dim 128, fp16 queries,
-in Gluon (triton.experimental.gluon), whose layouts are stated, not inferred (issue 5).
+"""Decode attention over a 4-bit KV cache in groups of 32 channels, head_dim 128, fp16 or bf16
+queries (bf16 ones scaled into fp16's range per row, FP16_RANGE), in Gluon
+(triton.experimental.gluon), whose layouts are stated, not inferred (issue 5).
 
 Why a second kernel next to codegen/kv_attention.py: Triton's unpack of nibbles (a join and
 reshape that doubles the elements) sends every fp16 tile through shared memory and then
@@ -201,6 +202,24 @@ def _per_group(buf):
 
 
 @gluon.jit
+def _fp16_range(q):
+    """For q [16 dot rows, D] in float32, per dot row the power of two f that brings its query's
+    largest |value| (over the 4 rows of its groups) into [2^14, 2^15), and per query row 1 / f
+    (ROW): q f in fp16 cannot overflow and keeps 11 bits of every value above 2^-14 of the
+    largest, more than bf16's 8 (kv_attention's _fp16_range, per query row)."""
+    big = gl.max(gl.reshape(gl.max(gl.abs(q), axis=1), (2, 2, R)), axis=0)
+    big = gl.max(big, axis=0)  # [R]
+    e = ((big.to(gl.uint32, bitcast=True) >> 23) & 0xFF).to(gl.int32) - 127
+    k = gl.minimum(gl.maximum(14 - e, -126), 126)
+    f = ((k + 127) << 23).to(gl.float32, bitcast=True)
+    inv = ((127 - k) << 23).to(gl.float32, bitcast=True)
+    L3: gl.constexpr = gl.SliceLayout(2, gl.reshape(q, (2, 2, R, D)).type.layout)  # [j, b, r]
+    f = gl.convert_layout(f, gl.SliceLayout(0, gl.SliceLayout(1, L3)))[None, None, :]
+    rows = gl.reshape(gl.zeros([2, 2, R], gl.float32, L3) + f, (16,))
+    return gl.convert_layout(rows, gl.SliceLayout(1, QL)), gl.convert_layout(inv, ROW)
+
+
+@gluon.jit
 def _by_group_rows(x):
     """[16] dot rows (QL's) -> [group, row] (GR), once a program."""
     return gl.convert_layout(gl.reshape(gl.permute(gl.reshape(x, (2, 2, R)), (1, 0, 2)), (4, R)), GR)
@@ -228,8 +247,8 @@ def _rows(x):
 
 
 @gluon.jit
-def _tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, length, seen, last, bias_ptr, smt, bias_mask,
-          HAS_MASK: gl.constexpr):
+def _tile(qa, bias, qsum, qinv, acc, m, l, top, bufs, stage, t0, length, seen, last, bias_ptr, smt, bias_mask,
+          HAS_MASK: gl.constexpr, FP16_RANGE: gl.constexpr):
     """One tile of 64 tokens of the online softmax, from ``stage`` of the shared buffers: acc
     [16, D] (rows by group, units of top), m, l per query row, top per group. Tokens from
     ``seen`` on are hidden from some row: the tile that holds them takes the mask (or the
@@ -240,6 +259,8 @@ def _tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, length, seen, last, b
     k_zero = _per_group(kzbuf.index(stage))
     qk = gl.sum((_by_group(s) - bias[None, :, :] - k_zero[:, :, None] * qsum[None, :, :]) * k_scale[:, :, None],
                 axis=1)
+    if FP16_RANGE:
+        qk = qk * qinv[None, :]
     rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(1, TR))
     if HAS_MASK:
         qk += gl.load(bias_ptr + rs[:, None] * smt, mask=bias_mask & (rs < length)[:, None],
@@ -267,7 +288,7 @@ def kv_int4_decode_kernel(
     length, sm_scale, splits, nlive,
     sqb, sqh, sqs, sqd, skb, skh, svb, svh, ssb, ssh, smb, smh, sms, smt, sob, soh, sos, sod,
     REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, HAS_MASK: gl.constexpr, LIVE: gl.constexpr,
-    STAGES: gl.constexpr, PDL: gl.constexpr,
+    STAGES: gl.constexpr, PDL: gl.constexpr, FP16_RANGE: gl.constexpr,
 ):
     """kv_attention_kernel's decode step for REP * S <= 4 rows, over codes and scales as
     ``unsupported_reason`` allows them (their token strides then constants, which the
@@ -299,7 +320,12 @@ def kv_int4_decode_kernel(
     # high nibbles come as 1024 + 16 code: their q is divided by 16 (exact), the dot's bias
     # 1024 sum(q's operand) and the zero's sum(q) computed apart
     high = (k >= D // 2)[None, :]
-    q = (q.to(gl.float32) * gl.where(high, sm_scale * 0.0625, sm_scale)).to(gl.float16)
+    q = q.to(gl.float32) * sm_scale
+    qinv = gl.full([R], 1.0, gl.float32, ROW)
+    if FP16_RANGE:  # bf16 queries: each row times a power of two into fp16's range, undone on the scores
+        qf, qinv = _fp16_range(q)
+        q = q * qf[:, None]
+    q = (q * gl.where(high, 0.0625, 1.0)).to(gl.float16)
     bias = _by_group_rows(gl.sum(q.to(gl.float32), axis=1) * 1024.0)
     qsum = _by_group_rows(gl.sum(q.to(gl.float32) * gl.where(high, 16.0, 1.0), axis=1))
     qa = gl.convert_layout(q, A)
@@ -335,8 +361,8 @@ def kv_int4_decode_kernel(
         ahead = i + STAGES - 1
         _copy_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim)
         async_copy.commit_group()
-        acc, m, l, top = _tile(qa, bias, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, length, seen, last,
-                               bias_ptr, smt, bias_mask, HAS_MASK)
+        acc, m, l, top = _tile(qa, bias, qsum, qinv, acc, m, l, top, bufs, i % STAGES, start + i * T, length, seen,
+                               last, bias_ptr, smt, bias_mask, HAS_MASK, FP16_RANGE)
     # column n takes the row of its own group, times top: the other groups' rows dropped
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
     n = gl.arange(0, D, layout=gl.SliceLayout(0, MMA))
@@ -363,7 +389,7 @@ def kv_int4_decode_kernel(
 def unsupported_reason(q, k, v, bits: int) -> str | None:
     """Why kv_int4_decode_kernel cannot take this decode step (q [B, Hq, S, D], K and V as
     (codes, scale, zero) of a cache), or None. It takes 4-bit codes in groups of 32 of head_dim
-    128, fp16 queries, at most 4 query rows a KV head, on sm_80 and later, with the cache's own
+    128, fp16 or bf16 queries, at most 4 query rows a KV head, on sm_80 and later, with the cache's own
     contiguous layout (its loads take the token strides as constants)."""
     (kc, ks, kz), (vc, vs, vz) = k, v
     b, hq, s, d = q.shape
@@ -372,8 +398,8 @@ def unsupported_reason(q, k, v, bits: int) -> str | None:
     if bits != 4 or d != D.value or ks.shape[-1] != D.value // GROUP.value:
         return (f"bits={bits}, head_dim={d}, {ks.shape[-1]} groups: the Gluon kernel takes 4-bit codes, head_dim 128, "
                 "groups of 32")
-    if q.dtype != torch.float16:
-        return f"{q.dtype} queries: the Gluon kernel's dots take fp16"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype} queries: the Gluon kernel takes fp16 and bf16 (its dots fp16)"
     if hq // kc.shape[1] * s > R.value:
         return f"{hq // kc.shape[1] * s} query rows a KV head: the Gluon kernel takes at most {R.value}"
     for name, c in (("K", kc), ("V", vc)):

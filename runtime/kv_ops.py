@@ -147,7 +147,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
                 *args, acc, stat, length, scale, splits, nlive, *q.stride(), *k_codes.stride()[:2],
                 *v_codes.stride()[:2], *k_scale.stride()[:2], *mask_and_out, REP=consts["REP"], S=s, ROWS=rows,
                 HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"], STAGES=cfg.num_stages, PDL=consts["PDL"],
-                num_warps=1, maxnreg=cfg.kwargs.get("REGS"))
+                FP16_RANGE=q.dtype == torch.bfloat16, num_warps=1, maxnreg=cfg.kwargs.get("REGS"))
         else:
             binary = kv_attention_kernel[(b, hkv, blocks * splits)](
                 *args, acc, stat, length, scale, splits, nlive, *strides, **consts, **own,

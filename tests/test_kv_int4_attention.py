@@ -27,19 +27,23 @@ def _choices():
             for w, st in ((8, 4), (2, 2))]
 
 
-@pytest.mark.parametrize("hq, hkv, s", [(8, 2, 1), (4, 2, 2), (2, 2, 1), (6, 2, 1)], ids=["gqa4", "s2", "mha", "gqa3"])
+@pytest.mark.parametrize("hq, hkv, s, dtype", [(8, 2, 1, torch.float16), (4, 2, 2, torch.float16),
+                                               (2, 2, 1, torch.float16), (6, 2, 1, torch.float16),
+                                               (8, 2, 1, torch.bfloat16), (4, 2, 2, torch.bfloat16)],
+                         ids=["gqa4", "s2", "mha", "gqa3", "gqa4-bf16", "s2-bf16"])
 @pytest.mark.parametrize("length", [2, 37, 64, 200, 1000])
-def test_matches_the_reference(hq, hkv, s, length):
+def test_matches_the_reference(hq, hkv, s, dtype, length):
     """Up to 4 query rows a KV head (GQA with S = 1 or 2 new tokens, MHA, 3 rows of 4), a cache
-    longer than its filled part, lengths off the 64-token tile, one program or many splits."""
+    longer than its filled part, lengths off the 64-token tile, one program or many splits; bf16
+    queries and scales (q scaled into fp16's range per row)."""
     torch.manual_seed(length)
-    k, v = _cache(3, hkv, 1024)
-    q = torch.randn(3, hq, s, 128, dtype=torch.float16, device="cuda")
+    k, v = _cache(3, hkv, 1024, dtype)
+    q = torch.randn(3, hq, s, 128, dtype=dtype, device="cuda") * (100 if dtype == torch.bfloat16 else 1)
     ref = kv_attention_reference(q, k, v, 4, length)
     for choice in _choices():
-        assert_close(kv_ops._attention(q, k, v, length, 4, None, None, choice), ref, torch.float16)
-    assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, length, 4), ref, torch.float16)
-    key = kv_ops.tuning_key(4, 32, 128, 16, True, 3 * hkv, length, torch.float16, False)
+        assert_close(kv_ops._attention(q, k, v, length, 4, None, None, choice), ref, dtype)
+    assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, length, 4), ref, dtype)
+    key = kv_ops.tuning_key(4, 32, 128, 16, True, 3 * hkv, length, dtype, False)
     assert kv_ops.chosen[key].kernel == kv_tiling.INT4_KERNEL, "the op's first candidate is the Gluon kernel"
 
 
@@ -71,10 +75,10 @@ def test_small_v_scales_keep_their_precision():
         assert_close(kv_ops._attention(q, k, v, 700, 4, None, None, choice), ref, torch.float16)
 
 
-@pytest.mark.parametrize("case", ["bf16", "8 rows", "head_dim 64", "groups of 64"])
+@pytest.mark.parametrize("case", ["fp32", "8 rows", "head_dim 64", "groups of 64"])
 def test_what_it_cannot_take_stays_with_the_triton_kernel(case):
     torch.manual_seed(2)
-    dtype = torch.bfloat16 if case == "bf16" else torch.float16
+    dtype = torch.float32 if case == "fp32" else torch.float16
     d, group = (64, 32) if case == "head_dim 64" else (128, 64 if case == "groups of 64" else 32)
     hq = 16 if case == "8 rows" else 8
     k, v = (quantize_kv(torch.randn(1, 2, 256, d, dtype=dtype, device="cuda"), 4, group) for _ in range(2))
