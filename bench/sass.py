@@ -63,7 +63,7 @@ def _decode_args(bits: int, group: int, dtype: str, v_token_major: bool, context
     v_token = (1, v_block or context, v_block * code_d) if v_token_major else (code_d, 1, 0)
     return {"q_ptr": ptr, "kc_ptr": "*u8", "ks_ptr": ptr, "kz_ptr": ptr, "vc_ptr": "*u8", "vs_ptr": ptr,
             "vz_ptr": ptr, "mask_ptr": ptr, "live_ptr": "*i32", "o_ptr": ptr, "acc_ptr": "*fp32",
-            "stat_ptr": "*fp32", "count_ptr": "*i32", "length": context, "sm_scale": "fp32", "splits": 32, "nlive": 0,
+            "stat_ptr": "*fp32", "length": context, "sm_scale": "fp32", "splits": 32, "nlive": 0,
             **dict(zip(("sqb", "sqh", "sqs", "sqd"), (HQ * D, D, D, 1))),
             **dict(zip(("skb", "skh", "skt", "skd"), (HKV * head, head, code_d, 1))),
             **dict(zip(("svb", "svh", "svt", "svd", "svk"), (HKV * head, head, *v_token))),
@@ -81,8 +81,7 @@ def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages
     tdtype = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
     consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
                   PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False,
-                  VB=v_block if v_token_major else 0, PDL=True, STAGES=stages, FP16_RANGE=dtype == "bf16",
-                  MERGE=True)
+                  VB=v_block if v_token_major else 0, PDL=True, STAGES=stages, FP16_RANGE=dtype == "bf16")
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     signature, attrs = {}, {}
     for name, value in _decode_args(bits, group, dtype, v_token_major, v_block=v_block).items():

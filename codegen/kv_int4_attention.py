@@ -86,9 +86,6 @@ COPY_S = gl.constexpr(gl.BlockedLayout([8], [32], [1], [0]))  # [T * 4] scales o
 SHARED = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))  # a stage's; the buffer adds the stage dim
 SHARED_V = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
 SHARED_S = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
-# the merge's partials [split, row, D]: a lane's 4 channels of each, one 16-byte load
-MERGE_L = gl.constexpr(gl.BlockedLayout([1, 1, 4], [1, 1, 32], [1, 1, 1], [2, 1, 0]))
-MERGE_AT_ONCE = gl.constexpr(8)
 QL = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[1, 1],
                                    order=[1, 0]))
 
@@ -250,37 +247,6 @@ def _rows(x):
 
 
 @gluon.jit
-def _merge(acc_ptr, stat_ptr, base, splits, rows, ROWS: gl.constexpr):
-    """kv_combine_kernel's merge of a head's partials (at ``base``, ROWS apart, ``rows`` of
-    them valid) in one warp, MERGE_AT_ONCE splits at a time with a running max; loads past L1
-    (.cg): other SMs wrote them. Returns out [R, D] and its rows' and channels' indices."""
-    MS: gl.constexpr = gl.SliceLayout(2, MERGE_L)  # [split, row]
-    OUT: gl.constexpr = gl.SliceLayout(0, MERGE_L)  # [row, D]
-    si = gl.arange(0, MERGE_AT_ONCE, layout=gl.SliceLayout(1, MS))
-    r = gl.arange(0, R, layout=gl.SliceLayout(0, MS))
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, MERGE_L)))
-    mx = gl.full([R], float("-inf"), gl.float32, gl.SliceLayout(0, MS))
-    den = gl.zeros([R], gl.float32, gl.SliceLayout(0, MS))
-    num = gl.zeros([R, D], gl.float32, OUT)
-    for s0 in range(0, splits, MERGE_AT_ONCE):
-        valid = (s0 + si < splits)[:, None] & (r < rows)[None, :]
-        part = base + (s0 + si)[:, None] * ROWS + r[None, :]
-        m = gl.load(stat_ptr + part * 2, mask=valid, other=float("-inf"), cache_modifier=".cg")  # empty: weight 0
-        l = gl.load(stat_ptr + part * 2 + 1, mask=valid, other=0.0, cache_modifier=".cg")
-        a = gl.load(acc_ptr + part[:, :, None] * D + d[None, None, :], mask=valid[:, :, None], other=0.0,
-                    cache_modifier=".cg")
-        m_new = gl.maximum(mx, gl.max(m, axis=0))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E
-        alpha = _exp2(mx * LOG2E - m_safe)
-        w = _exp2(m * LOG2E - m_safe[None, :])
-        num = num * gl.convert_layout(alpha, gl.SliceLayout(1, OUT))[:, None] + gl.sum(a * w[:, :, None], axis=0)
-        den = den * alpha + gl.sum(l * w, axis=0)
-        mx = m_new
-    return (num / gl.convert_layout(den, gl.SliceLayout(1, OUT))[:, None], gl.arange(0, R, gl.SliceLayout(1, OUT)),
-            gl.arange(0, D, gl.SliceLayout(0, OUT)))
-
-
-@gluon.jit
 def _tile(qa, bias, qsum, qinv, acc, m, l, top, bufs, stage, t0, length, seen, last, bias_ptr, smt, bias_mask,
           HAS_MASK: gl.constexpr, FP16_RANGE: gl.constexpr):
     """One tile of 64 tokens of the online softmax, from ``stage`` of the shared buffers: acc
@@ -318,17 +284,15 @@ def _tile(qa, bias, qsum, qinv, acc, m, l, top, bufs, stage, t0, length, seen, l
 
 @gluon.jit
 def kv_int4_decode_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, live_ptr, o_ptr, acc_ptr, stat_ptr, count_ptr,
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, live_ptr, o_ptr, acc_ptr, stat_ptr,
     length, sm_scale, splits, nlive,
     sqb, sqh, sqs, sqd, skb, skh, svb, svh, ssb, ssh, smb, smh, sms, smt, sob, soh, sos, sod,
     REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, HAS_MASK: gl.constexpr, LIVE: gl.constexpr,
-    STAGES: gl.constexpr, PDL: gl.constexpr, FP16_RANGE: gl.constexpr, MERGE: gl.constexpr,
+    STAGES: gl.constexpr, PDL: gl.constexpr, FP16_RANGE: gl.constexpr,
 ):
     """kv_attention_kernel's decode step for REP * S <= 4 rows, over codes and scales as
     ``unsupported_reason`` allows them (their token strides then constants, which the
-    loads take as offsets): grid (B, Hkv, splits). With splits > 1, partials for
-    kv_combine_kernel, or with MERGE merged by the last of a head's programs to store them, as
-    count_ptr (a zeroed int32 a KV head, zeroed again after) counts them."""
+    loads take as offsets): grid (B, Hkv, splits), partials for kv_combine_kernel when splits > 1."""
     b, hkv, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
     if PDL:  # the merge, launched dependent on this kernel, may start its programs now
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
@@ -414,20 +378,12 @@ def kv_int4_decode_kernel(
     if splits == 1:  # the whole cache in this program: the output directly
         optr = o_ptr + b * sob + (hkv * REP + ro // S)[:, None] * soh + (ro % S)[:, None] * sos + co[None, :] * sod
         gl.store(optr, (x / lo[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
-    else:  # partials, ROWS apart, for kv_combine_kernel or the head's last program (MERGE)
-        kvh = b * gl.num_programs(1) + hkv
-        part = (kvh * splits + split) * ROWS + ro
+    else:  # partials for kv_combine_kernel, ROWS apart
+        part = ((b * gl.num_programs(1) + hkv) * splits + split) * ROWS + ro
         gl.store(acc_ptr + part[:, None] * D + co[None, :], x, mask=ok)
         mo = gl.convert_layout(m, gl.SliceLayout(1, QL))
         gl.store(stat_ptr + part * 2, mo, mask=ro < REP * S)
         gl.store(stat_ptr + part * 2 + 1, lo, mask=ro < REP * S)
-        if MERGE:
-            _barrier()  # every lane's partials stored before the count's release
-            if gl.atomic_add(count_ptr + kvh, 1, sem="acq_rel", scope="gpu") == splits - 1:
-                out, rm, cm = _merge(acc_ptr, stat_ptr, kvh * splits * ROWS, splits, REP * S, ROWS)
-                gl.store(o_ptr + b * sob + (hkv * REP + rm // S)[:, None] * soh + (rm % S)[:, None] * sos
-                         + cm[None, :] * sod, out.to(o_ptr.dtype.element_ty), mask=(rm < REP * S)[:, None])
-                gl.store(count_ptr + kvh, 0)  # for the next launch
 
 
 def unsupported_reason(q, k, v, bits: int) -> str | None:

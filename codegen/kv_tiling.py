@@ -62,7 +62,6 @@ INT4_KERNEL = "kv_int4_decode"
 INT4_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st)
               for w, st in ((8, 2), (4, 3), (4, 2))]
 MAX_SPLITS = 64
-MERGE_SPLITS = 64  # the Gluon kernel merges a head's partials itself up to this many splits (kv_ops)
 ONE_WARP = list(itertools.product((64, 32), (1, 2, 4, 8), (1,), (1, 3)))  # decoding: at most 64 tokens a warp
 
 

@@ -19,7 +19,6 @@ LIVE_SCAN = 8192  # mask elements one kv_live_kernel program reads
 COMBINE_CHANNELS = 32  # channels of a head one kv_combine_kernel program merges
 COMBINE_ELEMENTS = 8192  # partial values it loads at once: all 64 splits of a GQA-4 step's 32 channels
 chosen = {}  # tuning key -> the tiling.Choice that ran: tests assert what was tuned
-_merge_counts = {}  # device -> the int32 counts of the Gluon kernel's merge, each size ever allocated
 
 
 def _row_block(rows: int) -> int:
@@ -53,20 +52,6 @@ def _live_ends(mask: torch.Tensor, s: int, length: int):
     kv_live_kernel[(mask.shape[0], nlive)](mask, live, length, mrows, *mask.stride(), nlive, S=s, MROWS=mp2,
                                            BLOCK=block, num_warps=4)
     return live
-
-
-def merge_counts(device, heads: int) -> torch.Tensor | None:
-    """A zeroed int32 a KV head for the Gluon int4 kernel's merge, which counts a head's programs
-    on it and zeroes it again; one a device, so two launches running at once on two streams of
-    a device would share it. None while a CUDA graph is captured and none is large enough (the
-    separate merge kernel runs then). Each size stays allocated: graphs captured with it keep
-    its address."""
-    sizes = _merge_counts.setdefault(device, [])
-    if not sizes or sizes[-1].numel() < heads:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        sizes.append(torch.zeros(max(heads, 1024), dtype=torch.int32, device=device))
-    return sizes[-1]
 
 
 def shape_unsupported_reason(d: int, groups: int, v_groups: int | None = None) -> str | None:
@@ -155,24 +140,20 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
         splits = kv_tiling.splits(b * hkv, length, cfg.kwargs["BLOCK_T"], cfg.kwargs["WAVES"], sms) if decode else 1
         acc = q.new_empty(b * hkv * splits * rows * d if splits > 1 else 0, dtype=torch.float32)
         stat = q.new_empty(b * hkv * splits * rows * 2 if splits > 1 else 0, dtype=torch.float32)
-        merged = False
         if c.kernel == kv_tiling.INT4_KERNEL:  # strides but the cache's token and channel ones (constants there)
             if not int4:  # a choice given from outside (the benchmark's)
                 raise ValueError(f"choice={c}: the Gluon int4 kernel cannot take this step ({why_not})")
-            counts = merge_counts(q.device, b * hkv) if 1 < splits <= kv_tiling.MERGE_SPLITS else None
-            merged = counts is not None
             binary = kv_int4_attention.kv_int4_decode_kernel[(b, hkv, splits)](
-                *args, acc, stat, counts if merged else stat, length, scale, splits, nlive, *q.stride(),
-                *k_codes.stride()[:2], *v_codes.stride()[:2], *k_scale.stride()[:2], *mask_and_out,
-                REP=consts["REP"], S=s, ROWS=rows, HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"], STAGES=cfg.num_stages,
-                PDL=consts["PDL"], FP16_RANGE=q.dtype == torch.bfloat16, MERGE=merged, num_warps=1,
-                maxnreg=cfg.kwargs.get("REGS"))
+                *args, acc, stat, length, scale, splits, nlive, *q.stride(), *k_codes.stride()[:2],
+                *v_codes.stride()[:2], *k_scale.stride()[:2], *mask_and_out, REP=consts["REP"], S=s, ROWS=rows,
+                HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"], STAGES=cfg.num_stages, PDL=consts["PDL"],
+                FP16_RANGE=q.dtype == torch.bfloat16, num_warps=1, maxnreg=cfg.kwargs.get("REGS"))
         else:
             binary = kv_attention_kernel[(b, hkv, blocks * splits)](
                 *args, acc, stat, length, scale, splits, nlive, *strides, **consts, **own,
                 BLOCK_T=cfg.kwargs["BLOCK_T"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 maxnreg=cfg.kwargs.get("REGS"))
-        if splits > 1 and not merged:
+        if splits > 1:
             block_d, mrows = min(d, COMBINE_CHANNELS), triton.next_power_of_2(hq // hkv * s)
             block_s = max(1, min(triton.next_power_of_2(splits), COMBINE_ELEMENTS // (mrows * block_d)))
             kv_combine_kernel[(b, hkv, d // block_d)](acc, stat, out, splits, *out.stride(), **consts, MROWS=mrows,
