@@ -21,6 +21,14 @@ def _cache(b, hkv, t, dtype=torch.float16, v_range=1.0):
     return quantize_kv(k, 4, 32), quantize_kv(v * v_range, 4, 32)
 
 
+def _fp32_reference(q, k, v, length):
+    """The reference evaluated in float32 on the same codes, in q's dtype: bf16's own rounding of
+    the dequantized cache moves its scores by up to ~0.2 at |q| ~ 100 (10% on the output at 200
+    tokens, against 0.3% here), so it cannot judge a kernel that dequantizes exactly."""
+    wide = [(c, s.float(), z.float()) for c, s, z in (k, v)]
+    return kv_attention_reference(q.float(), *wide, 4, length).to(q.dtype)
+
+
 def _choices():
     """Many splits with a deep pipeline, and fewer with two stages."""
     return [Choice(kv_tiling.INT4_KERNEL, triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st))
@@ -35,11 +43,11 @@ def _choices():
 def test_matches_the_reference(hq, hkv, s, dtype, length):
     """Up to 4 query rows a KV head (GQA with S = 1 or 2 new tokens, MHA, 3 rows of 4), a cache
     longer than its filled part, lengths off the 64-token tile, one program or many splits; bf16
-    queries and scales (q scaled into fp16's range per row)."""
+    queries and scales (against the float32 reference)."""
     torch.manual_seed(length)
     k, v = _cache(3, hkv, 1024, dtype)
-    q = torch.randn(3, hq, s, 128, dtype=dtype, device="cuda") * (100 if dtype == torch.bfloat16 else 1)
-    ref = kv_attention_reference(q, k, v, 4, length)
+    q = torch.randn(3, hq, s, 128, dtype=dtype, device="cuda") * 10
+    ref = kv_attention_reference(q, k, v, 4, length) if dtype == torch.float16 else _fp32_reference(q, k, v, length)
     for choice in _choices():
         assert_close(kv_ops._attention(q, k, v, length, 4, None, None, choice), ref, dtype)
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, length, 4), ref, dtype)
@@ -73,6 +81,21 @@ def test_small_v_scales_keep_their_precision():
     ref = kv_attention_reference(q, k, v, 4, 700)
     for choice in _choices():
         assert_close(kv_ops._attention(q, k, v, 700, 4, None, None, choice), ref, torch.float16)
+
+
+@pytest.mark.parametrize("q_range", [1e-5, 1e6])
+def test_bf16_queries_beyond_fp16s_range(q_range):
+    """bf16 queries whose q / sqrt(D) is subnormal (1e-5) or overflows (1e6) in fp16, against a
+    cache scaled the other way so that the scores stay near 1: each query row is scaled by a
+    power of two into fp16's range (FP16_RANGE) and the scores by its inverse."""
+    torch.manual_seed(3)
+    k, v = _cache(2, 2, 300, torch.bfloat16)
+    kc, ks, kz = k
+    k = (kc, ks / q_range, kz)  # the same codes: K / q_range
+    q = torch.randn(2, 8, 1, 128, dtype=torch.bfloat16, device="cuda") * q_range
+    ref = _fp32_reference(q, k, v, 300)
+    for choice in _choices():
+        assert_close(kv_ops._attention(q, k, v, 300, 4, None, None, choice), ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("case", ["fp32", "8 rows", "head_dim 64", "groups of 64"])
