@@ -1,7 +1,7 @@
 """python -m bench.attention: decode attention over a quantized KV cache on the GPU, against
 fp16 SDPA (flash) and plain torch.compile of the eager dequantize + SDPA, in one run.
 
-One new token per sequence, 32 query heads on 8 KV heads, head_dim 128; contexts 1k-128k,
+One new token per sequence, 32 query heads (--q-heads) on 8 KV heads, head_dim 128; contexts 1k-128k,
 batch 1/8/32 (pairs whose fp16 cache exceeds --max-gb are skipped). Caches smaller than twice
 the L2 are rotated across copies, as bench/linear.py does with weights. Reports us, speed-up
 over fp16 SDPA, % of the HBM roofline (cache bytes read / copy bandwidth), cache memory, and
@@ -294,7 +294,7 @@ def plot(path):
 
 
 def main():
-    global V_LAYOUT, DTYPE, KV
+    global V_LAYOUT, DTYPE, KV, HQ
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
@@ -312,11 +312,14 @@ def main():
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
                    help="activations, unquantized K/V and scales; the baseline is flash SDPA in this dtype")
     p.add_argument("--kv", default=",".join(KV), help=f"cache widths to run, of {', '.join(KV)}")
+    p.add_argument("--q-heads", type=int, default=HQ, help=f"query heads on the {HKV} KV heads (64: GQA 8)")
     p.add_argument("--name", default="attention")
     p.add_argument("--plot", help="only draw the plot of this results JSON")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
-    V_LAYOUT, DTYPE = a.v_layout, DTYPES[a.dtype]
+    V_LAYOUT, DTYPE, HQ = a.v_layout, DTYPES[a.dtype], a.q_heads
+    if HQ % HKV:
+        p.error(f"--q-heads: {HQ} is not a multiple of the {HKV} KV heads")
     unknown = set(a.kv.split(",")) - set(KV)
     if unknown:
         p.error(f"--kv: {', '.join(sorted(unknown))} not among {', '.join(KV)}")

@@ -81,7 +81,8 @@ def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages
     tdtype = {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
     consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
                   PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False,
-                  VB=v_block if v_token_major else 0, PDL=True, STAGES=stages, FP16_RANGE=dtype == "bf16")
+                  VB=v_block if v_token_major else 0, PDL=True, STAGES=stages, FP16_RANGE=dtype == "bf16",
+                  ROW_BLOCKS=1)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     signature, attrs = {}, {}
     for name, value in _decode_args(bits, group, dtype, v_token_major, v_block=v_block).items():

@@ -20,8 +20,8 @@ of the memory roofline on the H200 (README, fifth run). Here about 1470 (bench.s
   register (p @ V's B operand pairs tokens), the zero comes off each code in the operand
   (an HADD2 or HFMA2 for two: exact in fp16), and the output's columns come in the order of
   ``_v_channel``.
-- The scales and K's zeros go on the dots' results, not on the codes. A decode step has REP * S
-  <= 4 query rows, and the tensor cores compute 16: row 8 j + 4 b + r holds query r's channels
+- The scales and K's zeros go on the dots' results, not on the codes. A program takes 4 query
+  rows, and the tensor cores compute 16: row 8 j + 4 b + r holds query r's channels
   of group 2 b + j and zeros elsewhere (a group is one lane of four in the dot's K dimension,
   so no row-wise trick on the output could separate them). Per group, (dot - 1024 sum(q's
   operand) - zero sum(q)) scale, summed over the 4 groups, is q . k. For p @ V the same rows
@@ -29,6 +29,9 @@ of the memory roofline on the H200 (README, fifth run). Here about 1470 (bench.s
   in [0, 1]); output column n takes the row of its own group at the end.
 - The conversions between the dots' result layout and these views are reshapes and permutes
   that ``convert_layout(..., assert_trivial=True)`` proves free at compile time.
+- A step with more query rows a KV head (GQA 8, or several new tokens) takes ROW_BLOCKS
+  programs of 4 rows each over the same tokens: the second reads the tiles the first brought
+  into L2.
 
 Grid (B, Hkv, splits), the split and the partials of kv_attention_kernel, merged by
 kv_combine_kernel (launched as a programmatic dependent, PDL). Measured on the H200 (README,
@@ -45,6 +48,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 D, T = gl.constexpr(128), gl.constexpr(64)  # head_dim, tokens a tile
 GROUP, R = gl.constexpr(32), gl.constexpr(4)  # channels a scale group; query rows (16 dot rows / 4 groups)
+MAX_ROWS = 16  # query rows a KV head: 4 programs of R (kv_ops lays the partials out 16 rows apart)
 LOG2E = gl.constexpr(1.4426950408889634)
 # Triton 3.6's names, renamed since
 _barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
@@ -288,16 +292,18 @@ def kv_int4_decode_kernel(
     length, sm_scale, splits, nlive,
     sqb, sqh, sqs, sqd, skb, skh, svb, svh, ssb, ssh, smb, smh, sms, smt, sob, soh, sos, sod,
     REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, HAS_MASK: gl.constexpr, LIVE: gl.constexpr,
-    STAGES: gl.constexpr, PDL: gl.constexpr, FP16_RANGE: gl.constexpr,
+    STAGES: gl.constexpr, PDL: gl.constexpr, FP16_RANGE: gl.constexpr, ROW_BLOCKS: gl.constexpr,
 ):
-    """kv_attention_kernel's decode step for REP * S <= 4 rows, over codes and scales as
-    ``unsupported_reason`` allows them (their token strides then constants, which the
-    loads take as offsets): grid (B, Hkv, splits), partials for kv_combine_kernel when splits > 1."""
-    b, hkv, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+    """kv_attention_kernel's decode step for REP * S <= 4 ROW_BLOCKS rows, over codes and scales
+    as ``unsupported_reason`` allows them (their token strides then constants, which the loads
+    take as offsets): grid (B, Hkv ROW_BLOCKS, splits), partials for kv_combine_kernel when
+    splits > 1."""
+    b, split = gl.program_id(0), gl.program_id(2)
+    hkv, first = gl.program_id(1) // ROW_BLOCKS, gl.program_id(1) % ROW_BLOCKS * R  # its query rows from first
     if PDL:  # the merge, launched dependent on this kernel, may start its programs now
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)
-    r = gl.arange(0, R, layout=ROW)
+    r = first + gl.arange(0, R, layout=ROW)
     rvalid = r < REP * S
     last = length - S + r % S  # the last position each row may see
     span = length
@@ -312,7 +318,7 @@ def kv_int4_decode_kernel(
     # q [16 dot rows, D (_k_channel's order)], row 8 j + 4 b + r holding query r's channels of group 2 b + j
     rho = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
     k = gl.arange(0, D, layout=gl.SliceLayout(0, QL))
-    qr = rho % R
+    qr = first + rho % R
     ch = _k_channel(k)
     keep = (qr < REP * S)[:, None] & (_dot_group(rho)[:, None] == (ch // GROUP)[None, :])
     q = gl.load(q_ptr + b * sqb + (hkv * REP + qr // S)[:, None] * sqh + (qr % S)[:, None] * sqs + ch[None, :] * sqd,
@@ -371,7 +377,7 @@ def kv_int4_decode_kernel(
     x = gl.where(own, acc * tops[:, None], 0.0)
     x = gl.sum(gl.sum(gl.reshape(x, (2, 2, R, D)), axis=0), axis=0)  # [R, D]
     x = gl.convert_layout(x, QL)
-    ro = gl.arange(0, R, layout=gl.SliceLayout(1, QL))
+    ro = first + gl.arange(0, R, layout=gl.SliceLayout(1, QL))
     co = _v_channel(gl.arange(0, D, layout=gl.SliceLayout(0, QL)))
     ok = (ro < REP * S)[:, None]
     lo = gl.convert_layout(l, gl.SliceLayout(1, QL))
@@ -379,7 +385,7 @@ def kv_int4_decode_kernel(
         optr = o_ptr + b * sob + (hkv * REP + ro // S)[:, None] * soh + (ro % S)[:, None] * sos + co[None, :] * sod
         gl.store(optr, (x / lo[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
     else:  # partials for kv_combine_kernel, ROWS apart
-        part = ((b * gl.num_programs(1) + hkv) * splits + split) * ROWS + ro
+        part = ((b * (gl.num_programs(1) // ROW_BLOCKS) + hkv) * splits + split) * ROWS + ro
         gl.store(acc_ptr + part[:, None] * D + co[None, :], x, mask=ok)
         mo = gl.convert_layout(m, gl.SliceLayout(1, QL))
         gl.store(stat_ptr + part * 2, mo, mask=ro < REP * S)
@@ -389,8 +395,8 @@ def kv_int4_decode_kernel(
 def unsupported_reason(q, k, v, bits: int) -> str | None:
     """Why kv_int4_decode_kernel cannot take this decode step (q [B, Hq, S, D], K and V as
     (codes, scale, zero) of a cache), or None. It takes 4-bit codes in groups of 32 of head_dim
-    128, fp16 or bf16 queries, at most 4 query rows a KV head, on sm_80 and later, with the cache's own
-    contiguous layout (its loads take the token strides as constants)."""
+    128, fp16 or bf16 queries, at most 16 query rows a KV head (4 a program), on sm_80 and later,
+    with the cache's own contiguous layout (its loads take the token strides as constants)."""
     (kc, ks, kz), (vc, vs, vz) = k, v
     b, hq, s, d = q.shape
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (8, 0):
@@ -400,8 +406,8 @@ def unsupported_reason(q, k, v, bits: int) -> str | None:
                 "groups of 32")
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"{q.dtype} queries: the Gluon kernel takes fp16 and bf16 (its dots fp16)"
-    if hq // kc.shape[1] * s > R.value:
-        return f"{hq // kc.shape[1] * s} query rows a KV head: the Gluon kernel takes at most {R.value}"
+    if hq // kc.shape[1] * s > MAX_ROWS:
+        return f"{hq // kc.shape[1] * s} query rows a KV head: the Gluon kernel takes at most {MAX_ROWS}"
     for name, c in (("K", kc), ("V", vc)):
         if c.dim() != 4 or c.stride()[2:] != (D.value // 2, 1):
             return f"{name}'s codes strided {tuple(c.stride())}: the Gluon kernel takes [B, H, T, 64] rows"

@@ -140,17 +140,20 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
 
     def run(c):
         cfg = c.config
-        splits = kv_tiling.splits(b * hkv, length, cfg.kwargs["BLOCK_T"], cfg.kwargs["WAVES"], sms) if decode else 1
+        row_blocks = triton.cdiv(hq // hkv * s, 4) if c.kernel == kv_tiling.INT4_KERNEL else 1
+        splits = (kv_tiling.splits(b * hkv * row_blocks, length, cfg.kwargs["BLOCK_T"], cfg.kwargs["WAVES"], sms)
+                  if decode else 1)
         acc = q.new_empty(b * hkv * splits * rows * d if splits > 1 else 0, dtype=torch.float32)
         stat = q.new_empty(b * hkv * splits * rows * 2 if splits > 1 else 0, dtype=torch.float32)
         if c.kernel == kv_tiling.INT4_KERNEL:  # strides but the cache's token and channel ones (constants there)
             if not int4:  # a choice given from outside (the benchmark's)
                 raise ValueError(f"choice={c}: the Gluon int4 kernel cannot take this step ({why_not})")
-            binary = kv_int4_attention.kv_int4_decode_kernel[(b, hkv, splits)](
+            binary = kv_int4_attention.kv_int4_decode_kernel[(b, hkv * row_blocks, splits)](
                 *args, acc, stat, length, scale, splits, nlive, *q.stride(), *k_codes.stride()[:2],
                 *v_codes.stride()[:2], *k_scale.stride()[:2], *mask_and_out, REP=consts["REP"], S=s, ROWS=rows,
                 HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"], STAGES=cfg.num_stages, PDL=consts["PDL"],
-                FP16_RANGE=q.dtype == torch.bfloat16, num_warps=1, maxnreg=cfg.kwargs.get("REGS"))
+                FP16_RANGE=q.dtype == torch.bfloat16, ROW_BLOCKS=row_blocks, num_warps=1,
+                maxnreg=cfg.kwargs.get("REGS"))
         else:
             binary = kv_attention_kernel[(b, hkv, blocks * splits)](
                 *args, acc, stat, length, scale, splits, nlive, *strides, **consts, **own,

@@ -243,9 +243,10 @@ def test_nibbles_become_a_power_of_two_plus_the_nibble(dtype, bias, device):
 
 def test_a_gluon_int4_choice_for_a_step_it_cannot_take_is_refused(device):
     """The benchmark hands _attention its own choices: the Gluon kernel's, for a step it cannot
-    take (8 query rows a KV head; on CPU, no CUDA at all), raises before any launch."""
+    take (32 query rows a KV head; on CPU, where the interpreter's blocks hold 16 rows, a
+    prefill), raises before any launch."""
     k, v = cache(1, 2, 64, 128, 4, 32, torch.float16, device)
-    q = torch.randn(1, 16, 1, 128, dtype=torch.float16, device=device)
+    q = torch.randn(1, 64, 1, 128, dtype=torch.float16, device=device)
     gluon = Choice(kv_tiling.INT4_KERNEL, kv_tiling.INT4_TILES[0])
-    with pytest.raises(ValueError, match=r"the Gluon int4 kernel cannot take this step \((8 query rows|the Gluon)"):
+    with pytest.raises(ValueError, match=r"the Gluon int4 kernel cannot take this step \((32 query rows|a prefill)"):
         kv_ops._attention(q, k, v, 64, 4, None, None, gluon)

@@ -37,11 +37,13 @@ def _choices():
 
 @pytest.mark.parametrize("hq, hkv, s, dtype", [(8, 2, 1, torch.float16), (4, 2, 2, torch.float16),
                                                (2, 2, 1, torch.float16), (6, 2, 1, torch.float16),
+                                               (16, 2, 1, torch.float16), (8, 2, 3, torch.float16),
                                                (8, 2, 1, torch.bfloat16), (4, 2, 2, torch.bfloat16)],
-                         ids=["gqa4", "s2", "mha", "gqa3", "gqa4-bf16", "s2-bf16"])
+                         ids=["gqa4", "s2", "mha", "gqa3", "gqa8", "gqa4-s3", "gqa4-bf16", "s2-bf16"])
 @pytest.mark.parametrize("length", [2, 37, 64, 200, 1000])
 def test_matches_the_reference(hq, hkv, s, dtype, length):
-    """Up to 4 query rows a KV head (GQA with S = 1 or 2 new tokens, MHA, 3 rows of 4), a cache
+    """Query rows a KV head in one program (GQA with S = 1 or 2 new tokens, MHA, 3 rows of 4) or
+    in 2 and 3 (GQA 8; GQA 4 with S = 3, each row its own causal bound), a cache
     longer than its filled part, lengths off the 64-token tile, one program or many splits; bf16
     queries and scales (against the float32 reference)."""
     torch.manual_seed(length)
@@ -55,14 +57,15 @@ def test_matches_the_reference(hq, hkv, s, dtype, length):
     assert kv_ops.chosen[key].kernel == kv_tiling.INT4_KERNEL, "the op's first candidate is the Gluon kernel"
 
 
+@pytest.mark.parametrize("hq", [4, 8], ids=["4-rows", "8-rows"])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, "additive"])
-def test_a_mask_decides_what_each_query_sees(mask_dtype):
+def test_a_mask_decides_what_each_query_sees(mask_dtype, hq):
     """A static cache's mask (the unwritten tail hidden, split only up to what it shows) with
-    holes, per head, for S = 2 new tokens."""
+    holes, per head, for S = 2 new tokens, in one program or two a KV head."""
     torch.manual_seed(0)
     k, v = _cache(2, 2, 512)
-    q = torch.randn(2, 4, 2, 128, dtype=torch.float16, device="cuda")
-    seen = torch.rand(2, 4, 2, 512, device="cuda") > 0.3
+    q = torch.randn(2, hq, 2, 128, dtype=torch.float16, device="cuda")
+    seen = torch.rand(2, hq, 2, 512, device="cuda") > 0.3
     seen[..., 300:] = False
     seen[..., 0] = True
     mask = seen if mask_dtype == torch.bool else torch.zeros(seen.shape, dtype=torch.float16,
@@ -98,16 +101,16 @@ def test_bf16_queries_beyond_fp16s_range(q_range):
         assert_close(kv_ops._attention(q, k, v, 300, 4, None, None, choice), ref, torch.bfloat16)
 
 
-@pytest.mark.parametrize("case", ["fp32", "8 rows", "head_dim 64", "groups of 64"])
+@pytest.mark.parametrize("case", ["fp32", "20 rows", "head_dim 64", "groups of 64"])
 def test_what_it_cannot_take_stays_with_the_triton_kernel(case):
     torch.manual_seed(2)
     dtype = torch.float32 if case == "fp32" else torch.float16
     d, group = (64, 32) if case == "head_dim 64" else (128, 64 if case == "groups of 64" else 32)
-    hq = 16 if case == "8 rows" else 8
+    s = 5 if case == "20 rows" else 1  # GQA 4 and 5 new tokens
     k, v = (quantize_kv(torch.randn(1, 2, 256, d, dtype=dtype, device="cuda"), 4, group) for _ in range(2))
-    q = torch.randn(1, hq, 1, d, dtype=dtype, device="cuda")
+    q = torch.randn(1, 8, s, d, dtype=dtype, device="cuda")
     reason = kv_int4_attention.unsupported_reason(q, k, v, 4)
     assert reason is not None
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 256, 4), kv_attention_reference(q, k, v, 4, 256), dtype)
-    key = kv_ops.tuning_key(4, group, d, 16, True, 2, 256, dtype, False)
+    key = kv_ops.tuning_key(4, group, d, 32 if s > 1 else 16, True, 2, 256, dtype, False)
     assert kv_ops.chosen[key].kernel == "kv_attention"
