@@ -132,11 +132,12 @@ def prefill(lengths):
             cache = (*kq, *vq)
             out = torch.ops.qcompile.kv_attention(q, *cache, n, bits)
             t = time_rotated(lambda: torch.ops.qcompile.kv_attention(q, *cache, n, bits), [()])
-            row["impl"][f"qcompile {name}"] = {"us": t, "speedup": t_fp16 / t,
+            key = kv_ops.tuning_key(bits, group, D, kv_ops._row_block(HQ // HKV * n), False, HKV, n, q.dtype, False)
+            row["impl"][f"qcompile {name}"] = {"config": str(kv_ops.chosen[key]), "us": t, "speedup": t_fp16 / t,
                                               "max_abs_err_vs_fp16": (out - exact).abs().max().item()}
         rows.append(row)
         print(f"prefill {n:6d} fp16 {t_fp16:8.1f}us " + "  ".join(
-            f"{i} {r['us']:.1f}us {r['speedup']:.2f}x (err {r['max_abs_err_vs_fp16']:.1e})"
+            f"{i} {r['us']:.1f}us {r['speedup']:.2f}x (err {r['max_abs_err_vs_fp16']:.1e}, {r['config']})"
             for i, r in row["impl"].items()), flush=True)
     return rows
 

@@ -359,6 +359,24 @@ def kv_attention_kernel(
 
 
 @triton.jit
+def kv_dequant_kernel(c_ptr, s_ptr, z_ptr, o_ptr, length, heads, scb, sch, sct, scd, sck, ssb, ssh, sst, ssg,
+                      sob, soh, sot, sod, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                      DEQ: tl.constexpr, VB: tl.constexpr, BLOCK_T: tl.constexpr):
+    """formats.kv.dequantize_kv of a cache's first ``length`` tokens into o [B, H, length, D],
+    rounded as the reference rounds (_dequant): a prefill's K or V for torch's SDPA, whose flash
+    kernel a long prompt's dots are faster in than this module's. Grid (B H, tiles of BLOCK_T)."""
+    b, h = tl.program_id(0) // heads, tl.program_id(0) % heads
+    rt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = rt < length
+    x = _dequant(c_ptr + b * scb + h * sch, s_ptr + b * ssb + h * ssh, z_ptr + b * ssb + h * ssh, rt, tmask, sct, scd,
+                 sck, sst, ssg, D, BITS, GROUP, DEQ, VB)
+    if DEQ == tl.float32:  # bf16 under the interpreter too: rounded, not truncated
+        x = _rounded_to(x, o_ptr.dtype.element_ty)
+    tl.store(o_ptr + b * sob + h * soh + rt[:, None] * sot + tl.arange(0, D)[None, :] * sod,
+             x.to(o_ptr.dtype.element_ty), mask=tmask[:, None])
+
+
+@triton.jit
 def kv_combine_kernel(
     acc_ptr, stat_ptr, o_ptr, splits, sob, soh, sos, sod,
     REP: tl.constexpr, S: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, MROWS: tl.constexpr,

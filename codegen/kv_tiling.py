@@ -62,6 +62,13 @@ INT4_KERNEL = "kv_int4_decode"
 INT4_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st)
               for w, st in ((8, 2), (4, 3), (4, 2))]
 MAX_SPLITS = 64
+# a prefill's other way: the cache dequantized into the queries' dtype (kv_dequant_kernel, tiles
+# of BLOCK_T tokens) and torch's SDPA, flash where only causality masks it. The first candidate
+# of a prefill: its dots are flash's, where the Triton kernel's prefill tiles ran 0.37-0.49x of
+# flash from 1k to 16k tokens; those stay candidates, for short prefills that a full dequantized
+# copy of the cache would slow down.
+DEQUANT_SDPA = "kv_dequant_sdpa"
+DEQUANT_TILE = triton.Config({"BLOCK_T": 64}, num_warps=4)
 ONE_WARP = list(itertools.product((64, 32), (1, 2, 4, 8), (1,), (1, 3)))  # decoding: at most 64 tokens a warp
 
 
@@ -90,13 +97,15 @@ def _grid(decode: bool, bits: int, rows: int):
 def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes: int, dot_bytes: int,
                mask: bool, device, int4: bool = False) -> list:
     """The Choices worth timing, those over the device's shared memory pruned; with ``int4``
-    (kv_int4_attention.unsupported_reason found nothing against it) the Gluon kernel's first."""
+    (kv_int4_attention.unsupported_reason found nothing against it) the Gluon kernel's first,
+    and for a prefill DEQUANT_SDPA first."""
+    own = [Choice(INT4_KERNEL, c) for c in INT4_TILES] if int4 else []
+    own += [] if decode else [Choice(DEQUANT_SDPA, DEQUANT_TILE)]
     if interpreting():
-        return [Choice("kv_attention", c) for c in INTERPRETED]
+        return own + [Choice("kv_attention", c) for c in INTERPRETED]
     limit = max_shared_mem(device.index or 0)
     fits = [c for c in _grid(decode, bits, rows)
             if smem_bytes(c, rows, d, groups, bits, s_bytes, dot_bytes, mask) <= limit]
-    own = [Choice(INT4_KERNEL, c) for c in INT4_TILES] if int4 else []
     return own + [Choice("kv_attention", c) for c in fits or [SMALLEST]]
 
 

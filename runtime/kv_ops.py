@@ -3,11 +3,13 @@
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from qcompile.codegen import kv_int4_attention, kv_tiling
-from qcompile.codegen.kv_attention import kv_append_kernel, kv_attention_kernel, kv_combine_kernel, kv_live_kernel
+from qcompile.codegen.kv_attention import (kv_append_kernel, kv_attention_kernel, kv_combine_kernel, kv_dequant_kernel,
+                                           kv_live_kernel)
 from qcompile.formats.kv import append_kv, kv_attention_reference
 
 from .autotune import TUNER
@@ -139,6 +141,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     scale, nlive = 1 / math.sqrt(d) if sm_scale is None else sm_scale, live.shape[1] if live is not None else 0
 
     def run(c):
+        if c.kernel == kv_tiling.DEQUANT_SDPA:
+            return out.copy_(_dequant_sdpa(q, k, v, length, bits, attn_mask, sm_scale, c.config))
         cfg = c.config
         row_blocks = triton.cdiv(hq // hkv * s, 4) if c.kernel == kv_tiling.INT4_KERNEL else 1
         splits = (kv_tiling.splits(b * hkv * row_blocks, length, cfg.kwargs["BLOCK_T"], cfg.kwargs["WAVES"], sms)
@@ -176,6 +180,34 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     run(choice)
     chosen[key] = choice
     return out
+
+
+def _dequantized(codes, scale, zero, length: int, bits: int, dtype, cfg) -> torch.Tensor:
+    """The cache's first ``length`` tokens [B, H, length, D] in ``dtype`` (kv_dequant_kernel)."""
+    b, h, _, groups = scale.shape
+    d = codes.shape[-1] * 8 // bits
+    out = torch.empty(b, h, length, d, dtype=dtype, device=codes.device)
+    strides, vb = _v_layout(codes)
+    block_t = cfg.kwargs["BLOCK_T"]
+    kv_dequant_kernel[(b * h, triton.cdiv(length, block_t))](
+        codes, scale, zero, out, length, h, *strides, *scale.stride(), *out.stride(), D=d, BITS=bits,
+        GROUP=d // groups, DEQ=dot_dtype(scale.dtype), VB=vb, BLOCK_T=block_t, num_warps=cfg.num_warps)
+    return out
+
+
+def _dequant_sdpa(q, k, v, length, bits, attn_mask, sm_scale, cfg) -> torch.Tensor:
+    """kv_attention_reference's computation, the cache dequantized by kv_dequant_kernel: a
+    prompt attending to itself alone is causal for torch's SDPA (flash, GQA without copies); a
+    mask, or cached tokens before the new ones, takes the mask and K and V repeated per query
+    head, as the reference does."""
+    s, hq, hkv = q.shape[2], q.shape[1], k[0].shape[1]
+    k, v = (_dequantized(*t, length, bits, q.dtype, cfg) for t in (k, v))
+    if attn_mask is None and s == length:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=hq != hkv)
+    if attn_mask is None:  # query i sees up to its own position, length - s + i
+        attn_mask = torch.arange(length, device=q.device) <= torch.arange(length - s, length, device=q.device)[:, None]
+    k, v = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=sm_scale)
 
 
 @kv_attention.register_fake

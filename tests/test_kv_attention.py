@@ -52,8 +52,9 @@ def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, d
     the cache combined (some empty), S > 1 new tokens each seeing up to itself, and prefills
     (of a whole prompt, and of a chunk after 29 cached tokens) in several blocks of query rows;
     each tile configuration here (the interpreter's two; on a GPU, tiles of 32-128 tokens, 1, 4
-    and 8 warps, 1 and 3 stages, and registers capped), and the tuned op. The merge takes the
-    splits one or two at a time here (its running maximum carried over several blocks of splits)."""
+    and 8 warps, 1 and 3 stages, and registers capped), the cache dequantized for torch's SDPA
+    (a prefill's first choice), and the tuned op. The merge takes the splits one or two at a time
+    here (its running maximum carried over several blocks of splits)."""
     monkeypatch.setattr(kv_ops, "COMBINE_ELEMENTS", 256)  # 2 splits of 4 rows x 32 channels, 1 of 16 rows
     torch.manual_seed(length)
     k, v = cache(2, 2, 80, 64, bits, group, dtype, device)
@@ -61,11 +62,19 @@ def test_attention_kernel_matches_the_reference(dtype, bits, group, s, length, d
     ref = kv_attention_reference(q, k, v, bits, length)
     for config in kv_tiling.INTERPRETED if device == "cpu" else GPU_CONFIGS:
         assert_close(kv_ops._attention(q, k, v, length, bits, None, None, Choice("kv_attention", config)), ref, dtype)
+    dequantized = Choice(kv_tiling.DEQUANT_SDPA, kv_tiling.DEQUANT_TILE)
+    assert_close(kv_ops._attention(q, k, v, length, bits, None, None, dequantized), ref, dtype)
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, length, bits), ref, dtype)
     rows = kv_ops._row_block(4 * s)
-    key = kv_ops.tuning_key(bits, group, 64, rows, rows >= 4 * s, 4, length, dtype, False)
-    tiles = {c.kwargs["BLOCK_T"] for c in kv_tiling.INTERPRETED} if device == "cpu" else {32, 64, 128}
-    assert kv_ops.chosen[key].config.kwargs["BLOCK_T"] in tiles, "the tuner chose among the candidates"
+    decode = rows >= 4 * s
+    chosen = kv_ops.chosen[kv_ops.tuning_key(bits, group, 64, rows, decode, 4, length, dtype, False)]
+    if chosen.kernel == kv_tiling.DEQUANT_SDPA:
+        assert not decode, "a decode step's candidates are the Triton kernel's tiles"
+    else:
+        tiles = {c.kwargs["BLOCK_T"] for c in kv_tiling.INTERPRETED} if device == "cpu" else {32, 64, 128}
+        assert chosen.config.kwargs["BLOCK_T"] in tiles, "the tuner chose among the candidates"
+    if device == "cpu" and not decode:
+        assert chosen.kernel == kv_tiling.DEQUANT_SDPA, "untuned, a prefill takes its first candidate"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -131,6 +140,19 @@ def test_v_codes_in_blocks_of_tokens_are_read_as_dequantize_kv_reads_them(dtype,
     assert_close(torch.ops.qcompile.kv_attention(q, kc, ks, kz, *v, 50, bits), ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits, group", [(8, 64), (4, 32)])
+@pytest.mark.parametrize("v_blocks", [False, True], ids=["rows", "v-in-blocks"])
+def test_the_dequantized_cache_is_dequantize_kv_bit_for_bit(dtype, bits, group, v_blocks, device):
+    """kv_dequant_kernel (a prefill's way to torch's SDPA) rounds as the reference does, bf16
+    under the interpreter too; V in blocks of 8 tokens; a length off its 64-token tile."""
+    torch.manual_seed(6)
+    (kc, ks, kz), (vc, vs, vz) = cache(2, 3, 96, 64, bits, group, dtype, device)
+    codes = as_token_blocks(vc, 8) if v_blocks else vc
+    out = kv_ops._dequantized(codes, vs, vz, 70, bits, dtype, kv_tiling.DEQUANT_TILE)
+    assert torch.equal(out, dequantize_kv(vc, vs, vz, bits)[:, :, :70].to(dtype))
+
+
 @pytest.mark.parametrize("heads", [1, 4])
 def test_a_decode_step_splits_only_what_the_mask_shows(heads, device, monkeypatch):
     """kv_live_kernel: per sequence, one past the last token the mask shows to any query (the
@@ -166,6 +188,10 @@ def test_an_explicit_mask_decides_what_each_query_sees(dtype, mask_dtype, s, gro
         ~seen, float("-inf"))
     out = torch.ops.qcompile.kv_attention(q, *k, *v, 48, 4, mask, 0.3)
     assert_close(out, kv_attention_reference(q, k, v, 4, 48, mask, 0.3), dtype)
+    if s == 20:  # the op's prefill took the dequantized cache to SDPA: the Triton kernel's too
+        triton_tile = Choice("kv_attention", kv_tiling.INTERPRETED[0] if device == "cpu" else kv_tiling.SMALLEST)
+        assert_close(kv_ops._attention(q, k, v, 48, 4, mask, 0.3, triton_tile),
+                     kv_attention_reference(q, k, v, 4, 48, mask, 0.3), dtype)
     assert not torch.allclose(out, kv_attention_reference(q, k, v, 4, 48, None, 0.3)), "the mask matters"
 
 
