@@ -68,7 +68,7 @@ MAX_SPLITS = 64
 # flash from 1k to 16k tokens; those stay candidates, for short prefills that a full dequantized
 # copy of the cache would slow down.
 DEQUANT_SDPA = "kv_dequant_sdpa"
-DEQUANT_TILE = triton.Config({"BLOCK_T": 64}, num_warps=4)
+DEQUANT_TILE = triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=1)  # no loop to pipeline
 ONE_WARP = list(itertools.product((64, 32), (1, 2, 4, 8), (1,), (1, 3)))  # decoding: at most 64 tokens a warp
 
 

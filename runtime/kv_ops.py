@@ -191,7 +191,8 @@ def _dequantized(codes, scale, zero, length: int, bits: int, dtype, cfg) -> torc
     block_t = cfg.kwargs["BLOCK_T"]
     kv_dequant_kernel[(b * h, triton.cdiv(length, block_t))](
         codes, scale, zero, out, length, h, *strides, *scale.stride(), *out.stride(), D=d, BITS=bits,
-        GROUP=d // groups, DEQ=dot_dtype(scale.dtype), VB=vb, BLOCK_T=block_t, num_warps=cfg.num_warps)
+        GROUP=d // groups, DEQ=dot_dtype(scale.dtype), VB=vb, BLOCK_T=block_t, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out
 
 
