@@ -33,12 +33,13 @@ of the memory roofline on the H200 (README, fifth run). Here about 1470 (bench.s
   programs of 4 rows each over the same tokens: the second reads the tiles the first brought
   into L2.
 
-Grid (B, Hkv, splits), the split and the partials of kv_attention_kernel, merged by
+Grid (B, Hkv ROW_BLOCKS, splits), the split and the partials of kv_attention_kernel, merged by
 kv_combine_kernel (launched as a programmatic dependent, PDL). Measured on the H200 (README,
-sixth run): 1.7-2.7x the Triton kernel's speed at >= 16k context; the Marlin-style unpack 1.03x
-a PRMT one. Tried and not kept: each tile's loads waited for in registers (its first version,
-1.35x slower at 16k, batch 8), lazy rescaling (0.97x), 3 stages or 10 programs an SM (0.8-0.9x:
--attention-ab-int4.json).
+sixth and seventh runs): 1.7-2.7x the Triton kernel's speed at >= 16k context; the Marlin-style
+unpack 1.03x a PRMT one. Tried and not kept: each tile's loads waited for in registers (its
+first version, 1.35x slower at 16k, batch 8), lazy rescaling (0.97x), 3 stages or 10 programs
+an SM (0.8-0.9x: -attention-ab-int4.json, -attention-ab-stages.json), the merge done by the
+last of a head's programs (0.66x at batch 1: -attention-ab-merge.json).
 """
 import torch
 from triton.experimental import gluon

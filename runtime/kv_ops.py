@@ -1,5 +1,6 @@
 """``qcompile::kv_attention``: attention reading a quantized KV cache, decode and prefill
-(codegen/kv_attention.py); where no kernel can run, the reference (qcompile/formats/kv.py)."""
+(codegen/kv_attention.py, codegen/kv_int4_attention.py; a prefill may also take the cache
+dequantized into torch's SDPA); where no kernel can run, the reference (qcompile/formats/kv.py)."""
 import math
 
 import torch
