@@ -220,8 +220,8 @@ def sweep(contexts, batches, kernels=(), only=None):
     rotated as in the main sweep): the landscape behind the tuned choice, and how far the
     untuned first guess is from it. With ``kernels`` (files of other versions of
     codegen/kv_attention.py or codegen/kv_int4_attention.py), each of them too on the same
-    caches, after the package's: an A/B in one run, its best tiles compared at the end. ``only``: these Choices instead of the
-    tuner's candidates (tiles it does not try)."""
+    caches, after the package's: an A/B in one run, its best tiles compared at the end.
+    ``only``: these Choices instead of the tuner's candidates (tiles it does not try)."""
     rows = []
     versions = {"package": None} | {f: kernel_module(f) for f in kernels}
     for ctx in map(int, contexts.split(",")):

@@ -11,7 +11,7 @@ import triton.language as tl
 from qcompile.codegen import kv_int4_attention, kv_tiling
 from qcompile.codegen.kv_attention import (kv_append_kernel, kv_attention_kernel, kv_combine_kernel, kv_dequant_kernel,
                                            kv_live_kernel)
-from qcompile.formats.kv import append_kv, kv_attention_reference
+from qcompile.formats.kv import append_kv, attend, kv_attention_reference
 
 from .autotune import TUNER
 from .device import interpreting, kernel_unavailable_reason
@@ -145,7 +145,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
         if c.kernel == kv_tiling.DEQUANT_SDPA:
             return out.copy_(_dequant_sdpa(q, k, v, length, bits, attn_mask, sm_scale, c.config))
         cfg = c.config
-        row_blocks = triton.cdiv(hq // hkv * s, 4) if c.kernel == kv_tiling.INT4_KERNEL else 1
+        row_blocks = triton.cdiv(hq // hkv * s, kv_int4_attention.R.value) if c.kernel == kv_tiling.INT4_KERNEL else 1
         splits = (kv_tiling.splits(b * hkv * row_blocks, length, cfg.kwargs["BLOCK_T"], cfg.kwargs["WAVES"], sms)
                   if decode else 1)
         acc = q.new_empty(b * hkv * splits * rows * d if splits > 1 else 0, dtype=torch.float32)
@@ -200,16 +200,13 @@ def _dequantized(codes, scale, zero, length: int, bits: int, dtype, cfg) -> torc
 def _dequant_sdpa(q, k, v, length, bits, attn_mask, sm_scale, cfg) -> torch.Tensor:
     """kv_attention_reference's computation, the cache dequantized by kv_dequant_kernel: a
     prompt attending to itself alone is causal for torch's SDPA (flash, GQA without copies); a
-    mask, or cached tokens before the new ones, takes the mask and K and V repeated per query
-    head, as the reference does."""
-    s, hq, hkv = q.shape[2], q.shape[1], k[0].shape[1]
+    mask, or cached tokens before the new ones, goes through the reference's own SDPA
+    (formats.kv.attend: K and V repeated per query head)."""
     k, v = (_dequantized(*t, length, bits, q.dtype, cfg) for t in (k, v))
-    if attn_mask is None and s == length:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=hq != hkv)
-    if attn_mask is None:  # query i sees up to its own position, length - s + i
-        attn_mask = torch.arange(length, device=q.device) <= torch.arange(length - s, length, device=q.device)[:, None]
-    k, v = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=sm_scale)
+    if attn_mask is None and q.shape[2] == length:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    return attend(q, k, v, attn_mask, sm_scale)
 
 
 @kv_attention.register_fake

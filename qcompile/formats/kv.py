@@ -113,9 +113,15 @@ def kv_attention_reference(q, k, v, bits: int, length: int, attn_mask=None, scal
     sees the tokens up to its own, unless ``attn_mask`` says otherwise), over the cache's k and v, each a (codes,
     scale, zero) triple with Hkv heads dividing Hq (grouped-query attention)."""
     k, v = (dequantize_kv(*t, bits)[:, :, :length] for t in (k, v))
+    return attend(q, k.to(q.dtype), v.to(q.dtype), attn_mask, scale)
+
+
+def attend(q, k, v, attn_mask=None, scale=None) -> torch.Tensor:
+    """kv_attention_reference's SDPA over K and V already dequantized ([B, Hkv, length, D]):
+    repeated per query head, and without ``attn_mask`` query s sees the tokens up to its own."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = q.shape[2]
+    s, length = q.shape[2], k.shape[2]
     if attn_mask is None:
         attn_mask = torch.arange(length, device=q.device) <= torch.arange(length - s, length, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
