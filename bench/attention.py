@@ -189,10 +189,12 @@ def append(batches):
 
 def tiles(spec: str) -> list:
     """Choices from ``--tiles``: "BLOCK_T,WAVES,warps,stages[,REGS]" entries separated by ";",
-    prefixed "int4:" for the Gluon int4 kernel's."""
+    prefixed "int4:" for the Gluon int4 kernel's, "rows:" for its rows kernel's."""
     out = []
+    prefixes = {"int4:": kv_tiling.INT4_KERNEL, "rows:": kv_tiling.INT4_ROWS_KERNEL}
     for entry in spec.split(";"):
-        kernel, entry = (kv_tiling.INT4_KERNEL, entry[5:]) if entry.startswith("int4:") else ("kv_attention", entry)
+        kernel = prefixes.get(entry[:5], "kv_attention")
+        entry = entry[5:] if entry[:5] in prefixes else entry
         bt, waves, warps, stages, *regs = map(int, entry.split(","))
         config = triton.Config({"BLOCK_T": bt, "WAVES": waves} | ({"REGS": regs[0]} if regs else {}),
                                num_warps=warps, num_stages=stages)
@@ -231,7 +233,8 @@ def sweep(contexts, batches, kernels=(), only=None):
             for name, (bits, group) in KV.items():
                 k, v = random_cache(b, ctx, bits, group)
                 int4 = kv_int4_attention.unsupported_reason(q, k, v, bits) is None
-                cands = only or kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device, int4)
+                rows = kv_int4_attention.rows_unsupported_reason(q, k, v, bits) is None
+                cands = only or kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device, int4, rows)
                 copies = copies_of((*k, *v))
                 ref = kv_attention_reference(q, k, v, bits, ctx)
                 for version, module in versions.items():

@@ -82,7 +82,7 @@ def compile_decode(kernel, bits: int, group: int, dtype: str, warps: int, stages
     consts = dict(REP=HQ // HKV, S=1, ROWS=16, D=D, BITS=bits, GROUP=group, DEQ=tdtype, DOT=tdtype,
                   PRECISION="tf32", BLOCK_T=block_t, HAS_MASK=False, LIVE=0, SKIP_HIDDEN=False,
                   VB=v_block if v_token_major else 0, PDL=True, STAGES=stages, FP16_RANGE=dtype == "bf16",
-                  ROW_BLOCKS=1)
+                  ROW_BLOCKS=1, G=D // group)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     signature, attrs = {}, {}
     for name, value in _decode_args(bits, group, dtype, v_token_major, v_block=v_block).items():
@@ -151,7 +151,8 @@ def programs_per_sm(registers: int, shared: int, warps: int) -> int:
 
 def report(kernel, gpu: str, v_layout: str = "cache") -> list:
     """A row per width, dtype and first tile of the Triton kernel, then the Gluon int4 kernel's
-    (fp16, kv_tiling.INT4_TILES' first), whose rows say "gluon" and have no shared-memory model."""
+    (fp16, kv_tiling.INT4_TILES' first) and its rows kernel's, whose rows say "gluon" and
+    "gluon-rows" and have no shared-memory model."""
     rows = []
     for name, (bits, group) in KV.items():
         for dtype in ("fp16", "bf16"):
@@ -167,6 +168,11 @@ def report(kernel, gpu: str, v_layout: str = "cache") -> list:
                               block_t=first.kwargs["BLOCK_T"])
     rows.append(_row(compiled, gpu, "int4", "fp16", first.kwargs["BLOCK_T"], 1, first.num_stages, None, 4, 32, None,
                      kernel="gluon"))
+    first = kv_tiling.INT4_ROWS_TILES[0]
+    compiled = compile_decode(kv_int4_attention.kv_int4_rows_kernel, 4, 32, "fp16", 1, first.num_stages,
+                              block_t=first.kwargs["BLOCK_T"])
+    rows.append(_row(compiled, gpu, "int4", "fp16", first.kwargs["BLOCK_T"], 1, first.num_stages, None, 4, 32, None,
+                     kernel="gluon-rows"))
     return rows
 
 

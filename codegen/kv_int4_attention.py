@@ -416,3 +416,191 @@ def unsupported_reason(q, k, v, bits: int) -> str | None:
         if t.stride()[2:] != (D.value // GROUP.value, 1):
             return f"scales or zeros strided {tuple(t.stride())}: the Gluon kernel takes [B, H, T, 4] rows"
     return None
+
+
+@gluon.jit
+def _dequantized(low, high, sbuf, zbuf, G: gl.constexpr):
+    """(code - zero) scale in fp16 of nibbles from _nibbles ([n, m, T], dim 0 running over the
+    G groups in order, n / G entries each), rounded once as the reference rounds: the
+    subtraction is exact (1024 + code - (1024 + zero); a high nibble's 1024 + 16 code scaled by
+    1/16 first), then one HMUL2. sbuf, zbuf: a tile's [T * G] scales and zeros."""
+    n: gl.constexpr = low.shape[0]
+    shape: gl.constexpr = low.shape
+    low = gl.reshape(low, (G, n // G, shape[1], T))
+    high = gl.reshape(high, (G, n // G, shape[1], T))
+    L: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, low.type.layout))  # [G, T]
+    s = sbuf.reshape((T, G)).permute((1, 0)).load(L).to(gl.float16)[:, None, None, :]
+    z = zbuf.reshape((T, G)).permute((1, 0)).load(L).to(gl.float16)[:, None, None, :]
+    low = (low - (z + 1024.0)) * s
+    high = (high * 0.0625 - (z + 64.0)) * s
+    return gl.reshape(low, shape), gl.reshape(high, shape)
+
+
+@gluon.jit
+def _k_dequantized(kbuf, sbuf, zbuf, G: gl.constexpr):
+    """_k_operand's B operand [D, T] dequantized: lane group i of K_BYTES holds channels
+    32 i .. 32 i + 31, group 32 i // GROUP."""
+    low, high = _nibbles(kbuf.permute((1, 2, 0)).load(K_BYTES))
+    low, high = _dequantized(low, high, sbuf, zbuf, G)
+    x = gl.reshape(gl.join(low, high), (4, 2, 2, 2, 2, T, 2))  # [i, m3, m2, m1, m0, T, h]
+    x = gl.permute(x, (6, 1, 2, 3, 0, 4, 5))  # [h, m3, m2, m1, i, m0, T]
+    return gl.convert_layout(gl.reshape(x, (D, T)), B, assert_trivial=True)
+
+
+@gluon.jit
+def _v_dequantized(vbuf, sbuf, zbuf, G: gl.constexpr):
+    """_v_operand's B operand [T, D] dequantized: byte 8 g + r holds channels 16 g + 2 r and
+    16 g + 2 r + 1, group 16 g // GROUP."""
+    low, high = _nibbles(gl.convert_layout(vbuf.reshape((T, 8, 8)).permute((1, 2, 0)).load(V_LOAD), V_PAIRS))
+    low, high = _swapped(low), _swapped(high)  # [g, r, T], a register pairing tokens 2j, 2j + 1
+    low, high = _dequantized(low, high, sbuf, zbuf, G)
+    x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
+    return gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True)
+
+
+@gluon.jit
+def _copy_rows_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexpr):
+    """_copy_tile for G scale groups a token."""
+    kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
+    tk = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, COPY_K)))
+    ok = (tk < lim - t0)[:, None, None]
+    byte = (gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, COPY_K)))[None, :, None] * 16
+            + gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, COPY_K)))[None, None, :])
+    _async_load(kbuf.index(stage), kc + t0 * (D // 2) + tk[:, None, None] * (D // 2) + byte, mask=ok)
+    tv = gl.arange(0, T, layout=gl.SliceLayout(1, COPY_V))
+    byte = gl.arange(0, D // 2, layout=gl.SliceLayout(0, COPY_V))
+    _async_load(vbuf.index(stage), vc + t0 * (D // 2) + tv[:, None] * (D // 2) + byte[None, :],
+                mask=(tv < lim - t0)[:, None])
+    e = gl.arange(0, T * G, layout=gl.BlockedLayout([2 * G], [32], [1], [0]))
+    ok = e < (lim - t0) * G
+    _async_load(ksbuf.index(stage), ks + t0 * G + e, mask=ok)
+    _async_load(kzbuf.index(stage), kz + t0 * G + e, mask=ok)
+    _async_load(vsbuf.index(stage), vs + t0 * G + e, mask=ok)
+    _async_load(vzbuf.index(stage), vz + t0 * G + e, mask=ok)
+
+
+@gluon.jit
+def _rows_tile(qa, acc, m, l, bufs, stage, t0, length, seen, last, bias_ptr, smt, bias_mask, G: gl.constexpr,
+               HAS_MASK: gl.constexpr):
+    """One tile of 64 tokens for 16 query rows: K and V dequantized in the operands, so the
+    dots' rows are the queries themselves (acc [16, D], m and l per row)."""
+    kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
+    qk = mma_v2(qa, _k_dequantized(kbuf.index(stage), ksbuf.index(stage), kzbuf.index(stage), G),
+                gl.zeros([16, T], gl.float32, MMA))
+    rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
+    if HAS_MASK:
+        qk += gl.load(bias_ptr + rs[None, :] * smt, mask=bias_mask & (rs < length)[None, :],
+                      other=float("-inf")).to(gl.float32)
+    elif t0 + T > seen:
+        qk = gl.where(rs[None, :] <= last[:, None], qk, float("-inf"))
+    m_new = gl.maximum(m, gl.max(qk, axis=1))
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E  # rows that have seen nothing yet
+    p = _exp2(qk * LOG2E - m_safe[:, None])
+    alpha = _exp2(m * LOG2E - m_safe)
+    l = l * alpha + gl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    acc = mma_v2(gl.convert_layout(p.to(gl.float16), A),
+                 _v_dequantized(vbuf.index(stage), vsbuf.index(stage), vzbuf.index(stage), G), acc)
+    return acc, m_new, l
+
+
+@gluon.jit
+def kv_int4_rows_kernel(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, mask_ptr, live_ptr, o_ptr, acc_ptr, stat_ptr,
+    length, sm_scale, splits, nlive,
+    sqb, sqh, sqs, sqd, skb, skh, svb, svh, ssb, ssh, smb, smh, sms, smt, sob, soh, sos, sod,
+    REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, HAS_MASK: gl.constexpr, LIVE: gl.constexpr,
+    STAGES: gl.constexpr, PDL: gl.constexpr, G: gl.constexpr,
+):
+    """kv_int4_decode_kernel for up to 16 query rows a KV head and G scale groups a token
+    (GROUP = 128 / G channels), fp16: K and V dequantized in the operands, (code - zero) scale
+    rounded once as the reference rounds, the dots' 16 rows the query rows. Grid (B, Hkv,
+    splits), partials for kv_combine_kernel when splits > 1."""
+    b, hkv, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+    if PDL:  # the merge, launched dependent on this kernel, may start its programs now
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+    RL: gl.constexpr = gl.SliceLayout(1, MMA)  # per dot row = query row
+    r = gl.arange(0, 16, layout=RL)
+    rvalid = r < REP * S
+    last = length - S + r % S  # the last position each row may see
+    span = length
+    if LIVE:  # the end kv_live_kernel found in the mask
+        rl = gl.arange(0, LIVE, layout=gl.BlockedLayout([1], [32], [1], [0]))
+        span = gl.max(gl.load(live_ptr + b * nlive + rl, mask=rl < nlive, other=0), axis=0)
+    chunk = gl.cdiv(gl.cdiv(span, splits), T) * T
+    start = split * chunk
+    end = gl.minimum(start + chunk, span)
+    if not HAS_MASK:  # causal: no row sees past its last query's position
+        end = gl.minimum(end, gl.max(gl.where(rvalid, last, 0), axis=0) + 1)
+    # q [16 query rows, D (_k_channel's order)] times the softmax scale
+    qr = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
+    ch = _k_channel(gl.arange(0, D, layout=gl.SliceLayout(0, QL)))
+    q = gl.load(q_ptr + b * sqb + (hkv * REP + qr // S)[:, None] * sqh + (qr % S)[:, None] * sqs + ch[None, :] * sqd,
+                mask=(qr < REP * S)[:, None], other=0.0)
+    qa = gl.convert_layout((q.to(gl.float32) * sm_scale).to(gl.float16), A)
+    acc = gl.zeros([16, D], gl.float32, MMA)
+    m = gl.full([16], float("-inf"), gl.float32, RL)
+    l = gl.zeros([16], gl.float32, RL)
+    kc = kc_ptr + b * skb + hkv * skh
+    vc = vc_ptr + b * svb + hkv * svh
+    sv = b * ssb + hkv * ssh
+    bias_ptr = mask_ptr + b * smb + ((hkv * REP + r // S) * smh + (r % S) * sms)[:, None]
+    bias_mask = rvalid[:, None]
+    seen = gl.min(gl.where(rvalid, last, length), axis=0) + 1  # every row sees the tokens before (causal)
+    bufs = (gl.allocate_shared_memory(gl.uint8, [STAGES, T, 4, 16], SHARED),
+            gl.allocate_shared_memory(gl.uint8, [STAGES, T, D // 2], SHARED_V),
+            gl.allocate_shared_memory(ks_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
+            gl.allocate_shared_memory(kz_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
+            gl.allocate_shared_memory(vs_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
+            gl.allocate_shared_memory(vz_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S))
+    tiles = gl.cdiv(end - start, T)
+    lim = gl.minimum(length, start + tiles * T)
+    ks, kz, vs, vz = ks_ptr + sv, kz_ptr + sv, vs_ptr + sv, vz_ptr + sv
+    for i in gl.static_range(STAGES - 1):
+        _copy_rows_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim, G)
+        async_copy.commit_group()
+    for i in range(tiles):
+        async_copy.wait_group(STAGES - 2)
+        _barrier()
+        ahead = i + STAGES - 1
+        _copy_rows_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, G)
+        async_copy.commit_group()
+        acc, m, l = _rows_tile(qa, acc, m, l, bufs, i % STAGES, start + i * T, length, seen, last, bias_ptr, smt,
+                               bias_mask, G, HAS_MASK)
+    n = _v_channel(gl.arange(0, D, layout=gl.SliceLayout(0, MMA)))
+    ok = rvalid[:, None]
+    if splits == 1:  # the whole cache in this program: the output directly
+        optr = o_ptr + b * sob + (hkv * REP + r // S)[:, None] * soh + (r % S)[:, None] * sos + n[None, :] * sod
+        gl.store(optr, (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
+    else:  # partials for kv_combine_kernel, ROWS apart
+        part = ((b * gl.num_programs(1) + hkv) * splits + split) * ROWS + r
+        gl.store(acc_ptr + part[:, None] * D + n[None, :], acc, mask=ok)
+        gl.store(stat_ptr + part * 2, m, mask=rvalid)
+        gl.store(stat_ptr + part * 2 + 1, l, mask=rvalid)
+
+
+def rows_unsupported_reason(q, k, v, bits: int) -> str | None:
+    """Why kv_int4_rows_kernel cannot take this decode step, or None. It takes 4-bit codes in
+    groups of 32 or 64 of head_dim 128, fp16 queries, up to 16 query rows a KV head, on sm_80
+    and later, with the cache's own contiguous layout. (Groups of 128 need scale copies under 4
+    bytes, which cp.async does not make.)"""
+    (kc, ks, kz), (vc, vs, vz) = k, v
+    b, hq, s, d = q.shape
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the Gluon int4 kernel runs on CUDA sm_80 and later (mma.sync)"
+    groups = ks.shape[-1]
+    if bits != 4 or d != D.value or groups not in (2, 4) or vs.shape[-1] != groups:
+        return (f"bits={bits}, head_dim={d}, {groups} groups: the rows kernel takes 4-bit codes, head_dim 128, groups "
+                "of 32 or 64")
+    if q.dtype != torch.float16:
+        return f"{q.dtype} queries: the rows kernel dequantizes in fp16 for fp16 queries"
+    if hq // kc.shape[1] * s > 16:
+        return f"{hq // kc.shape[1] * s} query rows a KV head: the rows kernel takes at most 16"
+    for name, c in (("K", kc), ("V", vc)):
+        if c.dim() != 4 or c.stride()[2:] != (D.value // 2, 1):
+            return f"{name}'s codes strided {tuple(c.stride())}: the rows kernel takes [B, H, T, 64] rows"
+    for t in (ks, kz, vs, vz):
+        if t.stride()[2:] != (groups, 1):
+            return f"scales or zeros strided {tuple(t.stride())}: the rows kernel takes [B, H, T, {groups}] rows"
+    return None

@@ -139,6 +139,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
 
     why_not = "a prefill" if not decode else kv_int4_attention.unsupported_reason(q, k, v, bits)
     int4 = why_not is None
+    why_not_rows = "a prefill" if not decode else kv_int4_attention.rows_unsupported_reason(q, k, v, bits)
     scale, nlive = 1 / math.sqrt(d) if sm_scale is None else sm_scale, live.shape[1] if live is not None else 0
 
     def run(c):
@@ -150,15 +151,21 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
                   if decode else 1)
         acc = q.new_empty(b * hkv * splits * rows * d if splits > 1 else 0, dtype=torch.float32)
         stat = q.new_empty(b * hkv * splits * rows * 2 if splits > 1 else 0, dtype=torch.float32)
-        if c.kernel == kv_tiling.INT4_KERNEL:  # strides but the cache's token and channel ones (constants there)
+        # the Gluon kernels take the strides but the cache's token and channel ones (constants there)
+        gluon_args = (*args, acc, stat, length, scale, splits, nlive, *q.stride(), *k_codes.stride()[:2],
+                      *v_codes.stride()[:2], *k_scale.stride()[:2], *mask_and_out)
+        gluon_consts = dict(REP=consts["REP"], S=s, ROWS=rows, HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"],
+                            STAGES=cfg.num_stages, PDL=consts["PDL"], num_warps=1, maxnreg=cfg.kwargs.get("REGS"))
+        if c.kernel == kv_tiling.INT4_ROWS_KERNEL:
+            if why_not_rows is not None:  # a choice given from outside (the benchmark's)
+                raise ValueError(f"choice={c}: the Gluon int4 rows kernel cannot take this step ({why_not_rows})")
+            binary = kv_int4_attention.kv_int4_rows_kernel[(b, hkv, splits)](*gluon_args, **gluon_consts,
+                                                                           G=k_scale.shape[-1])
+        elif c.kernel == kv_tiling.INT4_KERNEL:
             if not int4:  # a choice given from outside (the benchmark's)
                 raise ValueError(f"choice={c}: the Gluon int4 kernel cannot take this step ({why_not})")
             binary = kv_int4_attention.kv_int4_decode_kernel[(b, hkv * row_blocks, splits)](
-                *args, acc, stat, length, scale, splits, nlive, *q.stride(), *k_codes.stride()[:2],
-                *v_codes.stride()[:2], *k_scale.stride()[:2], *mask_and_out, REP=consts["REP"], S=s, ROWS=rows,
-                HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"], STAGES=cfg.num_stages, PDL=consts["PDL"],
-                FP16_RANGE=q.dtype == torch.bfloat16, ROW_BLOCKS=row_blocks, num_warps=1,
-                maxnreg=cfg.kwargs.get("REGS"))
+                *gluon_args, **gluon_consts, FP16_RANGE=q.dtype == torch.bfloat16, ROW_BLOCKS=row_blocks)
         else:
             binary = kv_attention_kernel[(b, hkv, blocks * splits)](
                 *args, acc, stat, length, scale, splits, nlive, *strides, **consts, **own,
@@ -175,9 +182,9 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
 
     key = tuning_key(bits, group, d, rows, decode, b * hkv, length, q.dtype, attn_mask is not None)
     if choice is None:  # the Gluon kernel's choices only where it applies
-        choice = TUNER.pick("kv_attention", (*key, int4), lambda: kv_tiling.candidates(
+        choice = TUNER.pick("kv_attention", (*key, int4, why_not_rows is None), lambda: kv_tiling.candidates(
             decode, rows, d, d // group, bits, k_scale.element_size(), 4 if dot == tl.float32 else 2,
-            attn_mask is not None, q.device, int4), run, q.device, graphed=True)
+            attn_mask is not None, q.device, int4, why_not_rows is None), run, q.device, graphed=True)
     run(choice)
     chosen[key] = choice
     return out

@@ -58,6 +58,28 @@ def test_matches_the_reference(hq, hkv, s, dtype, length):
     assert kv_ops.chosen[key].kernel == kv_tiling.INT4_KERNEL, "the op's first candidate is the Gluon kernel"
 
 
+def _rows_choices():
+    """The rows kernel's: many splits with a deep pipeline, and fewer with two stages."""
+    return [Choice(kv_tiling.INT4_ROWS_KERNEL, triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st))
+            for w, st in ((8, 4), (2, 2))]
+
+
+@pytest.mark.parametrize("hq, hkv, s", [(8, 2, 1), (16, 2, 1), (32, 2, 1), (8, 2, 3), (2, 2, 1)],
+                         ids=["gqa4", "gqa8", "gqa16", "gqa4-s3", "mha"])
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("length", [37, 1000])
+def test_the_rows_kernel_matches_the_reference(hq, hkv, s, group, length):
+    """kv_int4_rows_kernel (K and V dequantized in the operands, the dots' rows the queries):
+    1 to 16 query rows a KV head, groups of 32 and 64, one program or many splits."""
+    torch.manual_seed(length)
+    k, v = (quantize_kv(torch.randn(3, hkv, 1024, 128, dtype=torch.float16, device="cuda"), 4, group)
+            for _ in range(2))
+    q = torch.randn(3, hq, s, 128, dtype=torch.float16, device="cuda")
+    ref = kv_attention_reference(q, k, v, 4, length)
+    for choice in _rows_choices():
+        assert_close(kv_ops._attention(q, k, v, length, 4, None, None, choice), ref, torch.float16)
+
+
 @pytest.mark.parametrize("hq", [4, 8], ids=["4-rows", "8-rows"])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, "additive"])
 def test_a_mask_decides_what_each_query_sees(mask_dtype, hq):
@@ -72,7 +94,7 @@ def test_a_mask_decides_what_each_query_sees(mask_dtype, hq):
     mask = seen if mask_dtype == torch.bool else torch.zeros(seen.shape, dtype=torch.float16,
                                                              device="cuda").masked_fill_(~seen, float("-inf"))
     ref = kv_attention_reference(q, k, v, 4, 512, mask)
-    for choice in _choices():
+    for choice in _choices() + _rows_choices():
         assert_close(kv_ops._attention(q, k, v, 512, 4, mask, None, choice), ref, torch.float16)
 
 
@@ -102,11 +124,13 @@ def test_bf16_queries_beyond_fp16s_range(q_range):
         assert_close(kv_ops._attention(q, k, v, 300, 4, None, None, choice), ref, torch.bfloat16)
 
 
-@pytest.mark.parametrize("case", ["fp32", "20 rows", "head_dim 64", "groups of 64"])
-def test_what_it_cannot_take_stays_with_the_triton_kernel(case):
+@pytest.mark.parametrize("case", ["fp32", "20 rows", "head_dim 64", "groups of 64", "groups of 128"])
+def test_what_the_decode_kernel_cannot_take_goes_elsewhere(case):
+    """Each case the decode kernel cannot take: groups of 64 go to the rows kernel, the rest to
+    the Triton kernel."""
     torch.manual_seed(2)
     dtype = torch.float32 if case == "fp32" else torch.float16
-    d, group = (64, 32) if case == "head_dim 64" else (128, 64 if case == "groups of 64" else 32)
+    d, group = (64, 32) if case == "head_dim 64" else (128, {"groups of 64": 64, "groups of 128": 128}.get(case, 32))
     s = 5 if case == "20 rows" else 1  # GQA 4 and 5 new tokens
     k, v = (quantize_kv(torch.randn(1, 2, 256, d, dtype=dtype, device="cuda"), 4, group) for _ in range(2))
     q = torch.randn(1, 8, s, d, dtype=dtype, device="cuda")
@@ -114,4 +138,5 @@ def test_what_it_cannot_take_stays_with_the_triton_kernel(case):
     assert reason is not None
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 256, 4), kv_attention_reference(q, k, v, 4, 256), dtype)
     key = kv_ops.tuning_key(4, group, d, 32 if s > 1 else 16, True, 2, 256, dtype, False)
-    assert kv_ops.chosen[key].kernel == "kv_attention"
+    assert kv_ops.chosen[key].kernel == (kv_tiling.INT4_ROWS_KERNEL if case == "groups of 64" else "kv_attention")
+    assert (kv_int4_attention.rows_unsupported_reason(q, k, v, 4) is None) == (case == "groups of 64")
