@@ -44,7 +44,7 @@ from qcompile.formats.kv import (append_kv, as_token_blocks, as_token_major, kv_
 HQ, HKV, D = 32, 8, 128
 CONTEXTS = [1024, 4096, 16384, 32768, 131072]
 BATCHES = [1, 8, 32]
-KV = {"int8": (8, 128), "int4": (4, 32)}  # bits, group
+KV = {"int8": (8, 128), "int4": (4, 32), "int4-g128": (4, 128)}  # bits, group (int4-g128: whole heads, as int8)
 
 
 def nbytes(tensors):
@@ -234,7 +234,10 @@ def sweep(contexts, batches, kernels=(), only=None):
                 k, v = random_cache(b, ctx, bits, group)
                 int4 = kv_int4_attention.unsupported_reason(q, k, v, bits) is None
                 rows = kv_int4_attention.rows_unsupported_reason(q, k, v, bits) is None
-                cands = only or kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device, int4, rows)
+                refused = {kv_tiling.INT4_KERNEL} - ({kv_tiling.INT4_KERNEL} if int4 else set())
+                refused |= {kv_tiling.INT4_ROWS_KERNEL} - ({kv_tiling.INT4_ROWS_KERNEL} if rows else set())
+                cands = ([c for c in only if c.kernel not in refused] if only else
+                         kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device, int4, rows))
                 copies = copies_of((*k, *v))
                 ref = kv_attention_reference(q, k, v, bits, ctx)
                 for version, module in versions.items():

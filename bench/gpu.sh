@@ -10,7 +10,7 @@
 # file in $KV_KERNELS, other versions of codegen/kv_attention.py, V's codes row-contiguous),
 # attention-ab-vt (the same with V's codes token-contiguous), attention-ab-cache (V's codes as the
 # cache stores them; KV_DTYPE=bf16 for bf16, KV_WIDTHS=int8 for one width, KV_TILES
-# for tiles the tuner does not try: --tiles), attention-bf16 (the decode table in bf16), attention-gqa8 (64 query heads on the 8 KV heads), attention-prefill (the causal prefill rows alone), attention-ab-rows (the two Gluon int4 kernels' tiles, KV_QHEADS=64 for GQA 8), sass (bench.sass: the machine code's static profile, with the machine's Triton),
+# for tiles the tuner does not try: --tiles), attention-bf16 (the decode table in bf16), attention-gqa8 (64 query heads on the 8 KV heads), attention-prefill (the causal prefill rows alone), attention-ab-rows (the two Gluon int4 kernels' tiles, KV_QHEADS=64 for GQA 8, KV_WIDTHS=int4-g128 for whole-head groups: the rows kernel's alone), sass (bench.sass: the machine code's static profile, with the machine's Triton),
 # attention-ncu (Nsight Compute of it, batch 1 and 8 at 16k), attention-ncu-int4 (of the Gluon int4 kernel, batch KV_BATCH, 8 by default), kv-kernel-times (int8 batch 1: the attention and the merge kernels' times apart), kv-bandwidth (the cache's read speed per layout of V), attention-v-blocks (the int8 kernel with V token-contiguous, then in blocks of 64 tokens), accuracy-rounding (eager under
 # jitter and plain Inductor, for the activation-quantized formats),
 # profile (Nsight Compute of the tuned W4 kernels), gguf-part and accuracy (the 98 MB model file, split in
@@ -64,9 +64,9 @@ stage() {
     attention-quick) python -m bench.attention --contexts 4096,16384,32768 --batches 1,8 ${KV_WIDTHS:+--kv "$KV_WIDTHS"} \
         --name attention-quick --out "$R" ;;
     attention-prefill) python -m bench.attention --prefill 1024,4096,16384 --name attention-prefill --out "$R" ;;
-    attention-ab-rows) python -m bench.attention --sweep --kv int4 --q-heads ${KV_QHEADS:-32} --contexts 16384,32768 \
-        --batches 1,8,32 --tiles "int4:64,8,1,2;int4:64,4,1,2;rows:64,8,1,2;rows:64,11,1,2;rows:64,4,1,2;rows:64,4,1,3" \
-        --name attention-ab-rows-${KV_QHEADS:-32} --out "$R" ;;
+    attention-ab-rows) python -m bench.attention --sweep --kv ${KV_WIDTHS:-int4} --q-heads ${KV_QHEADS:-32} --contexts 16384,32768 \
+        --batches 1,8,32 --tiles "int4:64,8,1,2;int4:64,4,1,2;rows:64,8,1,2;rows:64,4,1,2;rows:64,8,1,3;rows:64,4,1,3" \
+        --name attention-ab-rows-${KV_QHEADS:-32}${KV_WIDTHS:+-$KV_WIDTHS} --out "$R" ;;
     attention-gqa8) python -m bench.attention --q-heads 64 --contexts 4096,16384,32768 --batches 1,8,32 \
         --name attention-gqa8 --out "$R" ;;
     attention-bf16) python -m bench.attention --dtype bf16 --contexts 4096,16384,32768,131072 --batches 1,8,32 \

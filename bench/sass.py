@@ -40,6 +40,7 @@ from qcompile.codegen import kv_int4_attention, kv_tiling
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 FIRST = 2  # tiles per width: the tuner's first guesses (kv_tiling.WINNERS)
+TRITON_WIDTHS = ("int8", "int4")  # the Triton kernel's widths reported (its 4-bit code is one for every group)
 CONVERSIONS = ("I2F", "F2F", "F2FP", "I2FP", "F2I")
 MIX = ("I2F", "F2FP", "PRMT", "LOP3", "HADD2", "HMUL2", "HFMA2", "IMAD", "LDS", "STS", "LDSM", "LDGSTS", "BAR",
        "HMMA")  # opcodes reported
@@ -151,10 +152,12 @@ def programs_per_sm(registers: int, shared: int, warps: int) -> int:
 
 def report(kernel, gpu: str, v_layout: str = "cache") -> list:
     """A row per width, dtype and first tile of the Triton kernel, then the Gluon int4 kernel's
-    (fp16, kv_tiling.INT4_TILES' first) and its rows kernel's, whose rows say "gluon" and
-    "gluon-rows" and have no shared-memory model."""
+    (fp16, kv_tiling.INT4_TILES' first) and its rows kernel's in groups of 32 and 128, whose
+    rows say "gluon" and "gluon-rows" and have no shared-memory model."""
     rows = []
     for name, (bits, group) in KV.items():
+        if name not in TRITON_WIDTHS:
+            continue
         for dtype in ("fp16", "bf16"):
             for block_t, _, warps, stages, regs in kv_tiling.WINNERS[bits][:FIRST]:
                 blocks = 64 if v_layout in ("blocks", "cache") else 0  # the cache's 8-bit V: formats.kv.v_block
@@ -168,11 +171,13 @@ def report(kernel, gpu: str, v_layout: str = "cache") -> list:
                               block_t=first.kwargs["BLOCK_T"])
     rows.append(_row(compiled, gpu, "int4", "fp16", first.kwargs["BLOCK_T"], 1, first.num_stages, None, 4, 32, None,
                      kernel="gluon"))
-    first = kv_tiling.INT4_ROWS_TILES[0]
-    compiled = compile_decode(kv_int4_attention.kv_int4_rows_kernel, 4, 32, "fp16", 1, first.num_stages,
-                              block_t=first.kwargs["BLOCK_T"])
-    rows.append(_row(compiled, gpu, "int4", "fp16", first.kwargs["BLOCK_T"], 1, first.num_stages, None, 4, 32, None,
-                     kernel="gluon-rows"))
+    first = kv_tiling.INT4_TILES[0]
+    for name in ("int4", "int4-g128"):
+        group = KV[name][1]
+        compiled = compile_decode(kv_int4_attention.kv_int4_rows_kernel, 4, group, "fp16", 1, first.num_stages,
+                                  block_t=first.kwargs["BLOCK_T"])
+        rows.append(_row(compiled, gpu, name, "fp16", first.kwargs["BLOCK_T"], 1, first.num_stages, None, 4, group,
+                         None, kernel="gluon-rows"))
     return rows
 
 

@@ -393,74 +393,90 @@ def kv_int4_decode_kernel(
         gl.store(stat_ptr + part * 2 + 1, lo, mask=ro < REP * S)
 
 
-def unsupported_reason(q, k, v, bits: int) -> str | None:
-    """Why kv_int4_decode_kernel cannot take this decode step (q [B, Hq, S, D], K and V as
-    (codes, scale, zero) of a cache), or None. It takes 4-bit codes in groups of 32 of head_dim
-    128, fp16 or bf16 queries, at most 16 query rows a KV head (4 a program), on sm_80 and later,
-    with the cache's own contiguous layout (its loads take the token strides as constants)."""
+def _layout_reason(q, k, v, groups: int) -> str | None:
+    """Why the cache's layout does not suit the Gluon kernels, or None: they run on sm_80 and
+    later and take the cache's own contiguous rows (the loads take the token strides as
+    constants), with the batch and head strides of the scales and zeros multiples of 16
+    (Triton's specialization proves the 4-byte alignment cp.async needs from those)."""
     (kc, ks, kz), (vc, vs, vz) = k, v
-    b, hq, s, d = q.shape
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (8, 0):
         return "the Gluon int4 kernel runs on CUDA sm_80 and later (mma.sync)"
-    if bits != 4 or d != D.value or ks.shape[-1] != D.value // GROUP.value:
-        return (f"bits={bits}, head_dim={d}, {ks.shape[-1]} groups: the Gluon kernel takes 4-bit codes, head_dim 128, "
-                "groups of 32")
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"{q.dtype} queries: the Gluon kernel takes fp16 and bf16 (its dots fp16)"
-    if hq // kc.shape[1] * s > MAX_ROWS:
-        return f"{hq // kc.shape[1] * s} query rows a KV head: the Gluon kernel takes at most {MAX_ROWS}"
     for name, c in (("K", kc), ("V", vc)):
         if c.dim() != 4 or c.stride()[2:] != (D.value // 2, 1):
-            return f"{name}'s codes strided {tuple(c.stride())}: the Gluon kernel takes [B, H, T, 64] rows"
+            return f"{name}'s codes strided {tuple(c.stride())}: the Gluon kernels take [B, H, T, 64] rows"
     for t in (ks, kz, vs, vz):
-        if t.stride()[2:] != (D.value // GROUP.value, 1):
-            return f"scales or zeros strided {tuple(t.stride())}: the Gluon kernel takes [B, H, T, 4] rows"
+        if t.stride()[2:] != (groups, 1) or t.stride(0) % 16 or t.stride(1) % 16:
+            return (f"scales or zeros strided {tuple(t.stride())}: the Gluon kernels take [B, H, T, {groups}] rows "
+                    "with batch and head strides multiples of 16")
     return None
 
 
+def unsupported_reason(q, k, v, bits: int) -> str | None:
+    """Why kv_int4_decode_kernel cannot take this decode step (q [B, Hq, S, D], K and V as
+    (codes, scale, zero) of a cache), or None. It takes 4-bit codes in groups of 32 of head_dim
+    128, fp16 or bf16 queries, at most 16 query rows a KV head (4 a program), in a layout
+    _layout_reason allows."""
+    b, hq, s, d = q.shape
+    groups = k[1].shape[-1]
+    if bits != 4 or d != D.value or groups != D.value // GROUP.value:
+        return (f"bits={bits}, head_dim={d}, {groups} groups: the Gluon kernel takes 4-bit codes, head_dim 128, "
+                "groups of 32")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype} queries: the Gluon kernel takes fp16 and bf16 (its dots fp16)"
+    if hq // k[0].shape[1] * s > MAX_ROWS:
+        return f"{hq // k[0].shape[1] * s} query rows a KV head: the Gluon kernel takes at most {MAX_ROWS}"
+    return _layout_reason(q, k, v, groups)
+
+
 @gluon.jit
-def _dequantized(low, high, sbuf, zbuf, G: gl.constexpr):
+def _dequantized(low, high, sbuf, zbuf, valid, G: gl.constexpr):
     """(code - zero) scale in fp16 of nibbles from _nibbles ([n, m, T], dim 0 running over the
     G groups in order, n / G entries each), rounded once as the reference rounds: the
     subtraction is exact (1024 + code - (1024 + zero); a high nibble's 1024 + 16 code scaled by
-    1/16 first), then one HMUL2. sbuf, zbuf: a tile's [T * G] scales and zeros."""
+    1/16 first), then one HMUL2. sbuf, zbuf: a tile's [T * G] scales and zeros, of which the
+    first ``valid`` tokens' are the cache's (with G = 1 the copy may bring one more: zeroed)."""
     n: gl.constexpr = low.shape[0]
     shape: gl.constexpr = low.shape
     low = gl.reshape(low, (G, n // G, shape[1], T))
     high = gl.reshape(high, (G, n // G, shape[1], T))
     L: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, low.type.layout))  # [G, T]
-    s = sbuf.reshape((T, G)).permute((1, 0)).load(L).to(gl.float16)[:, None, None, :]
-    z = zbuf.reshape((T, G)).permute((1, 0)).load(L).to(gl.float16)[:, None, None, :]
+    s = sbuf.reshape((T, G)).permute((1, 0)).load(L)
+    z = zbuf.reshape((T, G)).permute((1, 0)).load(L)
+    if G == 1:
+        seen = (gl.arange(0, T, layout=gl.SliceLayout(0, L)) < valid)[None, :]
+        s, z = gl.where(seen, s, 0.0), gl.where(seen, z, 0.0)
+    s, z = s.to(gl.float16)[:, None, None, :], z.to(gl.float16)[:, None, None, :]
     low = (low - (z + 1024.0)) * s
     high = (high * 0.0625 - (z + 64.0)) * s
     return gl.reshape(low, shape), gl.reshape(high, shape)
 
 
 @gluon.jit
-def _k_dequantized(kbuf, sbuf, zbuf, G: gl.constexpr):
+def _k_dequantized(kbuf, sbuf, zbuf, valid, G: gl.constexpr):
     """_k_operand's B operand [D, T] dequantized: lane group i of K_BYTES holds channels
     32 i .. 32 i + 31, group 32 i // GROUP."""
     low, high = _nibbles(kbuf.permute((1, 2, 0)).load(K_BYTES))
-    low, high = _dequantized(low, high, sbuf, zbuf, G)
+    low, high = _dequantized(low, high, sbuf, zbuf, valid, G)
     x = gl.reshape(gl.join(low, high), (4, 2, 2, 2, 2, T, 2))  # [i, m3, m2, m1, m0, T, h]
     x = gl.permute(x, (6, 1, 2, 3, 0, 4, 5))  # [h, m3, m2, m1, i, m0, T]
     return gl.convert_layout(gl.reshape(x, (D, T)), B, assert_trivial=True)
 
 
 @gluon.jit
-def _v_dequantized(vbuf, sbuf, zbuf, G: gl.constexpr):
+def _v_dequantized(vbuf, sbuf, zbuf, valid, G: gl.constexpr):
     """_v_operand's B operand [T, D] dequantized: byte 8 g + r holds channels 16 g + 2 r and
     16 g + 2 r + 1, group 16 g // GROUP."""
     low, high = _nibbles(gl.convert_layout(vbuf.reshape((T, 8, 8)).permute((1, 2, 0)).load(V_LOAD), V_PAIRS))
     low, high = _swapped(low), _swapped(high)  # [g, r, T], a register pairing tokens 2j, 2j + 1
-    low, high = _dequantized(low, high, sbuf, zbuf, G)
+    low, high = _dequantized(low, high, sbuf, zbuf, valid, G)
     x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
     return gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True)
 
 
 @gluon.jit
 def _copy_rows_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexpr):
-    """_copy_tile for G scale groups a token."""
+    """_copy_tile for G scale groups a token. cp.async copies 4 bytes or more: with G = 1 the
+    scales and zeros of tokens in pairs, one past ``lim`` when it falls inside a pair."""
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
     tk = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, COPY_K)))
     ok = (tk < lim - t0)[:, None, None]
@@ -472,7 +488,7 @@ def _copy_rows_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexp
     _async_load(vbuf.index(stage), vc + t0 * (D // 2) + tv[:, None] * (D // 2) + byte[None, :],
                 mask=(tv < lim - t0)[:, None])
     e = gl.arange(0, T * G, layout=gl.BlockedLayout([2 * G], [32], [1], [0]))
-    ok = e < (lim - t0) * G
+    ok = e < gl.cdiv(lim - t0, 2) * 2 * G
     _async_load(ksbuf.index(stage), ks + t0 * G + e, mask=ok)
     _async_load(kzbuf.index(stage), kz + t0 * G + e, mask=ok)
     _async_load(vsbuf.index(stage), vs + t0 * G + e, mask=ok)
@@ -480,12 +496,12 @@ def _copy_rows_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexp
 
 
 @gluon.jit
-def _rows_tile(qa, acc, m, l, bufs, stage, t0, length, seen, last, bias_ptr, smt, bias_mask, G: gl.constexpr,
+def _rows_tile(qa, acc, m, l, bufs, stage, t0, lim, length, seen, last, bias_ptr, smt, bias_mask, G: gl.constexpr,
                HAS_MASK: gl.constexpr):
     """One tile of 64 tokens for 16 query rows: K and V dequantized in the operands, so the
     dots' rows are the queries themselves (acc [16, D], m and l per row)."""
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
-    qk = mma_v2(qa, _k_dequantized(kbuf.index(stage), ksbuf.index(stage), kzbuf.index(stage), G),
+    qk = mma_v2(qa, _k_dequantized(kbuf.index(stage), ksbuf.index(stage), kzbuf.index(stage), lim - t0, G),
                 gl.zeros([16, T], gl.float32, MMA))
     rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
     if HAS_MASK:
@@ -500,7 +516,7 @@ def _rows_tile(qa, acc, m, l, bufs, stage, t0, length, seen, last, bias_ptr, smt
     l = l * alpha + gl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     acc = mma_v2(gl.convert_layout(p.to(gl.float16), A),
-                 _v_dequantized(vbuf.index(stage), vsbuf.index(stage), vzbuf.index(stage), G), acc)
+                 _v_dequantized(vbuf.index(stage), vsbuf.index(stage), vzbuf.index(stage), lim - t0, G), acc)
     return acc, m_new, l
 
 
@@ -566,7 +582,7 @@ def kv_int4_rows_kernel(
         ahead = i + STAGES - 1
         _copy_rows_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, G)
         async_copy.commit_group()
-        acc, m, l = _rows_tile(qa, acc, m, l, bufs, i % STAGES, start + i * T, length, seen, last, bias_ptr, smt,
+        acc, m, l = _rows_tile(qa, acc, m, l, bufs, i % STAGES, start + i * T, lim, length, seen, last, bias_ptr, smt,
                                bias_mask, G, HAS_MASK)
     n = _v_channel(gl.arange(0, D, layout=gl.SliceLayout(0, MMA)))
     ok = rvalid[:, None]
@@ -582,25 +598,15 @@ def kv_int4_rows_kernel(
 
 def rows_unsupported_reason(q, k, v, bits: int) -> str | None:
     """Why kv_int4_rows_kernel cannot take this decode step, or None. It takes 4-bit codes in
-    groups of 32 or 64 of head_dim 128, fp16 queries, up to 16 query rows a KV head, on sm_80
-    and later, with the cache's own contiguous layout. (Groups of 128 need scale copies under 4
-    bytes, which cp.async does not make.)"""
-    (kc, ks, kz), (vc, vs, vz) = k, v
+    groups of 32, 64 or 128 of head_dim 128 (K's and V's alike), fp16 queries, up to 16 query
+    rows a KV head, in a layout _layout_reason allows."""
     b, hq, s, d = q.shape
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (8, 0):
-        return "the Gluon int4 kernel runs on CUDA sm_80 and later (mma.sync)"
-    groups = ks.shape[-1]
-    if bits != 4 or d != D.value or groups not in (2, 4) or vs.shape[-1] != groups:
+    groups = k[1].shape[-1]
+    if bits != 4 or d != D.value or groups not in (1, 2, 4) or v[1].shape[-1] != groups:
         return (f"bits={bits}, head_dim={d}, {groups} groups: the rows kernel takes 4-bit codes, head_dim 128, groups "
-                "of 32 or 64")
+                "of 32, 64 or 128")
     if q.dtype != torch.float16:
         return f"{q.dtype} queries: the rows kernel dequantizes in fp16 for fp16 queries"
-    if hq // kc.shape[1] * s > 16:
-        return f"{hq // kc.shape[1] * s} query rows a KV head: the rows kernel takes at most 16"
-    for name, c in (("K", kc), ("V", vc)):
-        if c.dim() != 4 or c.stride()[2:] != (D.value // 2, 1):
-            return f"{name}'s codes strided {tuple(c.stride())}: the rows kernel takes [B, H, T, 64] rows"
-    for t in (ks, kz, vs, vz):
-        if t.stride()[2:] != (groups, 1):
-            return f"scales or zeros strided {tuple(t.stride())}: the rows kernel takes [B, H, T, {groups}] rows"
-    return None
+    if hq // k[0].shape[1] * s > 16:
+        return f"{hq // k[0].shape[1] * s} query rows a KV head: the rows kernel takes at most 16"
+    return _layout_reason(q, k, v, groups)

@@ -62,10 +62,9 @@ INT4_KERNEL = "kv_int4_decode"
 INT4_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st)
               for w, st in ((8, 2), (4, 3), (4, 2))]
 # codegen/kv_int4_attention.py's kv_int4_rows_kernel (up to 16 query rows, K and V dequantized
-# in the operands): 177 registers (Triton 3.6), so up to 11 programs an SM; not yet timed
+# in the operands, groups of 32 to 128) takes INT4_TILES too: one warp over 64 tokens, 210-235
+# registers (Triton 3.6 and 3.9, offline)
 INT4_ROWS_KERNEL = "kv_int4_rows"
-INT4_ROWS_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st)
-                   for w, st in ((8, 2), (11, 2), (4, 3))]
 MAX_SPLITS = 64
 # a prefill's other way: the cache dequantized into the queries' dtype (kv_dequant_kernel, tiles
 # of BLOCK_T tokens) and torch's SDPA, flash where only causality masks it. The first candidate
@@ -106,7 +105,7 @@ def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes:
     with ``int4_rows`` (rows_unsupported_reason) its rows kernel's next, and for a prefill
     DEQUANT_SDPA first."""
     own = [Choice(INT4_KERNEL, c) for c in INT4_TILES] if int4 else []
-    own += [Choice(INT4_ROWS_KERNEL, c) for c in INT4_ROWS_TILES] if int4_rows else []
+    own += [Choice(INT4_ROWS_KERNEL, c) for c in INT4_TILES] if int4_rows else []
     own += [] if decode else [Choice(DEQUANT_SDPA, DEQUANT_TILE)]
     if interpreting():
         return own + [Choice("kv_attention", c) for c in INTERPRETED]

@@ -66,14 +66,18 @@ def _rows_choices():
 
 @pytest.mark.parametrize("hq, hkv, s", [(8, 2, 1), (16, 2, 1), (32, 2, 1), (8, 2, 3), (2, 2, 1)],
                          ids=["gqa4", "gqa8", "gqa16", "gqa4-s3", "mha"])
-@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("length", [37, 1000])
 def test_the_rows_kernel_matches_the_reference(hq, hkv, s, group, length):
     """kv_int4_rows_kernel (K and V dequantized in the operands, the dots' rows the queries):
-    1 to 16 query rows a KV head, groups of 32 and 64, one program or many splits."""
+    1 to 16 query rows a KV head, groups of 32, 64 and 128, one program or many splits. The
+    cache past ``length`` holds NaN scales and zeros: with groups of 128 the kernel copies the
+    scales of token pairs, one past an odd length, which must not reach the result."""
     torch.manual_seed(length)
     k, v = (quantize_kv(torch.randn(3, hkv, 1024, 128, dtype=torch.float16, device="cuda"), 4, group)
             for _ in range(2))
+    for t in (*k[1:], *v[1:]):
+        t[:, :, length:] = float("nan")
     q = torch.randn(3, hq, s, 128, dtype=torch.float16, device="cuda")
     ref = kv_attention_reference(q, k, v, 4, length)
     for choice in _rows_choices():
@@ -124,19 +128,23 @@ def test_bf16_queries_beyond_fp16s_range(q_range):
         assert_close(kv_ops._attention(q, k, v, 300, 4, None, None, choice), ref, torch.bfloat16)
 
 
-@pytest.mark.parametrize("case", ["fp32", "20 rows", "head_dim 64", "groups of 64", "groups of 128"])
+@pytest.mark.parametrize("case", ["fp32", "20 rows", "head_dim 64", "groups of 64", "groups of 128", "258 tokens"])
 def test_what_the_decode_kernel_cannot_take_goes_elsewhere(case):
-    """Each case the decode kernel cannot take: groups of 64 go to the rows kernel, the rest to
-    the Triton kernel."""
+    """Each case the decode kernel cannot take: groups of 64 and 128 go to the rows kernel, the
+    rest to the Triton kernel. A cache of 258 tokens puts the scales' head stride (258 4) off
+    Triton's multiples of 16, where cp.async could not be proven aligned: a compile error at
+    launch had the kernels taken it."""
     torch.manual_seed(2)
     dtype = torch.float32 if case == "fp32" else torch.float16
     d, group = (64, 32) if case == "head_dim 64" else (128, {"groups of 64": 64, "groups of 128": 128}.get(case, 32))
     s = 5 if case == "20 rows" else 1  # GQA 4 and 5 new tokens
-    k, v = (quantize_kv(torch.randn(1, 2, 256, d, dtype=dtype, device="cuda"), 4, group) for _ in range(2))
+    t = 258 if case == "258 tokens" else 256
+    k, v = (quantize_kv(torch.randn(1, 2, t, d, dtype=dtype, device="cuda"), 4, group) for _ in range(2))
     q = torch.randn(1, 8, s, d, dtype=dtype, device="cuda")
     reason = kv_int4_attention.unsupported_reason(q, k, v, 4)
     assert reason is not None
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 256, 4), kv_attention_reference(q, k, v, 4, 256), dtype)
     key = kv_ops.tuning_key(4, group, d, 32 if s > 1 else 16, True, 2, 256, dtype, False)
-    assert kv_ops.chosen[key].kernel == (kv_tiling.INT4_ROWS_KERNEL if case == "groups of 64" else "kv_attention")
-    assert (kv_int4_attention.rows_unsupported_reason(q, k, v, 4) is None) == (case == "groups of 64")
+    rows = case in ("groups of 64", "groups of 128")
+    assert kv_ops.chosen[key].kernel == (kv_tiling.INT4_ROWS_KERNEL if rows else "kv_attention")
+    assert (kv_int4_attention.rows_unsupported_reason(q, k, v, 4) is None) == rows
