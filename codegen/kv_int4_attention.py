@@ -488,7 +488,10 @@ def _copy_rows_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexp
     _async_load(vbuf.index(stage), vc + t0 * (D // 2) + tv[:, None] * (D // 2) + byte[None, :],
                 mask=(tv < lim - t0)[:, None])
     e = gl.arange(0, T * G, layout=gl.BlockedLayout([2 * G], [32], [1], [0]))
-    ok = e < gl.cdiv(lim - t0, 2) * 2 * G
+    if G == 1:
+        ok = e < gl.cdiv(lim - t0, 2) * 2
+    else:
+        ok = e < (lim - t0) * G
     _async_load(ksbuf.index(stage), ks + t0 * G + e, mask=ok)
     _async_load(kzbuf.index(stage), kz + t0 * G + e, mask=ok)
     _async_load(vsbuf.index(stage), vs + t0 * G + e, mask=ok)
