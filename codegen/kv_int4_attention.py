@@ -429,26 +429,39 @@ def unsupported_reason(q, k, v, bits: int) -> str | None:
 
 
 @gluon.jit
-def _dequantized(low, high, sbuf, zbuf, valid, G: gl.constexpr):
+def _dequantized(low, high, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexpr):
     """(code - zero) scale in fp16 of nibbles from _nibbles ([n, m, T], dim 0 running over the
     G groups in order, n / G entries each), rounded once as the reference rounds: the
     subtraction is exact (1024 + code - (1024 + zero); a high nibble's 1024 + 16 code scaled by
-    1/16 first), then one HMUL2. sbuf, zbuf: a tile's [T * G] scales and zeros, of which the
-    first ``valid`` tokens' are the cache's (with G = 1 the copy may bring one more: zeroed)."""
+    1/16 first), then one HMUL2 (none unless SCALED: code - zero). sbuf, zbuf: a tile's [T * G]
+    scales and zeros, of which the first ``valid`` tokens' are the cache's (with G = 1 the copy
+    may bring one more: zeroed)."""
     n: gl.constexpr = low.shape[0]
     shape: gl.constexpr = low.shape
     low = gl.reshape(low, (G, n // G, shape[1], T))
     high = gl.reshape(high, (G, n // G, shape[1], T))
     L: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, low.type.layout))  # [G, T]
-    s = sbuf.reshape((T, G)).permute((1, 0)).load(L)
     z = zbuf.reshape((T, G)).permute((1, 0)).load(L)
     if G == 1:
-        seen = (gl.arange(0, T, layout=gl.SliceLayout(0, L)) < valid)[None, :]
-        s, z = gl.where(seen, s, 0.0), gl.where(seen, z, 0.0)
-    s, z = s.to(gl.float16)[:, None, None, :], z.to(gl.float16)[:, None, None, :]
-    low = (low - (z + 1024.0)) * s
-    high = (high * 0.0625 - (z + 64.0)) * s
+        z = gl.where((gl.arange(0, T, layout=gl.SliceLayout(0, L)) < valid)[None, :], z, 0.0)
+    z = z.to(gl.float16)[:, None, None, :]
+    low = low - (z + 1024.0)
+    high = high * 0.0625 - (z + 64.0)
+    if SCALED:
+        s = sbuf.reshape((T, G)).permute((1, 0)).load(L)
+        if G == 1:
+            s = gl.where((gl.arange(0, T, layout=gl.SliceLayout(0, L)) < valid)[None, :], s, 0.0)
+        s = s.to(gl.float16)[:, None, None, :]
+        low, high = low * s, high * s
     return gl.reshape(low, shape), gl.reshape(high, shape)
+
+
+@gluon.jit
+def _per_token(buf, valid):
+    """[T] float32 scales or zeros of a tile with one group a token ([T] in shared memory; past
+    ``valid`` tokens zero), as the dot result's columns."""
+    t = gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
+    return gl.where(t < valid, buf.load(gl.SliceLayout(0, MMA)).to(gl.float32), 0.0)
 
 
 @gluon.jit
@@ -456,19 +469,19 @@ def _k_dequantized(kbuf, sbuf, zbuf, valid, G: gl.constexpr):
     """_k_operand's B operand [D, T] dequantized: lane group i of K_BYTES holds channels
     32 i .. 32 i + 31, group 32 i // GROUP."""
     low, high = _nibbles(kbuf.permute((1, 2, 0)).load(K_BYTES))
-    low, high = _dequantized(low, high, sbuf, zbuf, valid, G)
+    low, high = _dequantized(low, high, sbuf, zbuf, valid, G, True)
     x = gl.reshape(gl.join(low, high), (4, 2, 2, 2, 2, T, 2))  # [i, m3, m2, m1, m0, T, h]
     x = gl.permute(x, (6, 1, 2, 3, 0, 4, 5))  # [h, m3, m2, m1, i, m0, T]
     return gl.convert_layout(gl.reshape(x, (D, T)), B, assert_trivial=True)
 
 
 @gluon.jit
-def _v_dequantized(vbuf, sbuf, zbuf, valid, G: gl.constexpr):
-    """_v_operand's B operand [T, D] dequantized: byte 8 g + r holds channels 16 g + 2 r and
-    16 g + 2 r + 1, group 16 g // GROUP."""
+def _v_dequantized(vbuf, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexpr):
+    """_v_operand's B operand [T, D] dequantized (or less its zeros alone, unless SCALED): byte
+    8 g + r holds channels 16 g + 2 r and 16 g + 2 r + 1, group 16 g // GROUP."""
     low, high = _nibbles(gl.convert_layout(vbuf.reshape((T, 8, 8)).permute((1, 2, 0)).load(V_LOAD), V_PAIRS))
     low, high = _swapped(low), _swapped(high)  # [g, r, T], a register pairing tokens 2j, 2j + 1
-    low, high = _dequantized(low, high, sbuf, zbuf, valid, G)
+    low, high = _dequantized(low, high, sbuf, zbuf, valid, G, SCALED)
     x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
     return gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True)
 
@@ -499,13 +512,22 @@ def _copy_rows_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexp
 
 
 @gluon.jit
-def _rows_tile(qa, acc, m, l, bufs, stage, t0, lim, length, seen, last, bias_ptr, smt, bias_mask, G: gl.constexpr,
-               HAS_MASK: gl.constexpr):
-    """One tile of 64 tokens for 16 query rows: K and V dequantized in the operands, so the
-    dots' rows are the queries themselves (acc [16, D], m and l per row)."""
+def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, seen, last, bias_ptr, smt, bias_mask,
+               G: gl.constexpr, HAS_MASK: gl.constexpr):
+    """One tile of 64 tokens for 16 query rows, the dots' rows the queries themselves (acc [16,
+    D], m, l and top per row). Groups of 32 and 64: K and V dequantized in the operands. One
+    group a token (G = 1): as in kv_int4_decode_kernel, K's zero and scale go on the scores
+    ((dot - bias - zero qsum) scale) and V's scale on p (p scale / top, top the largest V scale
+    so far), so only V's zero is taken off in the operand: no HMUL2 on the codes."""
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
-    qk = mma_v2(qa, _k_dequantized(kbuf.index(stage), ksbuf.index(stage), kzbuf.index(stage), lim - t0, G),
-                gl.zeros([16, T], gl.float32, MMA))
+    valid = lim - t0
+    if G == 1:
+        s = mma_v2(qa, _k_operand(kbuf.index(stage)), gl.zeros([16, T], gl.float32, MMA))
+        k_zero = _per_token(kzbuf.index(stage), valid)
+        qk = (s - bias[:, None] - k_zero[None, :] * qsum[:, None]) * _per_token(ksbuf.index(stage), valid)[None, :]
+    else:
+        qk = mma_v2(qa, _k_dequantized(kbuf.index(stage), ksbuf.index(stage), kzbuf.index(stage), valid, G),
+                    gl.zeros([16, T], gl.float32, MMA))
     rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
     if HAS_MASK:
         qk += gl.load(bias_ptr + rs[None, :] * smt, mask=bias_mask & (rs < length)[None, :],
@@ -517,10 +539,17 @@ def _rows_tile(qa, acc, m, l, bufs, stage, t0, lim, length, seen, last, bias_ptr
     p = _exp2(qk * LOG2E - m_safe[:, None])
     alpha = _exp2(m * LOG2E - m_safe)
     l = l * alpha + gl.sum(p, axis=1)
-    acc = acc * alpha[:, None]
+    if G == 1:
+        v_scale = _per_token(vsbuf.index(stage), valid)
+        top_new = gl.maximum(top, gl.max(v_scale, axis=0))
+        acc = acc * (alpha * (top / top_new))[:, None]
+        p = p * (v_scale[None, :] * (1.0 / top_new)[:, None])
+        top = top_new
+    else:
+        acc = acc * alpha[:, None]
     acc = mma_v2(gl.convert_layout(p.to(gl.float16), A),
-                 _v_dequantized(vbuf.index(stage), vsbuf.index(stage), vzbuf.index(stage), lim - t0, G), acc)
-    return acc, m_new, l
+                 _v_dequantized(vbuf.index(stage), vsbuf.index(stage), vzbuf.index(stage), valid, G, G > 1), acc)
+    return acc, m_new, l, top
 
 
 @gluon.jit
@@ -557,10 +586,18 @@ def kv_int4_rows_kernel(
     ch = _k_channel(gl.arange(0, D, layout=gl.SliceLayout(0, QL)))
     q = gl.load(q_ptr + b * sqb + (hkv * REP + qr // S)[:, None] * sqh + (qr % S)[:, None] * sqs + ch[None, :] * sqd,
                 mask=(qr < REP * S)[:, None], other=0.0)
-    qa = gl.convert_layout((q.to(gl.float32) * sm_scale).to(gl.float16), A)
+    q = q.to(gl.float32) * sm_scale
+    bias, qsum = gl.zeros([16], gl.float32, RL), gl.zeros([16], gl.float32, RL)
+    if G == 1:  # K's codes as _k_operand gives them: high nibbles' q divided by 16, dot bias 1024 sum(q's operand)
+        high = (gl.arange(0, D, layout=gl.SliceLayout(0, QL)) >= D // 2)[None, :]
+        q = (q * gl.where(high, 0.0625, 1.0)).to(gl.float16)
+        bias = gl.convert_layout(gl.sum(q.to(gl.float32), axis=1) * 1024.0, RL)
+        qsum = gl.convert_layout(gl.sum(q.to(gl.float32) * gl.where(high, 16.0, 1.0), axis=1), RL)
+    qa = gl.convert_layout(q.to(gl.float16), A)
     acc = gl.zeros([16, D], gl.float32, MMA)
     m = gl.full([16], float("-inf"), gl.float32, RL)
     l = gl.zeros([16], gl.float32, RL)
+    top = gl.full([16], 1e-30, gl.float32, RL)  # with G = 1: the largest V scale so far (acc in its units)
     kc = kc_ptr + b * skb + hkv * skh
     vc = vc_ptr + b * svb + hkv * svh
     sv = b * ssb + hkv * ssh
@@ -585,8 +622,10 @@ def kv_int4_rows_kernel(
         ahead = i + STAGES - 1
         _copy_rows_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, G)
         async_copy.commit_group()
-        acc, m, l = _rows_tile(qa, acc, m, l, bufs, i % STAGES, start + i * T, lim, length, seen, last, bias_ptr, smt,
-                               bias_mask, G, HAS_MASK)
+        acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, lim, length,
+                                    seen, last, bias_ptr, smt, bias_mask, G, HAS_MASK)
+    if G == 1:
+        acc = acc * top[:, None]
     n = _v_channel(gl.arange(0, D, layout=gl.SliceLayout(0, MMA)))
     ok = rvalid[:, None]
     if splits == 1:  # the whole cache in this program: the output directly

@@ -16,9 +16,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="Gluon kernels need a CUDA GPU: the Triton interpreter does not run them")
 
 
-def _cache(b, hkv, t, dtype=torch.float16, v_range=1.0):
+def _cache(b, hkv, t, dtype=torch.float16, v_range=1.0, group=32):
     k, v = (torch.randn(b, hkv, t, 128, dtype=dtype, device="cuda") for _ in range(2))
-    return quantize_kv(k, 4, 32), quantize_kv(v * v_range, 4, 32)
+    return quantize_kv(k, 4, group), quantize_kv(v * v_range, 4, group)
 
 
 def _fp32_reference(q, k, v, length):
@@ -102,14 +102,34 @@ def test_a_mask_decides_what_each_query_sees(mask_dtype, hq):
         assert_close(kv_ops._attention(q, k, v, 512, 4, mask, None, choice), ref, torch.float16)
 
 
-def test_small_v_scales_keep_their_precision():
+@pytest.mark.parametrize("hq", [4, 16], ids=["4-rows", "16-rows"])
+def test_whole_head_groups_under_a_mask_at_an_odd_length(hq):
+    """The rows kernel with one group a token (scales on the dots, the scales copied by token
+    pairs) under a mask with holes, 301 tokens of a longer cache whose scales and zeros past them
+    are NaN: the one copied past the length is never read into the result, nor into a masked
+    score (NaN + -inf)."""
+    torch.manual_seed(4)
+    k, v = _cache(2, 2, 512, group=128)
+    for t in (*k[1:], *v[1:]):
+        t[:, :, 301:] = float("nan")
+    q = torch.randn(2, hq, 1, 128, dtype=torch.float16, device="cuda")
+    seen = torch.rand(2, hq, 1, 301, device="cuda") > 0.3
+    seen[..., 0] = True
+    ref = kv_attention_reference(q, k, v, 4, 301, seen)
+    for choice in _rows_choices():
+        assert_close(kv_ops._attention(q, k, v, 301, 4, seen, None, choice), ref, torch.float16)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_small_v_scales_keep_their_precision(group):
     """V's scales near fp16's smallest normals: p scale / top stays in [0, 1] (top: the largest
-    scale so far), where p scale itself would be subnormal."""
+    scale so far), where p scale itself would be subnormal (the decode kernel's groups of 32,
+    the rows kernel's whole heads)."""
     torch.manual_seed(1)
-    k, v = _cache(1, 2, 700, v_range=1e-3)
+    k, v = _cache(1, 2, 700, v_range=1e-3, group=group)
     q = torch.randn(1, 8, 1, 128, dtype=torch.float16, device="cuda")
     ref = kv_attention_reference(q, k, v, 4, 700)
-    for choice in _choices():
+    for choice in _choices() + _rows_choices() if group == 32 else _rows_choices():
         assert_close(kv_ops._attention(q, k, v, 700, 4, None, None, choice), ref, torch.float16)
 
 
