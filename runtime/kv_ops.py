@@ -140,6 +140,11 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     why_not = "a prefill" if not decode else kv_int4_attention.unsupported_reason(q, k, v, bits)
     int4 = why_not is None
     why_not_rows = "a prefill" if not decode else kv_int4_attention.rows_unsupported_reason(q, k, v, bits)
+    # the rows kernel where the decode kernel cannot go, or must take several programs a KV head:
+    # at 4 rows in groups of 32 the decode kernel ran 6-11% faster on the H200 (16k and 32k,
+    # batch 8 and 32: -attention-ab-rows-32.json), and the tuner's short timings took the rows
+    # kernel there (58.4 against 50.6 us at 16k, batch 8: -attention-8.json)
+    int4_rows = why_not_rows is None and (not int4 or hq // hkv * s > kv_int4_attention.R.value)
     scale, nlive = 1 / math.sqrt(d) if sm_scale is None else sm_scale, live.shape[1] if live is not None else 0
 
     def run(c):
@@ -182,9 +187,9 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
 
     key = tuning_key(bits, group, d, rows, decode, b * hkv, length, q.dtype, attn_mask is not None)
     if choice is None:  # the Gluon kernel's choices only where it applies
-        choice = TUNER.pick("kv_attention", (*key, int4, why_not_rows is None), lambda: kv_tiling.candidates(
+        choice = TUNER.pick("kv_attention", (*key, int4, int4_rows), lambda: kv_tiling.candidates(
             decode, rows, d, d // group, bits, k_scale.element_size(), 4 if dot == tl.float32 else 2,
-            attn_mask is not None, q.device, int4, why_not_rows is None), run, q.device, graphed=True)
+            attn_mask is not None, q.device, int4, int4_rows), run, q.device, graphed=True)
     run(choice)
     chosen[key] = choice
     return out
