@@ -116,6 +116,13 @@ def _dot_group(rho):
 
 
 @gluon.jit
+def _log2(x):
+    """log2(x), one MUFU.LG2 (x normal and positive)."""
+    return gl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
 def _exp2(x):
     """2^x flushing subnormal results to 0, one MUFU.EX2 (kv_attention's _exp2)."""
     return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
@@ -429,27 +436,27 @@ def unsupported_reason(q, k, v, bits: int) -> str | None:
 
 
 @gluon.jit
-def _dequantized(low, high, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexpr):
+def _dequantized(low, high, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexpr, EDGE: gl.constexpr):
     """(code - zero) scale in fp16 of nibbles from _nibbles ([n, m, T], dim 0 running over the
     G groups in order, n / G entries each), rounded once as the reference rounds: the
     subtraction is exact (1024 + code - (1024 + zero); a high nibble's 1024 + 16 code scaled by
     1/16 first), then one HMUL2 (none unless SCALED: code - zero). sbuf, zbuf: a tile's [T * G]
     scales and zeros, of which the first ``valid`` tokens' are the cache's (with G = 1 the copy
-    may bring one more: zeroed)."""
+    may bring one more into the split's last tile, the EDGE: zeroed there)."""
     n: gl.constexpr = low.shape[0]
     shape: gl.constexpr = low.shape
     low = gl.reshape(low, (G, n // G, shape[1], T))
     high = gl.reshape(high, (G, n // G, shape[1], T))
     L: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, low.type.layout))  # [G, T]
     z = zbuf.reshape((T, G)).permute((1, 0)).load(L)
-    if G == 1:
+    if EDGE:
         z = gl.where((gl.arange(0, T, layout=gl.SliceLayout(0, L)) < valid)[None, :], z, 0.0)
     z = z.to(gl.float16)[:, None, None, :]
     low = low - (z + 1024.0)
     high = high * 0.0625 - (z + 64.0)
     if SCALED:
         s = sbuf.reshape((T, G)).permute((1, 0)).load(L)
-        if G == 1:
+        if EDGE:
             s = gl.where((gl.arange(0, T, layout=gl.SliceLayout(0, L)) < valid)[None, :], s, 0.0)
         s = s.to(gl.float16)[:, None, None, :]
         low, high = low * s, high * s
@@ -457,11 +464,13 @@ def _dequantized(low, high, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.const
 
 
 @gluon.jit
-def _per_token(buf, valid):
-    """[T] float32 scales or zeros of a tile with one group a token ([T] in shared memory; past
-    ``valid`` tokens zero), as the dot result's columns."""
-    t = gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
-    return gl.where(t < valid, buf.load(gl.SliceLayout(0, MMA)).to(gl.float32), 0.0)
+def _per_token(buf, valid, EDGE: gl.constexpr):
+    """[T] float32 scales or zeros of a tile with one group a token ([T] in shared memory; on
+    the EDGE tile, past ``valid`` tokens zero), as the dot result's columns."""
+    x = buf.load(gl.SliceLayout(0, MMA)).to(gl.float32)
+    if EDGE:
+        x = gl.where(gl.arange(0, T, layout=gl.SliceLayout(0, MMA)) < valid, x, 0.0)
+    return x
 
 
 @gluon.jit
@@ -469,19 +478,19 @@ def _k_dequantized(kbuf, sbuf, zbuf, valid, G: gl.constexpr):
     """_k_operand's B operand [D, T] dequantized: lane group i of K_BYTES holds channels
     32 i .. 32 i + 31, group 32 i // GROUP."""
     low, high = _nibbles(kbuf.permute((1, 2, 0)).load(K_BYTES))
-    low, high = _dequantized(low, high, sbuf, zbuf, valid, G, True)
+    low, high = _dequantized(low, high, sbuf, zbuf, valid, G, True, False)
     x = gl.reshape(gl.join(low, high), (4, 2, 2, 2, 2, T, 2))  # [i, m3, m2, m1, m0, T, h]
     x = gl.permute(x, (6, 1, 2, 3, 0, 4, 5))  # [h, m3, m2, m1, i, m0, T]
     return gl.convert_layout(gl.reshape(x, (D, T)), B, assert_trivial=True)
 
 
 @gluon.jit
-def _v_dequantized(vbuf, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexpr):
+def _v_dequantized(vbuf, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexpr, EDGE: gl.constexpr):
     """_v_operand's B operand [T, D] dequantized (or less its zeros alone, unless SCALED): byte
     8 g + r holds channels 16 g + 2 r and 16 g + 2 r + 1, group 16 g // GROUP."""
     low, high = _nibbles(gl.convert_layout(vbuf.reshape((T, 8, 8)).permute((1, 2, 0)).load(V_LOAD), V_PAIRS))
     low, high = _swapped(low), _swapped(high)  # [g, r, T], a register pairing tokens 2j, 2j + 1
-    low, high = _dequantized(low, high, sbuf, zbuf, valid, G, SCALED)
+    low, high = _dequantized(low, high, sbuf, zbuf, valid, G, SCALED, EDGE)
     x = gl.permute(gl.join(low, high), (2, 1, 3, 0))  # [T, r, h, g]
     return gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True)
 
@@ -513,7 +522,7 @@ def _copy_rows_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexp
 
 @gluon.jit
 def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, seen, last, bias_ptr, smt, bias_mask,
-               G: gl.constexpr, HAS_MASK: gl.constexpr):
+               G: gl.constexpr, HAS_MASK: gl.constexpr, EDGE: gl.constexpr):
     """One tile of 64 tokens for 16 query rows, the dots' rows the queries themselves (acc [16,
     D], m, l and top per row). Groups of 32 and 64: K and V dequantized in the operands. One
     group a token (G = 1): as in kv_int4_decode_kernel, K's zero and scale go on the scores
@@ -521,10 +530,10 @@ def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, see
     so far), so only V's zero is taken off in the operand: no HMUL2 on the codes."""
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
     valid = lim - t0
-    if G == 1:
-        s = mma_v2(qa, _k_operand(kbuf.index(stage)), gl.zeros([16, T], gl.float32, MMA))
-        k_zero = _per_token(kzbuf.index(stage), valid)
-        qk = (s - bias[:, None] - k_zero[None, :] * qsum[:, None]) * _per_token(ksbuf.index(stage), valid)[None, :]
+    if G == 1:  # the dot starts from -(bias + zero qsum): bias and qsum come negated
+        k_zero = _per_token(kzbuf.index(stage), valid, EDGE)
+        s = mma_v2(qa, _k_operand(kbuf.index(stage)), bias[:, None] + k_zero[None, :] * qsum[:, None])
+        qk = s * _per_token(ksbuf.index(stage), valid, EDGE)[None, :]
     else:
         qk = mma_v2(qa, _k_dequantized(kbuf.index(stage), ksbuf.index(stage), kzbuf.index(stage), valid, G),
                     gl.zeros([16, T], gl.float32, MMA))
@@ -536,19 +545,21 @@ def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, see
         qk = gl.where(rs[None, :] <= last[:, None], qk, float("-inf"))
     m_new = gl.maximum(m, gl.max(qk, axis=1))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E  # rows that have seen nothing yet
-    p = _exp2(qk * LOG2E - m_safe[:, None])
     alpha = _exp2(m * LOG2E - m_safe)
-    l = l * alpha + gl.sum(p, axis=1)
-    if G == 1:
-        v_scale = _per_token(vsbuf.index(stage), valid)
+    if G == 1:  # p / top from the exponent, so that p scale / top is one multiply
+        v_scale = _per_token(vsbuf.index(stage), valid, EDGE)
         top_new = gl.maximum(top, gl.max(v_scale, axis=0))
+        p = _exp2(qk * LOG2E - (m_safe + _log2(top_new))[:, None])
+        l = l * alpha + gl.sum(p, axis=1) * top_new
         acc = acc * (alpha * (top / top_new))[:, None]
-        p = p * (v_scale[None, :] * (1.0 / top_new)[:, None])
+        p = p * v_scale[None, :]
         top = top_new
     else:
+        p = _exp2(qk * LOG2E - m_safe[:, None])
+        l = l * alpha + gl.sum(p, axis=1)
         acc = acc * alpha[:, None]
     acc = mma_v2(gl.convert_layout(p.to(gl.float16), A),
-                 _v_dequantized(vbuf.index(stage), vsbuf.index(stage), vzbuf.index(stage), valid, G, G > 1), acc)
+                 _v_dequantized(vbuf.index(stage), vsbuf.index(stage), vzbuf.index(stage), valid, G, G > 1, EDGE), acc)
     return acc, m_new, l, top
 
 
@@ -591,8 +602,8 @@ def kv_int4_rows_kernel(
     if G == 1:  # K's codes as _k_operand gives them: high nibbles' q divided by 16, dot bias 1024 sum(q's operand)
         high = (gl.arange(0, D, layout=gl.SliceLayout(0, QL)) >= D // 2)[None, :]
         q = (q * gl.where(high, 0.0625, 1.0)).to(gl.float16)
-        bias = gl.convert_layout(gl.sum(q.to(gl.float32), axis=1) * 1024.0, RL)
-        qsum = gl.convert_layout(gl.sum(q.to(gl.float32) * gl.where(high, 16.0, 1.0), axis=1), RL)
+        bias = gl.convert_layout(gl.sum(q.to(gl.float32), axis=1) * -1024.0, RL)  # negated, as _rows_tile takes them
+        qsum = gl.convert_layout(gl.sum(q.to(gl.float32) * gl.where(high, -16.0, -1.0), axis=1), RL)
     qa = gl.convert_layout(q.to(gl.float16), A)
     acc = gl.zeros([16, D], gl.float32, MMA)
     m = gl.full([16], float("-inf"), gl.float32, RL)
@@ -616,14 +627,23 @@ def kv_int4_rows_kernel(
     for i in gl.static_range(STAGES - 1):
         _copy_rows_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim, G)
         async_copy.commit_group()
-    for i in range(tiles):
+    # with G = 1 the split's last tile apart, the EDGE: the only one whose scales the copy of
+    # token pairs may have brought from past the cache's length
+    for i in range(tiles - 1 if G == 1 else tiles):
         async_copy.wait_group(STAGES - 2)
         _barrier()
         ahead = i + STAGES - 1
         _copy_rows_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, G)
         async_copy.commit_group()
         acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, lim, length,
-                                    seen, last, bias_ptr, smt, bias_mask, G, HAS_MASK)
+                                    seen, last, bias_ptr, smt, bias_mask, G, HAS_MASK, False)
+    if G == 1:
+        if tiles > 0:
+            async_copy.wait_group(STAGES - 2)
+            _barrier()
+            acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, (tiles - 1) % STAGES,
+                                        start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask, G,
+                                        HAS_MASK, True)
     if G == 1:
         acc = acc * top[:, None]
     n = _v_channel(gl.arange(0, D, layout=gl.SliceLayout(0, MMA)))
