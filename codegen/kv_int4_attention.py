@@ -33,6 +33,18 @@ of the memory roofline on the H200 (README, fifth run). Here about 1470 (bench.s
   programs of 4 rows each over the same tokens: the second reads the tiles the first brought
   into L2.
 
+A second kernel here, kv_int4_rows_kernel, takes what that one takes badly or not at all: GQA 8
+and 16 (up to 16 query rows a KV head in one program, where the decode kernel's ROW_BLOCKS
+programs each unpack the tiles again: 1.3-1.7x faster at batch 8 and 32), groups of 64 and
+whole-head groups (128: int4's memory 3.76x smaller than fp16 against 3.2x in groups of 32). Its
+dots' 16 rows are the query rows. With groups of 32 or 64, K and V are dequantized in the
+operands, rounded once as the reference rounds. With one group a token, K's zero and scale go on
+the scores, and V's scale on p, as above; only V's zero comes off in the operand. That is 1244
+instructions a tile (Triton 3.6). Scales of one group a token are copied by token pairs, so one
+past an odd length may come along: the split's last tile, taken apart from the loop, zeroes it.
+At 4 rows in groups of 32 the decode kernel stays faster (6-11%), so the op offers the rows
+kernel only past 4 rows or for groups it alone takes (runtime/kv_ops.py).
+
 Grid (B, Hkv ROW_BLOCKS, splits), the split and the partials of kv_attention_kernel, merged by
 kv_combine_kernel (launched as a programmatic dependent, PDL). Measured on the H200 (README,
 sixth and seventh runs): 1.7-2.7x the Triton kernel's speed at >= 16k context; the Marlin-style
