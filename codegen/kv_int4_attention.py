@@ -99,7 +99,6 @@ ROW = gl.constexpr(gl.SliceLayout(0, TR))  # [row]: softmax state
 # cp.async of a tile: 16 bytes a lane and copy, coalesced
 COPY_K = gl.constexpr(gl.BlockedLayout([1, 1, 16], [8, 4, 1], [1, 1, 1], [2, 1, 0]))  # [T, 4, 16] bytes
 COPY_V = gl.constexpr(gl.BlockedLayout([1, 16], [8, 4], [1, 1], [1, 0]))  # [T, 64] bytes
-COPY_S = gl.constexpr(gl.BlockedLayout([8], [32], [1], [0]))  # [T * 4] scales or zeros
 SHARED = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))  # a stage's; the buffer adds the stage dim
 SHARED_V = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
 SHARED_S = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -164,9 +163,11 @@ def _nibbles(byte):
 
 
 @gluon.jit
-def _copy_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim):
-    """cp.async of tile t0's codes, scales and zeros into ``stage`` of the shared buffers (tokens
-    from ``lim`` on zero-filled, not read)."""
+def _copy_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexpr):
+    """cp.async of tile t0's codes and its G scales and zeros a token into ``stage`` of the
+    shared buffers (tokens from ``lim`` on zero-filled, not read). cp.async copies 4 bytes or
+    more: with G = 1 the scales and zeros of tokens in pairs, one past ``lim`` when it falls
+    inside a pair."""
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
     tk = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, COPY_K)))
     ok = (tk < lim - t0)[:, None, None]
@@ -177,12 +178,47 @@ def _copy_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim):
     byte = gl.arange(0, D // 2, layout=gl.SliceLayout(0, COPY_V))
     _async_load(vbuf.index(stage), vc + t0 * (D // 2) + tv[:, None] * (D // 2) + byte[None, :],
                 mask=(tv < lim - t0)[:, None])
-    e = gl.arange(0, T * 4, layout=COPY_S)
-    ok = e < (lim - t0) * 4
-    _async_load(ksbuf.index(stage), ks + t0 * 4 + e, mask=ok)
-    _async_load(kzbuf.index(stage), kz + t0 * 4 + e, mask=ok)
-    _async_load(vsbuf.index(stage), vs + t0 * 4 + e, mask=ok)
-    _async_load(vzbuf.index(stage), vz + t0 * 4 + e, mask=ok)
+    e = gl.arange(0, T * G, layout=gl.BlockedLayout([2 * G], [32], [1], [0]))
+    if G == 1:
+        ok = e < gl.cdiv(lim - t0, 2) * 2
+    else:
+        ok = e < (lim - t0) * G
+    _async_load(ksbuf.index(stage), ks + t0 * G + e, mask=ok)
+    _async_load(kzbuf.index(stage), kz + t0 * G + e, mask=ok)
+    _async_load(vsbuf.index(stage), vs + t0 * G + e, mask=ok)
+    _async_load(vzbuf.index(stage), vz + t0 * G + e, mask=ok)
+
+
+@gluon.jit
+def _buffers(ks_ptr, kz_ptr, vs_ptr, vz_ptr, STAGES: gl.constexpr, G: gl.constexpr):
+    """The shared buffers of STAGES tiles: K's and V's codes, the scales and zeros (G a token)."""
+    return (gl.allocate_shared_memory(gl.uint8, [STAGES, T, 4, 16], SHARED),
+            gl.allocate_shared_memory(gl.uint8, [STAGES, T, D // 2], SHARED_V),
+            gl.allocate_shared_memory(ks_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
+            gl.allocate_shared_memory(kz_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
+            gl.allocate_shared_memory(vs_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
+            gl.allocate_shared_memory(vz_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S))
+
+
+@gluon.jit
+def _split(b, split, splits, length, live_ptr, nlive, rvalid, last, HAS_MASK: gl.constexpr, LIVE: gl.constexpr,
+           PDL: gl.constexpr):
+    """The tokens [start, end) of this program's split: a whole number of tiles of what the mask
+    shows (``span``), cut where no row sees further (causal: ``last``, each row's last position).
+    With PDL the merge, launched dependent on this kernel, may start its programs now."""
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+    span = length
+    if LIVE:  # the end kv_live_kernel found in the mask
+        rl = gl.arange(0, LIVE, layout=gl.BlockedLayout([1], [32], [1], [0]))
+        span = gl.max(gl.load(live_ptr + b * nlive + rl, mask=rl < nlive, other=0), axis=0)
+    chunk = gl.cdiv(gl.cdiv(span, splits), T) * T
+    start = split * chunk
+    end = gl.minimum(start + chunk, span)
+    if not HAS_MASK:  # causal: no row sees past its last query's position
+        end = gl.minimum(end, gl.max(gl.where(rvalid, last, 0), axis=0) + 1)
+    return start, end
 
 
 @gluon.jit
@@ -320,21 +356,10 @@ def kv_int4_decode_kernel(
     splits > 1."""
     b, split = gl.program_id(0), gl.program_id(2)
     hkv, first = gl.program_id(1) // ROW_BLOCKS, gl.program_id(1) % ROW_BLOCKS * R  # its query rows from first
-    if PDL:  # the merge, launched dependent on this kernel, may start its programs now
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)
     r = first + gl.arange(0, R, layout=ROW)
     rvalid = r < REP * S
     last = length - S + r % S  # the last position each row may see
-    span = length
-    if LIVE:  # the end kv_live_kernel found in the mask
-        rl = gl.arange(0, LIVE, layout=gl.BlockedLayout([1], [32], [1], [0]))
-        span = gl.max(gl.load(live_ptr + b * nlive + rl, mask=rl < nlive, other=0), axis=0)
-    chunk = gl.cdiv(gl.cdiv(span, splits), T) * T
-    start = split * chunk
-    end = gl.minimum(start + chunk, span)
-    if not HAS_MASK:  # causal: no row sees past its last query's position
-        end = gl.minimum(end, gl.max(gl.where(rvalid, last, 0), axis=0) + 1)
+    start, end = _split(b, split, splits, length, live_ptr, nlive, rvalid, last, HAS_MASK, LIVE, PDL)
     # q [16 dot rows, D (_k_channel's order)], row 8 j + 4 b + r holding query r's channels of group 2 b + j
     rho = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
     k = gl.arange(0, D, layout=gl.SliceLayout(0, QL))
@@ -369,23 +394,18 @@ def kv_int4_decode_kernel(
     # STAGES - 1 tiles in flight (cp.async) while one is computed; one barrier a tile (one
     # warp) orders both the copies' writes before the reads and a stage's reads before its
     # next copy, issued after it
-    bufs = (gl.allocate_shared_memory(gl.uint8, [STAGES, T, 4, 16], SHARED),
-            gl.allocate_shared_memory(gl.uint8, [STAGES, T, D // 2], SHARED_V),
-            gl.allocate_shared_memory(ks_ptr.dtype.element_ty, [STAGES, T * 4], SHARED_S),
-            gl.allocate_shared_memory(kz_ptr.dtype.element_ty, [STAGES, T * 4], SHARED_S),
-            gl.allocate_shared_memory(vs_ptr.dtype.element_ty, [STAGES, T * 4], SHARED_S),
-            gl.allocate_shared_memory(vz_ptr.dtype.element_ty, [STAGES, T * 4], SHARED_S))
+    bufs = _buffers(ks_ptr, kz_ptr, vs_ptr, vz_ptr, STAGES, 4)
     tiles = gl.cdiv(end - start, T)
     lim = gl.minimum(length, start + tiles * T)
     ks, kz, vs, vz = ks_ptr + sv, kz_ptr + sv, vs_ptr + sv, vz_ptr + sv
     for i in gl.static_range(STAGES - 1):
-        _copy_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim)
+        _copy_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim, 4)
         async_copy.commit_group()
     for i in range(tiles):
         async_copy.wait_group(STAGES - 2)
         _barrier()
         ahead = i + STAGES - 1
-        _copy_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim)
+        _copy_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, 4)
         async_copy.commit_group()
         acc, m, l, top = _tile(qa, bias, qsum, qinv, acc, m, l, top, bufs, i % STAGES, start + i * T, length, seen,
                                last, bias_ptr, smt, bias_mask, HAS_MASK, FP16_RANGE)
@@ -508,31 +528,6 @@ def _v_dequantized(vbuf, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexp
 
 
 @gluon.jit
-def _copy_rows_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexpr):
-    """_copy_tile for G scale groups a token. cp.async copies 4 bytes or more: with G = 1 the
-    scales and zeros of tokens in pairs, one past ``lim`` when it falls inside a pair."""
-    kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
-    tk = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, COPY_K)))
-    ok = (tk < lim - t0)[:, None, None]
-    byte = (gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, COPY_K)))[None, :, None] * 16
-            + gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, COPY_K)))[None, None, :])
-    _async_load(kbuf.index(stage), kc + t0 * (D // 2) + tk[:, None, None] * (D // 2) + byte, mask=ok)
-    tv = gl.arange(0, T, layout=gl.SliceLayout(1, COPY_V))
-    byte = gl.arange(0, D // 2, layout=gl.SliceLayout(0, COPY_V))
-    _async_load(vbuf.index(stage), vc + t0 * (D // 2) + tv[:, None] * (D // 2) + byte[None, :],
-                mask=(tv < lim - t0)[:, None])
-    e = gl.arange(0, T * G, layout=gl.BlockedLayout([2 * G], [32], [1], [0]))
-    if G == 1:
-        ok = e < gl.cdiv(lim - t0, 2) * 2
-    else:
-        ok = e < (lim - t0) * G
-    _async_load(ksbuf.index(stage), ks + t0 * G + e, mask=ok)
-    _async_load(kzbuf.index(stage), kz + t0 * G + e, mask=ok)
-    _async_load(vsbuf.index(stage), vs + t0 * G + e, mask=ok)
-    _async_load(vzbuf.index(stage), vz + t0 * G + e, mask=ok)
-
-
-@gluon.jit
 def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, seen, last, bias_ptr, smt, bias_mask,
                G: gl.constexpr, HAS_MASK: gl.constexpr, EDGE: gl.constexpr):
     """One tile of 64 tokens for 16 query rows, the dots' rows the queries themselves (acc [16,
@@ -584,26 +579,15 @@ def kv_int4_rows_kernel(
     STAGES: gl.constexpr, PDL: gl.constexpr, G: gl.constexpr,
 ):
     """kv_int4_decode_kernel for up to 16 query rows a KV head and G scale groups a token
-    (GROUP = 128 / G channels), fp16: K and V dequantized in the operands, (code - zero) scale
-    rounded once as the reference rounds, the dots' 16 rows the query rows. Grid (B, Hkv,
-    splits), partials for kv_combine_kernel when splits > 1."""
+    (GROUP = 128 / G channels), fp16, the dots' 16 rows the query rows (_rows_tile: K and V
+    dequantized in the operands, or with G = 1 the scales on the dots). Grid (B, Hkv, splits),
+    partials for kv_combine_kernel when splits > 1."""
     b, hkv, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
-    if PDL:  # the merge, launched dependent on this kernel, may start its programs now
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)
     RL: gl.constexpr = gl.SliceLayout(1, MMA)  # per dot row = query row
     r = gl.arange(0, 16, layout=RL)
     rvalid = r < REP * S
     last = length - S + r % S  # the last position each row may see
-    span = length
-    if LIVE:  # the end kv_live_kernel found in the mask
-        rl = gl.arange(0, LIVE, layout=gl.BlockedLayout([1], [32], [1], [0]))
-        span = gl.max(gl.load(live_ptr + b * nlive + rl, mask=rl < nlive, other=0), axis=0)
-    chunk = gl.cdiv(gl.cdiv(span, splits), T) * T
-    start = split * chunk
-    end = gl.minimum(start + chunk, span)
-    if not HAS_MASK:  # causal: no row sees past its last query's position
-        end = gl.minimum(end, gl.max(gl.where(rvalid, last, 0), axis=0) + 1)
+    start, end = _split(b, split, splits, length, live_ptr, nlive, rvalid, last, HAS_MASK, LIVE, PDL)
     # q [16 query rows, D (_k_channel's order)] times the softmax scale
     qr = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
     ch = _k_channel(gl.arange(0, D, layout=gl.SliceLayout(0, QL)))
@@ -627,17 +611,12 @@ def kv_int4_rows_kernel(
     bias_ptr = mask_ptr + b * smb + ((hkv * REP + r // S) * smh + (r % S) * sms)[:, None]
     bias_mask = rvalid[:, None]
     seen = gl.min(gl.where(rvalid, last, length), axis=0) + 1  # every row sees the tokens before (causal)
-    bufs = (gl.allocate_shared_memory(gl.uint8, [STAGES, T, 4, 16], SHARED),
-            gl.allocate_shared_memory(gl.uint8, [STAGES, T, D // 2], SHARED_V),
-            gl.allocate_shared_memory(ks_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
-            gl.allocate_shared_memory(kz_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
-            gl.allocate_shared_memory(vs_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
-            gl.allocate_shared_memory(vz_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S))
+    bufs = _buffers(ks_ptr, kz_ptr, vs_ptr, vz_ptr, STAGES, G)
     tiles = gl.cdiv(end - start, T)
     lim = gl.minimum(length, start + tiles * T)
     ks, kz, vs, vz = ks_ptr + sv, kz_ptr + sv, vs_ptr + sv, vz_ptr + sv
     for i in gl.static_range(STAGES - 1):
-        _copy_rows_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim, G)
+        _copy_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim, G)
         async_copy.commit_group()
     # with G = 1 the split's last tile apart, the EDGE: the only one whose scales the copy of
     # token pairs may have brought from past the cache's length
@@ -645,7 +624,7 @@ def kv_int4_rows_kernel(
         async_copy.wait_group(STAGES - 2)
         _barrier()
         ahead = i + STAGES - 1
-        _copy_rows_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, G)
+        _copy_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, G)
         async_copy.commit_group()
         acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, lim, length,
                                     seen, last, bias_ptr, smt, bias_mask, G, HAS_MASK, False)
