@@ -61,9 +61,10 @@ WINNERS = {8: ((64, 4, 1, 3, None), (128, 1, 8, 3, None), (64, 2, 1, 3, None), (
 INT4_KERNEL = "kv_int4_decode"
 INT4_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st)
               for w, st in ((8, 2), (4, 3), (4, 2))]
-# codegen/kv_int4_attention.py's kv_int4_rows_kernel (up to 16 query rows, K and V dequantized
-# in the operands, groups of 32 to 128) takes INT4_TILES too: one warp over 64 tokens, 210-235
-# registers (Triton 3.6 and 3.9, offline)
+# codegen/kv_int4_attention.py's kv_int4_rows_kernel (up to 16 query rows, groups of 32 to 128)
+# takes INT4_TILES too: one warp over 64 tokens, 178-254 registers (Triton 3.6, offline), 8
+# programs an SM of 2 stages fastest at batch 8 and 32 on the H200 (-attention-ab-rows-32.json,
+# -attention-ab-rows-64.json)
 INT4_ROWS_KERNEL = "kv_int4_rows"
 MAX_SPLITS = 64
 # a prefill's other way: the cache dequantized into the queries' dtype (kv_dequant_kernel, tiles
