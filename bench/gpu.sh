@@ -66,7 +66,7 @@ stage() {
     attention-prefill) python -m bench.attention --prefill 1024,4096,16384 --name attention-prefill --out "$R" ;;
     attention-ab-rows) python -m bench.attention --sweep --kv ${KV_WIDTHS:-int4} --q-heads ${KV_QHEADS:-32} --contexts 16384,32768 \
         --batches 1,8,32 --tiles "int4:64,8,1,2;int4:64,4,1,2;rows:64,8,1,2;rows:64,4,1,2;rows:64,8,1,3;rows:64,4,1,3" \
-        --name attention-ab-rows-${KV_QHEADS:-32}${KV_WIDTHS:+-$KV_WIDTHS} --out "$R" ;;
+        --name attention-ab-rows-${KV_QHEADS:-32}${KV_WIDTHS:+-${KV_WIDTHS//,/_}} --out "$R" ;;
     attention-gqa8) python -m bench.attention --q-heads 64 --contexts 4096,16384,32768 --batches 1,8,32 \
         --name attention-gqa8 --out "$R" ;;
     attention-bf16) python -m bench.attention --dtype bf16 --contexts 4096,16384,32768,131072 --batches 1,8,32 \
