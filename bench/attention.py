@@ -234,8 +234,8 @@ def sweep(contexts, batches, kernels=(), only=None):
                 k, v = random_cache(b, ctx, bits, group)
                 int4 = kv_int4_attention.unsupported_reason(q, k, v, bits) is None
                 int4_rows = kv_int4_attention.rows_unsupported_reason(q, k, v, bits) is None
-                refused = {kv_tiling.INT4_KERNEL} - ({kv_tiling.INT4_KERNEL} if int4 else set())
-                refused |= {kv_tiling.INT4_ROWS_KERNEL} - ({kv_tiling.INT4_ROWS_KERNEL} if int4_rows else set())
+                takes = {kv_tiling.INT4_KERNEL: int4, kv_tiling.INT4_ROWS_KERNEL: int4_rows}
+                refused = {kernel for kernel, ok in takes.items() if not ok}
                 cands = ([c for c in only if c.kernel not in refused] if only else
                          kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device, int4, int4_rows))
                 copies = copies_of((*k, *v))

@@ -142,8 +142,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     why_not_rows = "a prefill" if not decode else kv_int4_attention.rows_unsupported_reason(q, k, v, bits)
     # the rows kernel where the decode kernel cannot go, or must take several programs a KV head:
     # at 4 rows in groups of 32 the decode kernel ran 6-11% faster on the H200 (16k and 32k,
-    # batch 8 and 32: -attention-ab-rows-32.json), and the tuner's short timings took the rows
-    # kernel there (58.4 against 50.6 us at 16k, batch 8: -attention-8.json)
+    # batch 8 and 32: -attention-ab-rows-32.json), yet the tuner's short timings took the rows
+    # kernel there (58.4 us at 16k, batch 8 in -attention-8.json; the decode kernel's 50.6 in the A/B)
     int4_rows = why_not_rows is None and (not int4 or hq // hkv * s > kv_int4_attention.R.value)
     scale, nlive = 1 / math.sqrt(d) if sm_scale is None else sm_scale, live.shape[1] if live is not None else 0
 
