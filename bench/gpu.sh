@@ -87,7 +87,7 @@ stage() {
           --section SourceCounters python -m bench.attention --ncu --contexts 16384 --batches $batch; done ;;
     attention-ncu-int4) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_int4 --launch-skip 1 --launch-count 2 --section SpeedOfLight \
           --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats \
-          --section InstructionStats python -m bench.attention --ncu --contexts 16384 --batches ${KV_BATCH:-8} --kv int4 ;;
+          --section InstructionStats python -m bench.attention --ncu --contexts 16384 --batches ${KV_BATCH:-8} --kv ${KV_WIDTHS:-int4} ;;
     kv-bandwidth) python -m bench.kv_bandwidth --out "$R" ;;
     kv-kernel-times) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_ --cache-control none --metrics gpu__time_duration.sum \
         python -m bench.attention --ncu --kv int8 --contexts 1024,16384,32768 --batches 1 ;;
