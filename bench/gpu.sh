@@ -85,7 +85,7 @@ stage() {
         QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_attention_kernel --launch-skip 1 --launch-count 4 --section SpeedOfLight \
           --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section WarpStateStats \
           --section SourceCounters python -m bench.attention --ncu --contexts 16384 --batches $batch; done ;;
-    attention-ncu-int4) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_int4 --launch-skip 1 --launch-count 2 --section SpeedOfLight \
+    attention-ncu-int4) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_int4 --launch-skip 1 --launch-count 5 --section SpeedOfLight \
           --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats \
           --section InstructionStats python -m bench.attention --ncu --contexts 16384 --batches ${KV_BATCH:-8} --kv ${KV_WIDTHS:-int4} ;;
     kv-bandwidth) python -m bench.kv_bandwidth --out "$R" ;;
