@@ -61,7 +61,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 D, T = gl.constexpr(128), gl.constexpr(64)  # head_dim, tokens a tile
 GROUP, R = gl.constexpr(32), gl.constexpr(4)  # channels a scale group; query rows (16 dot rows / 4 groups)
-MAX_ROWS = 16  # query rows a KV head: 4 programs of R (kv_ops lays the partials out 16 rows apart)
+# query rows a KV head: the decode kernel's 4 programs of R, the rows kernel's 16 dot rows (partials 16 rows apart)
+MAX_ROWS = 16
 LOG2E = gl.constexpr(1.4426950408889634)
 # Triton 3.6's names, renamed since
 _barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
@@ -394,18 +395,18 @@ def kv_int4_decode_kernel(
     # STAGES - 1 tiles in flight (cp.async) while one is computed; one barrier a tile (one
     # warp) orders both the copies' writes before the reads and a stage's reads before its
     # next copy, issued after it
-    bufs = _buffers(ks_ptr, kz_ptr, vs_ptr, vz_ptr, STAGES, 4)
+    bufs = _buffers(ks_ptr, kz_ptr, vs_ptr, vz_ptr, STAGES, D // GROUP)
     tiles = gl.cdiv(end - start, T)
     lim = gl.minimum(length, start + tiles * T)
     ks, kz, vs, vz = ks_ptr + sv, kz_ptr + sv, vs_ptr + sv, vz_ptr + sv
     for i in gl.static_range(STAGES - 1):
-        _copy_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim, 4)
+        _copy_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim, D // GROUP)
         async_copy.commit_group()
     for i in range(tiles):
         async_copy.wait_group(STAGES - 2)
         _barrier()
         ahead = i + STAGES - 1
-        _copy_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, 4)
+        _copy_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, D // GROUP)
         async_copy.commit_group()
         acc, m, l, top = _tile(qa, bias, qsum, qinv, acc, m, l, top, bufs, i % STAGES, start + i * T, length, seen,
                                last, bias_ptr, smt, bias_mask, HAS_MASK, FP16_RANGE)
@@ -480,16 +481,17 @@ def _dequantized(low, high, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.const
     low = gl.reshape(low, (G, n // G, shape[1], T))
     high = gl.reshape(high, (G, n // G, shape[1], T))
     L: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, low.type.layout))  # [G, T]
+    kept = (gl.arange(0, T, layout=gl.SliceLayout(0, L)) < valid)[None, :]  # read on the EDGE tile alone
     z = zbuf.reshape((T, G)).permute((1, 0)).load(L)
     if EDGE:
-        z = gl.where((gl.arange(0, T, layout=gl.SliceLayout(0, L)) < valid)[None, :], z, 0.0)
+        z = gl.where(kept, z, 0.0)
     z = z.to(gl.float16)[:, None, None, :]
     low = low - (z + 1024.0)
     high = high * 0.0625 - (z + 64.0)
     if SCALED:
         s = sbuf.reshape((T, G)).permute((1, 0)).load(L)
         if EDGE:
-            s = gl.where((gl.arange(0, T, layout=gl.SliceLayout(0, L)) < valid)[None, :], s, 0.0)
+            s = gl.where(kept, s, 0.0)
         s = s.to(gl.float16)[:, None, None, :]
         low, high = low * s, high * s
     return gl.reshape(low, shape), gl.reshape(high, shape)
@@ -635,7 +637,6 @@ def kv_int4_rows_kernel(
             acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, (tiles - 1) % STAGES,
                                         start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask, G,
                                         HAS_MASK, True)
-    if G == 1:
         acc = acc * top[:, None]
     n = _v_channel(gl.arange(0, D, layout=gl.SliceLayout(0, MMA)))
     ok = rvalid[:, None]
@@ -660,6 +661,6 @@ def rows_unsupported_reason(q, k, v, bits: int) -> str | None:
                 "of 32, 64 or 128")
     if q.dtype != torch.float16:
         return f"{q.dtype} queries: the rows kernel dequantizes in fp16 for fp16 queries"
-    if hq // k[0].shape[1] * s > 16:
-        return f"{hq // k[0].shape[1] * s} query rows a KV head: the rows kernel takes at most 16"
+    if hq // k[0].shape[1] * s > MAX_ROWS:
+        return f"{hq // k[0].shape[1] * s} query rows a KV head: the rows kernel takes at most {MAX_ROWS}"
     return _layout_reason(q, k, v, groups)
