@@ -269,15 +269,20 @@ def sweep(contexts, batches, kernels=(), only=None):
     return rows
 
 
-def ncu_target(contexts, batches):
-    """A few plain decode launches per case, for Nsight Compute to profile (no timing loop)."""
+def ncu_target(contexts, batches, only=None):
+    """A few plain decode launches per case, for Nsight Compute to profile (no timing loop):
+    the op's own choice, or each of ``only`` (Choices, ``--tiles``) that the kernel takes."""
     for ctx in map(int, contexts.split(",")):
         for b in map(int, batches.split(",")):
             q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device="cuda")
             for bits, group in KV.values():
                 k, v = random_cache(b, ctx, bits, group)
-                for _ in range(3):
-                    torch.ops.qcompile.kv_attention(q, *k, *v, ctx, bits)
+                refused = {kv_tiling.INT4_KERNEL} if kv_int4_attention.unsupported_reason(q, k, v, bits) else set()
+                refused |= {kv_tiling.INT4_ROWS_KERNEL} if kv_int4_attention.rows_unsupported_reason(q, k, v, bits) \
+                    else set()
+                for c in [c for c in only if c.kernel not in refused] if only else [None]:
+                    for _ in range(3):
+                        kv_ops._attention(q, k, v, ctx, bits, None, None, c)
     torch.cuda.synchronize()
 
 
@@ -334,7 +339,7 @@ def main():
     if a.plot:
         return plot(a.plot)
     if a.ncu:
-        return ncu_target(a.contexts, a.batches)
+        return ncu_target(a.contexts, a.batches, tiles(a.tiles) if a.tiles else None)
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name().split()[1].lower()
     path = os.path.join(a.out, f"{datetime.date.today()}-{gpu}-{a.name}.json")

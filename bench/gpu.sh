@@ -65,8 +65,14 @@ stage() {
         --name attention-quick --out "$R" ;;
     attention-prefill) python -m bench.attention --prefill 1024,4096,16384 --name attention-prefill --out "$R" ;;
     attention-ab-rows) python -m bench.attention --sweep --kv ${KV_WIDTHS:-int4} --q-heads ${KV_QHEADS:-32} --contexts 16384,32768 \
+        ${KV_KERNELS:+--kernels "$KV_KERNELS"} \
         --batches 1,8,32 --tiles "int4:64,8,1,2;int4:64,4,1,2;rows:64,8,1,2;rows:64,4,1,2;rows:64,8,1,3;rows:64,4,1,3" \
         --name attention-ab-rows-${KV_QHEADS:-32}${KV_WIDTHS:+-${KV_WIDTHS//,/_}} --out "$R" ;;
+    attention-ab-b1) python -m bench.attention --sweep --kv int4,int4-g128 --contexts 16384,32768,131072 --batches 1 \
+          ${KV_KERNELS:+--kernels "$KV_KERNELS"} --tiles "int4:64,4,1,2;int4:64,8,1,2;int4:64,8,1,3;rows:64,4,1,2;rows:64,8,1,2;rows:64,8,1,3" \
+          --name attention-ab-b1 --out "$R"
+        python -m bench.attention --sweep --kv int8 --contexts 16384,32768,131072 --batches 1 --tiles "64,4,1,3;64,8,1,3;64,2,1,3" \
+          --name attention-ab-b1-int8 --out "$R" ;;
     attention-gqa8) python -m bench.attention --q-heads 64 --contexts 4096,16384,32768 --batches 1,8,32 \
         --name attention-gqa8 --out "$R" ;;
     attention-bf16) python -m bench.attention --dtype bf16 --contexts 4096,16384,32768,131072 --batches 1,8,32 \
@@ -85,9 +91,12 @@ stage() {
         QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_attention_kernel --launch-skip 1 --launch-count 4 --section SpeedOfLight \
           --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section WarpStateStats \
           --section SourceCounters python -m bench.attention --ncu --contexts 16384 --batches $batch; done ;;
-    attention-ncu-int4) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_int4 --launch-skip 1 --launch-count 5 --section SpeedOfLight \
+    attention-ncu-int4) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_int4 --launch-skip 1 --launch-count 8 --section SpeedOfLight \
           --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats \
-          --section InstructionStats python -m bench.attention --ncu --contexts 16384 --batches ${KV_BATCH:-8} --kv ${KV_WIDTHS:-int4} ;;
+          --section InstructionStats --section SourceCounters \
+          --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+          python -m bench.attention --ncu --contexts 16384 \
+          --batches ${KV_BATCH:-8} --kv ${KV_WIDTHS:-int4} ${KV_TILES:+--tiles "$KV_TILES"} ;;
     kv-bandwidth) python -m bench.kv_bandwidth --out "$R" ;;
     kv-kernel-times) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_ --cache-control none --metrics gpu__time_duration.sum \
         python -m bench.attention --ncu --kv int8 --contexts 1024,16384,32768 --batches 1 ;;

@@ -121,6 +121,40 @@ def _v_channel(n):
     return 2 * (8 * (n % 8) + n // 16) + (n // 8) % 2
 
 
+# a program's output or partials as stored: 4 channels a lane (one 16-byte store), a row a warp
+STORE = gl.constexpr(gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0]))
+
+
+@gluon.jit
+def _store(x, m, l, b, hkv, heads, split, splits, first, o_ptr, acc_ptr, stat_ptr, sob, soh, sos, sod,
+           REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr):
+    """Query rows first, first + 1, ... of a program (x [rows, D], its columns in _v_channel's
+    order; m, l [rows]): the output when the program took the whole cache, else the partials
+    for kv_combine_kernel, ROWS apart. The columns go back to the channels' order in registers
+    first: stored in theirs, each 4-byte store fell 16 channels from the next (on the H200 the
+    rows kernel's 2 KB of partials took 576 sectors, 29% of its global traffic at batch 1)."""
+    n: gl.constexpr = x.shape[0]
+    # rows past REP S zeroed where they are, so that what only they need is dead code (their
+    # sums of p: 17 FADD a tile in the rows kernel) and not carried through the conversion
+    m = gl.where(first + gl.arange(0, n, layout=m.type.layout) < REP * S, m, 0.0)
+    l = gl.where(first + gl.arange(0, n, layout=l.type.layout) < REP * S, l, 1.0)
+    x = gl.where((first + gl.arange(0, n, layout=gl.SliceLayout(1, x.type.layout)) < REP * S)[:, None], x, 0.0)
+    x = gl.permute(gl.reshape(x, (n, 8, 2, 8)), (0, 3, 1, 2))  # column 16 r + 8 h + g -> channel 16 g + 2 r + h
+    x = gl.convert_layout(gl.reshape(x, (n, D)), STORE)
+    r = first + gl.arange(0, n, layout=gl.SliceLayout(1, STORE))
+    ch = gl.arange(0, D, layout=gl.SliceLayout(0, STORE))
+    ok = r < REP * S
+    l = gl.convert_layout(l, gl.SliceLayout(1, STORE))
+    if splits == 1:  # the whole cache in this program: the output directly
+        optr = o_ptr + b * sob + (hkv * REP + r // S)[:, None] * soh + (r % S)[:, None] * sos + ch[None, :] * sod
+        gl.store(optr, (x / l[:, None]).to(o_ptr.dtype.element_ty), mask=ok[:, None])
+    else:
+        part = ((b * heads + hkv) * splits + split) * ROWS + r
+        gl.store(acc_ptr + part[:, None] * D + ch[None, :], x, mask=ok[:, None])
+        gl.store(stat_ptr + part * 2, gl.convert_layout(m, gl.SliceLayout(1, STORE)), mask=ok)
+        gl.store(stat_ptr + part * 2 + 1, l, mask=ok)
+
+
 @gluon.jit
 def _dot_group(rho):
     """The scale group of dot row rho = 8 j + 4 b + r: 2 b + j."""
@@ -164,12 +198,13 @@ def _nibbles(byte):
 
 
 @gluon.jit
-def _copy_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexpr):
-    """cp.async of tile t0's codes and its G scales and zeros a token into ``stage`` of the
-    shared buffers (tokens from ``lim`` on zero-filled, not read). cp.async copies 4 bytes or
-    more: with G = 1 the scales and zeros of tokens in pairs, one past ``lim`` when it falls
-    inside a pair."""
+def _copy_tile(bufs, stage, src, t0, lim, G: gl.constexpr):
+    """cp.async of tile t0's codes and its G scales and zeros a token (from ``src``, _sources')
+    into ``stage`` of the shared buffers (tokens from ``lim`` on zero-filled, not read).
+    cp.async copies 4 bytes or more: with G = 1 the scales and zeros of tokens in pairs, one
+    past ``lim`` when it falls inside a pair."""
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
+    kc, vc, ks, kz, vs, vz = src
     tk = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, COPY_K)))
     ok = (tk < lim - t0)[:, None, None]
     byte = (gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, COPY_K)))[None, :, None] * 16
@@ -191,14 +226,32 @@ def _copy_tile(bufs, stage, kc, vc, ks, kz, vs, vz, t0, lim, G: gl.constexpr):
 
 
 @gluon.jit
-def _buffers(ks_ptr, kz_ptr, vs_ptr, vz_ptr, STAGES: gl.constexpr, G: gl.constexpr):
-    """The shared buffers of STAGES tiles: K's and V's codes, the scales and zeros (G a token)."""
-    return (gl.allocate_shared_memory(gl.uint8, [STAGES, T, 4, 16], SHARED),
+def _sources(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, b, hkv, skb, skh, svb, svh, ssb, ssh):
+    """KV head hkv of batch b's codes, scales and zeros: (K's codes, V's, K's scales, zeros, V's ...)."""
+    sv = b * ssb + hkv * ssh
+    return (kc_ptr + b * skb + hkv * skh, vc_ptr + b * svb + hkv * svh, ks_ptr + sv, kz_ptr + sv, vs_ptr + sv,
+            vz_ptr + sv)
+
+
+@gluon.jit
+def _prologue(src, start, end, length, STAGES: gl.constexpr, G: gl.constexpr):
+    """The shared buffers of STAGES tiles (K's and V's codes, the scales and zeros, G a token)
+    with the split's first STAGES - 1 tiles' copies issued, the split's tiles and ``lim``, the
+    end of what they copy. Called before q's loads, so that the first tiles' latency overlaps
+    theirs (at batch 1 a program's chain is a few tiles long)."""
+    kc, vc, ks, kz, vs, vz = src
+    bufs = (gl.allocate_shared_memory(gl.uint8, [STAGES, T, 4, 16], SHARED),
             gl.allocate_shared_memory(gl.uint8, [STAGES, T, D // 2], SHARED_V),
-            gl.allocate_shared_memory(ks_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
-            gl.allocate_shared_memory(kz_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
-            gl.allocate_shared_memory(vs_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S),
-            gl.allocate_shared_memory(vz_ptr.dtype.element_ty, [STAGES, T * G], SHARED_S))
+            gl.allocate_shared_memory(ks.dtype.element_ty, [STAGES, T * G], SHARED_S),
+            gl.allocate_shared_memory(kz.dtype.element_ty, [STAGES, T * G], SHARED_S),
+            gl.allocate_shared_memory(vs.dtype.element_ty, [STAGES, T * G], SHARED_S),
+            gl.allocate_shared_memory(vz.dtype.element_ty, [STAGES, T * G], SHARED_S))
+    tiles = gl.cdiv(end - start, T)
+    lim = gl.minimum(length, start + tiles * T)
+    for i in gl.static_range(STAGES - 1):
+        _copy_tile(bufs, i, src, start + i * T, lim, G)
+        async_copy.commit_group()
+    return bufs, tiles, lim
 
 
 @gluon.jit
@@ -361,6 +414,11 @@ def kv_int4_decode_kernel(
     rvalid = r < REP * S
     last = length - S + r % S  # the last position each row may see
     start, end = _split(b, split, splits, length, live_ptr, nlive, rvalid, last, HAS_MASK, LIVE, PDL)
+    # STAGES - 1 tiles in flight (cp.async) while one is computed, the first ones issued before
+    # q's loads; one barrier a tile (one warp) orders both the copies' writes before the reads
+    # and a stage's reads before its next copy, issued after it
+    src = _sources(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, b, hkv, skb, skh, svb, svh, ssb, ssh)
+    bufs, tiles, lim = _prologue(src, start, end, length, STAGES, D // GROUP)
     # q [16 dot rows, D (_k_channel's order)], row 8 j + 4 b + r holding query r's channels of group 2 b + j
     rho = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
     k = gl.arange(0, D, layout=gl.SliceLayout(0, QL))
@@ -385,28 +443,15 @@ def kv_int4_decode_kernel(
     m = gl.full([R], float("-inf"), gl.float32, ROW)
     l = gl.zeros([R], gl.float32, ROW)
     top = gl.full([4], 1e-30, gl.float32, gl.SliceLayout(0, TG))
-    kc = kc_ptr + b * skb + hkv * skh
-    vc = vc_ptr + b * svb + hkv * svh
-    sv = b * ssb + hkv * ssh
     head = hkv * REP + r // S
     bias_ptr = mask_ptr + b * smb + (head * smh + (r % S) * sms)[None, :]
     bias_mask = rvalid[None, :]
     seen = gl.min(gl.where(rvalid, last, length), axis=0) + 1  # every row sees the tokens before (causal)
-    # STAGES - 1 tiles in flight (cp.async) while one is computed; one barrier a tile (one
-    # warp) orders both the copies' writes before the reads and a stage's reads before its
-    # next copy, issued after it
-    bufs = _buffers(ks_ptr, kz_ptr, vs_ptr, vz_ptr, STAGES, D // GROUP)
-    tiles = gl.cdiv(end - start, T)
-    lim = gl.minimum(length, start + tiles * T)
-    ks, kz, vs, vz = ks_ptr + sv, kz_ptr + sv, vs_ptr + sv, vz_ptr + sv
-    for i in gl.static_range(STAGES - 1):
-        _copy_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim, D // GROUP)
-        async_copy.commit_group()
     for i in range(tiles):
         async_copy.wait_group(STAGES - 2)
         _barrier()
         ahead = i + STAGES - 1
-        _copy_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, D // GROUP)
+        _copy_tile(bufs, ahead % STAGES, src, start + ahead * T, lim, D // GROUP)
         async_copy.commit_group()
         acc, m, l, top = _tile(qa, bias, qsum, qinv, acc, m, l, top, bufs, i % STAGES, start + i * T, length, seen,
                                last, bias_ptr, smt, bias_mask, HAS_MASK, FP16_RANGE)
@@ -417,20 +462,8 @@ def kv_int4_decode_kernel(
     own = _dot_group(rows)[:, None] == ((n % 8) // 2)[None, :]
     x = gl.where(own, acc * tops[:, None], 0.0)
     x = gl.sum(gl.sum(gl.reshape(x, (2, 2, R, D)), axis=0), axis=0)  # [R, D]
-    x = gl.convert_layout(x, QL)
-    ro = first + gl.arange(0, R, layout=gl.SliceLayout(1, QL))
-    co = _v_channel(gl.arange(0, D, layout=gl.SliceLayout(0, QL)))
-    ok = (ro < REP * S)[:, None]
-    lo = gl.convert_layout(l, gl.SliceLayout(1, QL))
-    if splits == 1:  # the whole cache in this program: the output directly
-        optr = o_ptr + b * sob + (hkv * REP + ro // S)[:, None] * soh + (ro % S)[:, None] * sos + co[None, :] * sod
-        gl.store(optr, (x / lo[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
-    else:  # partials for kv_combine_kernel, ROWS apart
-        part = ((b * (gl.num_programs(1) // ROW_BLOCKS) + hkv) * splits + split) * ROWS + ro
-        gl.store(acc_ptr + part[:, None] * D + co[None, :], x, mask=ok)
-        mo = gl.convert_layout(m, gl.SliceLayout(1, QL))
-        gl.store(stat_ptr + part * 2, mo, mask=ro < REP * S)
-        gl.store(stat_ptr + part * 2 + 1, lo, mask=ro < REP * S)
+    _store(x, m, l, b, hkv, gl.num_programs(1) // ROW_BLOCKS, split, splits, first, o_ptr, acc_ptr, stat_ptr, sob,
+           soh, sos, sod, REP, S, ROWS)
 
 
 def _layout_reason(q, k, v, groups: int) -> str | None:
@@ -590,6 +623,8 @@ def kv_int4_rows_kernel(
     rvalid = r < REP * S
     last = length - S + r % S  # the last position each row may see
     start, end = _split(b, split, splits, length, live_ptr, nlive, rvalid, last, HAS_MASK, LIVE, PDL)
+    src = _sources(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, b, hkv, skb, skh, svb, svh, ssb, ssh)
+    bufs, tiles, lim = _prologue(src, start, end, length, STAGES, G)
     # q [16 query rows, D (_k_channel's order)] times the softmax scale
     qr = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
     ch = _k_channel(gl.arange(0, D, layout=gl.SliceLayout(0, QL)))
@@ -607,26 +642,16 @@ def kv_int4_rows_kernel(
     m = gl.full([16], float("-inf"), gl.float32, RL)
     l = gl.zeros([16], gl.float32, RL)
     top = gl.full([16], 1e-30, gl.float32, RL)  # with G = 1: the largest V scale so far (acc in its units)
-    kc = kc_ptr + b * skb + hkv * skh
-    vc = vc_ptr + b * svb + hkv * svh
-    sv = b * ssb + hkv * ssh
     bias_ptr = mask_ptr + b * smb + ((hkv * REP + r // S) * smh + (r % S) * sms)[:, None]
     bias_mask = rvalid[:, None]
     seen = gl.min(gl.where(rvalid, last, length), axis=0) + 1  # every row sees the tokens before (causal)
-    bufs = _buffers(ks_ptr, kz_ptr, vs_ptr, vz_ptr, STAGES, G)
-    tiles = gl.cdiv(end - start, T)
-    lim = gl.minimum(length, start + tiles * T)
-    ks, kz, vs, vz = ks_ptr + sv, kz_ptr + sv, vs_ptr + sv, vz_ptr + sv
-    for i in gl.static_range(STAGES - 1):
-        _copy_tile(bufs, i, kc, vc, ks, kz, vs, vz, start + i * T, lim, G)
-        async_copy.commit_group()
     # with G = 1 the split's last tile apart, the EDGE: the only one whose scales the copy of
     # token pairs may have brought from past the cache's length
     for i in range(tiles - 1 if G == 1 else tiles):
         async_copy.wait_group(STAGES - 2)
         _barrier()
         ahead = i + STAGES - 1
-        _copy_tile(bufs, ahead % STAGES, kc, vc, ks, kz, vs, vz, start + ahead * T, lim, G)
+        _copy_tile(bufs, ahead % STAGES, src, start + ahead * T, lim, G)
         async_copy.commit_group()
         acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, lim, length,
                                     seen, last, bias_ptr, smt, bias_mask, G, HAS_MASK, False)
@@ -638,16 +663,8 @@ def kv_int4_rows_kernel(
                                         start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask, G,
                                         HAS_MASK, True)
         acc = acc * top[:, None]
-    n = _v_channel(gl.arange(0, D, layout=gl.SliceLayout(0, MMA)))
-    ok = rvalid[:, None]
-    if splits == 1:  # the whole cache in this program: the output directly
-        optr = o_ptr + b * sob + (hkv * REP + r // S)[:, None] * soh + (r % S)[:, None] * sos + n[None, :] * sod
-        gl.store(optr, (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
-    else:  # partials for kv_combine_kernel, ROWS apart
-        part = ((b * gl.num_programs(1) + hkv) * splits + split) * ROWS + r
-        gl.store(acc_ptr + part[:, None] * D + n[None, :], acc, mask=ok)
-        gl.store(stat_ptr + part * 2, m, mask=rvalid)
-        gl.store(stat_ptr + part * 2 + 1, l, mask=rvalid)
+    _store(acc, m, l, b, hkv, gl.num_programs(1), split, splits, 0, o_ptr, acc_ptr, stat_ptr, sob, soh, sos, sod, REP,
+           S, ROWS)
 
 
 def rows_unsupported_reason(q, k, v, bits: int) -> str | None:

@@ -66,7 +66,7 @@ INT4_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages
 # programs an SM of 2 stages fastest at batch 8 and 32 on the H200 (-attention-ab-rows-32.json,
 # -attention-ab-rows-64.json)
 INT4_ROWS_KERNEL = "kv_int4_rows"
-MAX_SPLITS = 64
+MAX_SPLITS = 256
 # a prefill's other way: the cache dequantized into the queries' dtype (kv_dequant_kernel, tiles
 # of BLOCK_T tokens) and torch's SDPA, flash where only causality masks it. The first candidate
 # of a prefill: its dots are flash's, where the Triton kernel's prefill tiles ran 0.37-0.49x of
@@ -121,6 +121,7 @@ def splits(programs: int, length: int, block_t: int, waves: int, sms: int) -> in
     the cache. Rounding up put one program more on some SMs than on the others, and a decode
     step waits for those: on the H200 at 16k context, batch 8, 9 splits of 64 programs (5 on
     some SMs) took 1.13x as long as 8 (4 on each); scratch sweep in -kv-splits.json. At most
-    MAX_SPLITS: up to 256 (the Gluon int4 kernel at batch 1 taking 132) ran its 16k step in 16.5
-    against 15.3 us, the merge's programs of 8 channels included (-attention-int4-splits.json)."""
+    MAX_SPLITS, so that the tuner's WAVES choose at batch 1 too: there the Gluon int4 kernel ran
+    128k in 54.7 us with 132 splits (8 programs an SM) against 57.7 with 66, and 16k in 17.5
+    against 15.1 (-attention-ab-b1.json); with a cap of 64 both took 64."""
     return max(1, min(waves * sms // programs, triton.cdiv(length, block_t), MAX_SPLITS))
