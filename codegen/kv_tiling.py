@@ -123,5 +123,9 @@ def splits(programs: int, length: int, block_t: int, waves: int, sms: int) -> in
     some SMs) took 1.13x as long as 8 (4 on each); scratch sweep in -kv-splits.json. At most
     MAX_SPLITS, so that the tuner's WAVES choose at batch 1 too: there the Gluon int4 kernel ran
     128k in 54.7 us with 132 splits (8 programs an SM) against 57.7 with 66, and 16k in 17.5
-    against 15.1 (-attention-ab-b1.json); with a cap of 64 both took 64."""
-    return max(1, min(waves * sms // programs, triton.cdiv(length, block_t), MAX_SPLITS))
+    against 15.1 (-attention-ab-b1.json); with a cap of 64 both took 64. Then no split is left
+    empty: each takes a whole number of tiles, and 66 splits of 4 tiles covered 16k in 64, which
+    the merge read in two blocks of splits instead of one."""
+    tiles = triton.cdiv(length, block_t)
+    wanted = max(1, min(waves * sms // programs, tiles, MAX_SPLITS))
+    return triton.cdiv(tiles, triton.cdiv(tiles, wanted))

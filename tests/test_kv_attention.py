@@ -26,6 +26,18 @@ def test_kv_round_trip_within_half_a_step(bits, group):
     assert (err <= scale * 0.5 + 1e-5 + scale.abs() * 1e-3).all()
 
 
+@pytest.mark.parametrize("programs,length,waves,expect", [
+    (8, 16384, 4, 64),  # 66 programs would want 4 tiles each: 64 of them cover the cache
+    (8, 131072, 8, 128),  # past the old cap of 64: 8 programs an SM at batch 1
+    (64, 16384, 8, 16),
+    (8, 100, 8, 2),  # no more splits than tiles
+])
+def test_decode_splits_fill_the_sms_and_leave_none_empty(programs, length, waves, expect):
+    got = kv_tiling.splits(programs, length, 64, waves, 132)
+    chunk = triton.cdiv(triton.cdiv(length, got), 64) * 64  # the kernels' split, in whole tiles
+    assert got == expect and (got - 1) * chunk < length
+
+
 def test_kv_arguments_are_checked():
     x = torch.randn(1, 1, 2, 64)
     with pytest.raises(ValueError, match="bits=3: allowed values for a KV cache are 4 and 8"):
