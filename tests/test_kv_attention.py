@@ -38,6 +38,18 @@ def test_decode_splits_fill_the_sms_and_leave_none_empty(programs, length, waves
     assert got == expect and (got - 1) * chunk < length
 
 
+@pytest.mark.parametrize("int4,int4_rows,first", [(True, False, kv_tiling.INT4_KERNEL),
+                                                  (False, True, kv_tiling.INT4_ROWS_KERNEL),
+                                                  (True, True, kv_tiling.INT4_ROWS_KERNEL)])
+def test_the_gluon_kernel_expected_fastest_is_timed_first(int4, int4_rows, first):
+    """Both Gluon kernels are offered past 4 query rows a KV head, where the rows kernel is the
+    faster: a tuning budget cut short times the first candidates alone."""
+    got = kv_tiling.candidates(True, 16, 128, 4, 4, 2, 2, False, torch.device("cpu"), int4, int4_rows)
+    assert got[0].kernel == first
+    assert {c.kernel for c in got} >= {k for k, ok in ((kv_tiling.INT4_KERNEL, int4),
+                                                      (kv_tiling.INT4_ROWS_KERNEL, int4_rows)) if ok}
+
+
 def test_kv_arguments_are_checked():
     x = torch.randn(1, 1, 2, 64)
     with pytest.raises(ValueError, match="bits=3: allowed values for a KV cache are 4 and 8"):
