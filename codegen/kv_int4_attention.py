@@ -45,6 +45,13 @@ past an odd length may come along: the split's last tile, taken apart from the l
 At 4 rows in groups of 32 the decode kernel stays faster (6-11%), so the op offers the rows
 kernel only past 4 rows or for groups it alone takes (runtime/kv_ops.py).
 
+Both kernels copy their split's first tiles before they load q (``_prologue``), and put the
+output's columns back in the channels' order in registers before they store it or the partials,
+16 bytes a lane (``_store``): stored in the dots' column order, each 4-byte store landed 16
+channels from the next, 29% of the rows kernel's global sectors at batch 1. On the H200 that
+made the rows kernel 1.10-1.32x faster at batch 1 (whole heads) and 1.02-1.09x at batch 8 and
+32 (README, ninth run).
+
 Grid (B, Hkv ROW_BLOCKS, splits), the split and the partials of kv_attention_kernel, merged by
 kv_combine_kernel (launched as a programmatic dependent, PDL). Measured on the H200 (README,
 sixth and seventh runs): 1.7-2.7x the Triton kernel's speed at >= 16k context; the Marlin-style
