@@ -45,7 +45,8 @@ def test_matches_the_reference(hq, hkv, s, dtype, length):
     """Query rows a KV head in one program (GQA with S = 1 or 2 new tokens, MHA, 3 rows of 4) or
     in 2 and 3 (GQA 8; GQA 4 with S = 3, each row its own causal bound), a cache
     longer than its filled part, lengths off the 64-token tile, one program or many splits; bf16
-    queries and scales (against the float32 reference)."""
+    queries and scales (against the float32 reference). The op itself takes the rows kernel
+    past 4 rows a KV head in fp16 (its first candidate there)."""
     torch.manual_seed(length)
     length = max(length, s)  # the new tokens are in the cache: a first one at -1 sees nothing (NaN)
     k, v = _cache(3, hkv, 1024, dtype)
@@ -55,7 +56,9 @@ def test_matches_the_reference(hq, hkv, s, dtype, length):
         assert_close(kv_ops._attention(q, k, v, length, 4, None, None, choice), ref, dtype)
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, length, 4), ref, dtype)
     key = kv_ops.tuning_key(4, 32, 128, 16, True, 3 * hkv, length, dtype, False)
-    assert kv_ops.chosen[key].kernel == kv_tiling.INT4_KERNEL, "the op's first candidate is the Gluon kernel"
+    both = hq // hkv * s > kv_int4_attention.R.value and dtype == torch.float16  # the rows kernel offered too
+    first = kv_tiling.INT4_ROWS_KERNEL if both else kv_tiling.INT4_KERNEL
+    assert kv_ops.chosen[key].kernel == first, "the op's first candidate: the rows kernel past 4 rows a KV head"
 
 
 def _rows_choices():
