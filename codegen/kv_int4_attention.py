@@ -139,7 +139,8 @@ def _store(x, m, l, b, hkv, heads, split, splits, first, o_ptr, acc_ptr, stat_pt
     order; m, l [rows]): the output when the program took the whole cache, else the partials
     for kv_combine_kernel, ROWS apart. The columns go back to the channels' order in registers
     first: stored in theirs, each 4-byte store fell 16 channels from the next (on the H200 the
-    rows kernel's 2 KB of partials took 576 sectors, 29% of its global traffic at batch 1)."""
+    rows kernel's 2 KB of partials a program came to 544 excess sectors, 29% of its global
+    traffic at batch 1)."""
     n: gl.constexpr = x.shape[0]
     # rows past REP S zeroed where they are, so that what only they need is dead code (their
     # sums of p: 17 FADD a tile in the rows kernel) and not carried through the conversion
