@@ -572,7 +572,7 @@ def _v_dequantized(vbuf, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexp
 
 @gluon.jit
 def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, seen, last, bias_ptr, smt, bias_mask,
-               used, G: gl.constexpr, HAS_MASK: gl.constexpr, EDGE: gl.constexpr):
+               G: gl.constexpr, HAS_MASK: gl.constexpr, EDGE: gl.constexpr):
     """One tile of 64 tokens for 16 query rows, the dots' rows the queries themselves (acc [16,
     D], m, l and top per row). Groups of 32 and 64: K and V dequantized in the operands. One
     group a token (G = 1): as in kv_int4_decode_kernel, K's zero and scale go on the scores
@@ -601,17 +601,13 @@ def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, see
         top_new = gl.maximum(top, gl.max(v_scale, axis=0))
         p = _exp2(qk * LOG2E - (m_safe + _log2(top_new))[:, None])
         l = l * alpha + gl.sum(p, axis=1) * top_new
-        acc = acc * gl.where(used, alpha * (top / top_new), 1.0)[:, None]
+        acc = acc * (alpha * (top / top_new))[:, None]
         p = p * v_scale[None, :]
         top = top_new
     else:
         p = _exp2(qk * LOG2E - m_safe[:, None])
         l = l * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.where(used, alpha, 1.0)[:, None]
-    # with at most 8 rows in the step, a thread's registers of dot rows 8-15 take p = 0 and a
-    # rescale by 1 (``used``): their accumulator stays zero, and their softmax is dead code (rows
-    # 4-7 of a step of 4 stay: they differ by lane, not by register)
-    p = gl.where(used[:, None], p, 0.0)
+        acc = acc * alpha[:, None]
     acc = mma_v2(gl.convert_layout(p.to(gl.float16), A),
                  _v_dequantized(vbuf.index(stage), vsbuf.index(stage), vzbuf.index(stage), valid, G, G > 1, EDGE), acc)
     return acc, m_new, l, top
@@ -656,7 +652,6 @@ def kv_int4_rows_kernel(
     top = gl.full([16], 1e-30, gl.float32, RL)  # with G = 1: the largest V scale so far (acc in its units)
     bias_ptr = mask_ptr + b * smb + ((hkv * REP + r // S) * smh + (r % S) * sms)[:, None]
     bias_mask = rvalid[:, None]
-    used = r < (8 if REP * S <= 8 else 16)  # the dot rows a step of REP S rows needs (_rows_tile)
     seen = gl.min(gl.where(rvalid, last, length), axis=0) + 1  # every row sees the tokens before (causal)
     # with G = 1 the split's last tile apart, the EDGE: the only one whose scales the copy of
     # token pairs may have brought from past the cache's length
@@ -667,14 +662,14 @@ def kv_int4_rows_kernel(
         _copy_tile(bufs, ahead % STAGES, src, start + ahead * T, lim, G)
         async_copy.commit_group()
         acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, lim, length,
-                                    seen, last, bias_ptr, smt, bias_mask, used, G, HAS_MASK, False)
+                                    seen, last, bias_ptr, smt, bias_mask, G, HAS_MASK, False)
     if G == 1:
         if tiles > 0:
             async_copy.wait_group(STAGES - 2)
             _barrier()
             acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, (tiles - 1) % STAGES,
-                                        start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask, used,
-                                        G, HAS_MASK, True)
+                                        start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask, G,
+                                        HAS_MASK, True)
         acc = acc * top[:, None]
     _store(acc, m, l, b, hkv, gl.num_programs(1), split, splits, 0, o_ptr, acc_ptr, stat_ptr, sob, soh, sos, sod, REP,
            S, ROWS)
