@@ -11,7 +11,7 @@
 # attention-ab-vt (the same with V's codes token-contiguous), attention-ab-cache (V's codes as the
 # cache stores them; KV_DTYPE=bf16 for bf16, KV_WIDTHS=int8 for one width, KV_TILES
 # for tiles the tuner does not try: --tiles), attention-bf16 (the decode table in bf16), attention-gqa8 (64 query heads on the 8 KV heads), attention-prefill (the causal prefill rows alone), attention-ab-rows (the two Gluon int4 kernels' tiles, KV_QHEADS=64 for GQA 8, KV_WIDTHS=int4-g128 for whole-head groups: the rows kernel's alone; KV_KERNELS too), attention-ab-b1 (batch 1, both Gluon kernels at 4 and 8 programs an SM, then int8's Triton tiles; KV_KERNELS too), sass (bench.sass: the machine code's static profile, with the machine's Triton),
-# attention-ncu (Nsight Compute of it, batch 1 and 8 at 16k), attention-ncu-int4 (of the Gluon int4 kernels with stall reasons, batch KV_BATCH, 8 by default, KV_TILES' tiles), kv-kernel-times (batch 1, KV_WIDTHS, int8 by default: the attention and the merge kernels' times apart), kv-bandwidth (the cache's read speed per layout of V), attention-v-blocks (the int8 kernel with V token-contiguous, then in blocks of 64 tokens), accuracy-rounding (eager under
+# attention-ncu (Nsight Compute of it, batch 1 and 8 at 16k), attention-ncu-int4 (of the Gluon int4 kernels with stall reasons, batch KV_BATCH, 8 by default, KV_TILES' tiles), kv-kernel-times (batch 1, KV_WIDTHS, int8 by default, KV_TILES: the attention and the merge kernels' times apart), kv-bandwidth (the cache's read speed per layout of V), attention-v-blocks (the int8 kernel with V token-contiguous, then in blocks of 64 tokens), accuracy-rounding (eager under
 # jitter and plain Inductor, for the activation-quantized formats),
 # profile (Nsight Compute of the tuned W4 kernels), gguf-part and accuracy (the 98 MB model file, split in
 # two parts under .gguf/ that two back-to-back calls carry: the device tool carries 64 MiB a call). README "GPU runs" says more.
@@ -99,7 +99,8 @@ stage() {
           --batches ${KV_BATCH:-8} --kv ${KV_WIDTHS:-int4} ${KV_TILES:+--tiles "$KV_TILES"} ;;
     kv-bandwidth) python -m bench.kv_bandwidth --out "$R" ;;
     kv-kernel-times) QCOMPILE_AUTOTUNE=0 ncu -k regex:kv_ --cache-control none --metrics gpu__time_duration.sum \
-        python -m bench.attention --ncu --kv ${KV_WIDTHS:-int8} --contexts 1024,16384,32768 --batches 1 ;;
+        python -m bench.attention --ncu --kv ${KV_WIDTHS:-int8} --contexts 1024,16384,32768 --batches 1 \
+          ${KV_TILES:+--tiles "$KV_TILES"} ;;
     attention-v-blocks) for layout in tokens blocks; do  # the int8 kernel on V token-contiguous, then in blocks
         python -m bench.attention --sweep --kv int8 --v-layout $layout --tiles "64,4,1,3;64,8,1,3;64,4,1,2;128,2,4,3" \
           --contexts 16384,32768 --batches 1,8,32 --name attention-v-$layout --out "$R"; done ;;
