@@ -76,6 +76,27 @@ def _is_cache_write(node: Node) -> bool:
     return node.target in WRITES
 
 
+def _is_token_blocks_copy(node: Node) -> bool:
+    """A contiguous copy of 8-bit V's codes in blocks of tokens ([B, H, T / block, block, C],
+    formats.kv.as_token_blocks' token-major view), which the graph makes to flatten them when
+    the cache holds several blocks: the dequantization's slice stops there, and the op takes
+    the view copied instead (the copy, a whole cache's bytes a step, is then dead)."""
+    if node.target != aten.clone.default:
+        return False
+    codes = _val(node.args[0])
+    return codes.dim() == 5 and codes.dtype == torch.uint8
+
+
+def _stop(node: Node) -> bool:
+    return _is_cache_write(node) or _is_token_blocks_copy(node)
+
+
+def _codes(inputs: list) -> list:
+    """find_kv's (codes, scale, zero) with a copy of V's token blocks replaced by the view copied."""
+    codes = inputs[0]
+    return [codes.args[0] if _is_token_blocks_copy(codes) else codes, *inputs[1:]]
+
+
 def _unsupported(a: dict, q, k_node, mask, s: int, t: int) -> str | None:
     if a.get("dropout_p") or a.get("enable_gqa"):
         return "dropout or enable_gqa"
@@ -96,10 +117,10 @@ def rewrite_kv_attention(graph: Graph, report: Report, inference: bool = True) -
         b, hq, s, d = q.shape
         t = _val(k_full).shape[2]
         k_src, v_src = _unslice(_unrepeat(k_full)), _unslice(_unrepeat(v_full))
-        found = [find_kv(x, d, _is_cache_write) for x in (k_src, v_src)]
+        found = [find_kv(x, d, _stop) for x in (k_src, v_src)]
         if None in found:
             continue  # not a quantized cache: nothing to say
-        (k_bits, k_in), (v_bits, v_in) = found
+        (k_bits, k_in), (v_bits, v_in) = ((bits, _codes(inputs)) for bits, inputs in found)
         shapes = {"B": b, "Hq": hq, "S": s, "T": t, "D": d, "dtype": str(q.dtype).replace("torch.", "")}
         mask = a.get("attn_mask", a.get("attn_bias"))
         uses = list(sdpa.users) if sdpa.target != aten.scaled_dot_product_attention.default else []

@@ -93,29 +93,32 @@ def _greedy(forward, model, ids, steps, cache):
     return torch.cat(tokens, 1), first, last
 
 
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 8)])
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 8), (4, None)])
 def test_generate_and_a_compiled_decode_loop_agree_with_eager(bits, group, device):
     """generate() runs on the cache; the compiled decode steps (qcompile backend) read and write
     the same buffers, in the attention kernel that reads the codes, and give eager's tokens;
     int8 prefill logits stay close to an fp32 cache. int8 in its default whole-head groups (the
-    kernel's path that scales the dots, V stored token-contiguous), int4 in groups of 8."""
+    kernel's path that scales the dots, V stored token-contiguous in two blocks of 64 tokens: a
+    cache of several blocks comes to the pass as a copy to flatten, one of one block did not),
+    int4 in groups of 8 and in whole heads (its smallest cache)."""
+    length = 80  # int8 rounds it up to 128: two blocks of V
     model = tiny_llama(torch.float32, device)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1)).to(device)
-    eager, logits, eager_last = _greedy(model, model, ids, 5, QuantizedStaticCache(model.config, 16, bits=bits,
+    eager, logits, eager_last = _greedy(model, model, ids, 5, QuantizedStaticCache(model.config, length, bits=bits,
                                                                                      group=group))
     if bits == 8:
         _, fp_logits, _ = _greedy(model, model, ids, 0, transformers.StaticCache(config=model.config, max_cache_len=16))
         assert_close(logits, fp_logits, torch.bfloat16)  # int8 K/V: within bf16's tolerance of an fp32 cache
     with torch.no_grad():
-        generated = model.generate(ids, past_key_values=QuantizedStaticCache(model.config, 16, bits=bits, group=group),
-                                   max_new_tokens=6, do_sample=False)
+        cache = QuantizedStaticCache(model.config, length, bits=bits, group=group)
+        generated = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
     assert torch.equal(generated[:, 6:], eager)
     if reason := kernel_unavailable_reason(torch.device(device)):
         pytest.skip(reason)
     torch._dynamo.reset()
     with qcompile.backend.listen(qcompile.Report()) as report:
         compiled, _, compiled_last = _greedy(torch.compile(model, backend="qcompile"), model, ids, 5,
-                                             QuantizedStaticCache(model.config, 16, bits=bits, group=group))
+                                             QuantizedStaticCache(model.config, length, bits=bits, group=group))
     assert torch.equal(compiled, eager)
     assert_close(compiled_last, eager_last, torch.float32)
     # each layer's SDPA over the dequantized cache became the kernel reading the codes
