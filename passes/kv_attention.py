@@ -17,7 +17,7 @@ from qcompile.report import Fallback, Matched, Report
 from qcompile.runtime.device import match_blocked_reason
 
 from .specs import find_kv
-from .subgraph import _VIEWS, canonical
+from .subgraph import _VIEWS, backward_slice, canonical, leaves
 from .wonly_linear import _call, _val
 
 aten = torch.ops.aten
@@ -97,6 +97,19 @@ def _codes(inputs: list) -> list:
     return [codes.args[0] if _is_token_blocks_copy(codes) else codes, *inputs[1:]]
 
 
+def _unmatched_codes(node: Node) -> str | None:
+    """For a K or V [B, H, T, D] that find_kv did not match: that it comes from uint8 codes of a
+    cache's shape ([B, H, ...] in 4 or 5 dims, not a quantized linear's weight), when it does:
+    a quantized cache in a form the pass does not know, said in explain() rather than passed
+    over in silence. Else None."""
+    nodes = backward_slice(node, _stop)
+    heads = tuple(_val(node).shape[:2])
+    codes = [n for n in leaves(nodes, _stop) if isinstance(c := _val(n), torch.Tensor)  # not a size (dynamic)
+             and c.dtype == torch.uint8 and c.dim() in (4, 5) and tuple(c.shape[:2]) == heads] if nodes else []
+    return (f"computed from uint8 codes {tuple(_val(codes[0]).shape)}, not as formats.kv.dequantize_kv"
+            if codes else None)
+
+
 def _unsupported(a: dict, q, k_node, mask, s: int, t: int) -> str | None:
     if a.get("dropout_p") or a.get("enable_gqa"):
         return "dropout or enable_gqa"
@@ -118,10 +131,14 @@ def rewrite_kv_attention(graph: Graph, report: Report, inference: bool = True) -
         t = _val(k_full).shape[2]
         k_src, v_src = _unslice(_unrepeat(k_full)), _unslice(_unrepeat(v_full))
         found = [find_kv(x, d, _stop) for x in (k_src, v_src)]
-        if None in found:
-            continue  # not a quantized cache: nothing to say
-        (k_bits, k_in), (v_bits, v_in) = ((bits, _codes(inputs)) for bits, inputs in found)
         shapes = {"B": b, "Hq": hq, "S": s, "T": t, "D": d, "dtype": str(q.dtype).replace("torch.", "")}
+        if None in found:  # said only of K or V made from codes; anything else is not a quantized cache
+            why = [f"{name} {w}" for name, x, f in zip("KV", (k_src, v_src), found)
+                   if f is None and (w := _unmatched_codes(x))]
+            if why:
+                report.fallbacks.append(Fallback("kv_attention", "; ".join(why), shapes, sdpa.name))
+            continue
+        (k_bits, k_in), (v_bits, v_in) = ((bits, _codes(inputs)) for bits, inputs in found)
         mask = a.get("attn_mask", a.get("attn_bias"))
         uses = list(sdpa.users) if sdpa.target != aten.scaled_dot_product_attention.default else []
         reason = (_unsupported(a, q, k_src, mask, s, t)

@@ -1,5 +1,7 @@
 """Quantized KV cache (int8/int4 codes, scale and zero per token and channel group) and the
 split-KV decode attention kernel that reads it, against the dequantize + SDPA reference."""
+import re
+
 import pytest
 import torch
 import triton
@@ -268,6 +270,29 @@ def test_shapes_the_kernel_cannot_take_get_the_reference(d, k_group, v_group, de
     assert not report.matched and len(report.fallbacks) == 1, str(report)
     assert ("head_dim=96" if d == 96 else "K in 2 scale groups and V in 4") in report.fallbacks[0].reason
     assert_close(out, kv_attention_reference(q4, k, v, 8, 24), torch.float32)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_an_unknown_dequantization_of_codes_is_reported(dynamic, device):
+    """SDPA over K and V made from uint8 codes other than by formats.kv (here a scale and no
+    zero point) is left to Inductor with the reason recorded, not passed over in silence: so
+    a cache layout the pass misses shows in explain() (8-bit V in several blocks of tokens
+    once did, unreported). Dynamic shapes put sizes among the graph's inputs."""
+    k, v = (quantize_kv(torch.randn(1, 2, 24, 64, device=device), 8, 64) for _ in range(2))
+    q = torch.randn(1, 2, 1, 64, device=device)
+
+    def attend(q, kc, ks, vc, vs):
+        return torch.nn.functional.scaled_dot_product_attention(q, kc.to(q.dtype) * ks, vc.to(q.dtype) * vs)
+
+    torch._dynamo.reset()
+    with qcompile.backend.listen(qcompile.Report()) as report:
+        out = torch.compile(attend, backend="qcompile", dynamic=dynamic)(q, k[0], k[1], v[0], v[1])
+    assert not report.matched and len(report.fallbacks) == 1, str(report)
+    reason = report.fallbacks[0].reason
+    assert re.fullmatch(r"K computed from uint8 codes \(.+\), not as formats\.kv\.dequantize_kv; "
+                        r"V computed from uint8 codes \(.+\), not as formats\.kv\.dequantize_kv", reason), reason
+    assert dynamic or "(1, 2, 24, 64)" in reason  # dynamic: the sizes' symbols
+    assert_close(out, attend(q, k[0], k[1], v[0], v[1]), torch.float32)
 
 
 @triton.jit
