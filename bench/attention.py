@@ -202,6 +202,14 @@ def tiles(spec: str) -> list:
     return out
 
 
+def refused_kernels(q, k, v, bits) -> set:
+    """The Gluon kernels that cannot take this decode step (kv_int4_attention's reasons): their
+    ``--tiles`` entries are skipped for it."""
+    reasons = {kv_tiling.INT4_KERNEL: kv_int4_attention.unsupported_reason,
+               kv_tiling.INT4_ROWS_KERNEL: kv_int4_attention.rows_unsupported_reason}
+    return {kernel for kernel, why in reasons.items() if why(q, k, v, bits)}
+
+
 @contextlib.contextmanager
 def version_of_kernels(module):
     """kv_ops launching ``module``'s kernel (a file of another version of codegen/kv_attention.py
@@ -232,12 +240,11 @@ def sweep(contexts, batches, kernels=(), only=None):
             q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device="cuda")
             for name, (bits, group) in KV.items():
                 k, v = random_cache(b, ctx, bits, group)
-                int4 = kv_int4_attention.unsupported_reason(q, k, v, bits) is None
-                int4_rows = kv_int4_attention.rows_unsupported_reason(q, k, v, bits) is None
-                takes = {kv_tiling.INT4_KERNEL: int4, kv_tiling.INT4_ROWS_KERNEL: int4_rows}
-                refused = {kernel for kernel, ok in takes.items() if not ok}
+                refused = refused_kernels(q, k, v, bits)
                 cands = ([c for c in only if c.kernel not in refused] if only else
-                         kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device, int4, int4_rows))
+                         kv_tiling.candidates(True, 16, D, D // group, bits, 2, 2, False, q.device,
+                                              kv_tiling.INT4_KERNEL not in refused,
+                                              kv_tiling.INT4_ROWS_KERNEL not in refused))
                 copies = copies_of((*k, *v))
                 ref = kv_attention_reference(q, k, v, bits, ctx)
                 for version, module in versions.items():
@@ -277,9 +284,7 @@ def ncu_target(contexts, batches, only=None):
             q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device="cuda")
             for bits, group in KV.values():
                 k, v = random_cache(b, ctx, bits, group)
-                refused = {kv_tiling.INT4_KERNEL} if kv_int4_attention.unsupported_reason(q, k, v, bits) else set()
-                refused |= {kv_tiling.INT4_ROWS_KERNEL} if kv_int4_attention.rows_unsupported_reason(q, k, v, bits) \
-                    else set()
+                refused = refused_kernels(q, k, v, bits)
                 for c in [c for c in only if c.kernel not in refused] if only else [None]:
                     for _ in range(3):
                         kv_ops._attention(q, k, v, ctx, bits, None, None, c)

@@ -108,9 +108,8 @@ def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes:
     query rows a KV head, where the rows kernel runs 1.3-1.7x faster, and a tuning budget that
     cold compiles cut times the first candidates alone (GQA 8 at 16k, batch 8: the decode
     kernel's 87.6 us taken on the H200, the rows kernel's about 50: -attention-gqa8-3.json)."""
-    own = [Choice(INT4_KERNEL, c) for c in INT4_TILES] if int4 else []
-    rows_kernel = [Choice(INT4_ROWS_KERNEL, c) for c in INT4_TILES] if int4_rows else []
-    own = rows_kernel + own
+    own = [Choice(kernel, c) for kernel, ok in ((INT4_ROWS_KERNEL, int4_rows), (INT4_KERNEL, int4)) if ok
+           for c in INT4_TILES]
     own += [] if decode else [Choice(DEQUANT_SDPA, DEQUANT_TILE)]
     if interpreting():
         return own + [Choice("kv_attention", c) for c in INTERPRETED]
