@@ -58,8 +58,9 @@ def copies_of(tensors):
 
 class _launchable:
     """A kernel launched as the package launches its own: one of before V's blocks (no svk, VB
-    arguments) without them, for strided V; one of before dependent launches without PDL (its
-    merge then waits, launched dependent, for the whole of it to end)."""
+    arguments) without them, for strided V; one of before dependent launches without PDL and
+    not launched dependent itself (its merge then waits, launched dependent, for the whole of it
+    to end)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -71,6 +72,7 @@ class _launchable:
         def run(*args, **kwargs):
             if "PDL" not in self.kernel.arg_names:
                 kwargs.pop("PDL")
+                kwargs.pop("launch_pdl", None)
             if self.drop is not None:
                 assert not kwargs.pop("VB"), "a kernel of before V's blocks reads V through its strides alone"
                 args = (*args[:self.drop], *args[self.drop + 1:])

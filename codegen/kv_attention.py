@@ -285,8 +285,9 @@ def kv_attention_kernel(
     in blocks of VB tokens, svk apart (formats.kv.as_token_blocks); 0, through svt alone. PDL
     (sm_90 and later): kv_combine_kernel is launched as a programmatic dependent of this one."""
     b, hkv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if PDL:  # the merge, launched dependent on this kernel, may start its programs now
-        gdc_launch_dependents()
+    if PDL:  # the merge, launched dependent on this kernel, may start its programs now; this
+        gdc_launch_dependents()  # kernel, launched dependent on the one before, waits for its writes
+        gdc_wait()
     split, block = pid % splits, pid // splits
     DEFERRED: tl.constexpr = BITS == 8 and GROUP == D  # _tile_deferred's codes
     # There a block of 16 rows for 8 or fewer (a decode step) keeps only the top half of the

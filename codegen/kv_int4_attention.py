@@ -267,10 +267,12 @@ def _split(b, split, splits, length, live_ptr, nlive, rvalid, last, HAS_MASK: gl
            PDL: gl.constexpr):
     """The tokens [start, end) of this program's split: a whole number of tiles of what the mask
     shows (``span``), cut where no row sees further (causal: ``last``, each row's last position).
-    With PDL the merge, launched dependent on this kernel, may start its programs now."""
+    With PDL the merge, launched dependent on this kernel, may start its programs now; and this
+    kernel, launched dependent on the one before it, waits for that one's writes before it
+    reads anything (its launch overlapped that kernel's end)."""
     if PDL:
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; griddepcontrol.wait; // $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
     span = length
     if LIVE:  # the end kv_live_kernel found in the mask
         rl = gl.arange(0, LIVE, layout=gl.BlockedLayout([1], [32], [1], [0]))

@@ -40,8 +40,10 @@ def _sms(device) -> int:
 
 
 def _dependent_launches(device) -> bool:
-    """Whether the merge is launched as a programmatic dependent of the attention kernel (PDL,
-    sm_90 and later; not under the interpreter): its launch then overlaps that kernel's run."""
+    """Whether the kernels are launched as programmatic dependents (PDL, sm_90 and later; not
+    under the interpreter): the merge of the attention kernel, whose run its launch then
+    overlaps, and the attention kernel of whatever ran before it, whose end its launch
+    overlaps (it waits, griddepcontrol.wait, before its first read)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
@@ -132,6 +134,7 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
     mask_and_out = (*(mask.stride() if attn_mask is not None else (0,) * 4), *out.stride())
     strides = (*q.stride(), *k_codes.stride(), *v_strides, *k_scale.stride(), *mask_and_out)
     consts = dict(REP=hq // hkv, S=s, ROWS=rows, D=d, PDL=_dependent_launches(q.device))
+    pdl = {"launch_pdl": True} if consts["PDL"] else {}
     own = dict(BITS=bits, GROUP=group, DEQ=dot_dtype(k_scale.dtype), DOT=dot,
                PRECISION="ieee" if dot == tl.float32 else "tf32",
                HAS_MASK=attn_mask is not None, LIVE=0 if live is None else triton.next_power_of_2(live.shape[1]),
@@ -160,7 +163,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
         gluon_args = (*args, acc, stat, length, scale, splits, nlive, *q.stride(), *k_codes.stride()[:2],
                       *v_codes.stride()[:2], *k_scale.stride()[:2], *mask_and_out)
         gluon_consts = dict(REP=consts["REP"], S=s, ROWS=rows, HAS_MASK=own["HAS_MASK"], LIVE=own["LIVE"],
-                            STAGES=cfg.num_stages, PDL=consts["PDL"], num_warps=1, maxnreg=cfg.kwargs.get("REGS"))
+                            STAGES=cfg.num_stages, PDL=consts["PDL"], num_warps=1, maxnreg=cfg.kwargs.get("REGS"),
+                            **pdl)
         if c.kernel == kv_tiling.INT4_ROWS_KERNEL:
             if why_not_rows is not None:  # a choice given from outside (the benchmark's)
                 raise ValueError(f"choice={c}: the Gluon int4 rows kernel cannot take this step ({why_not_rows})")
@@ -175,14 +179,14 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
             binary = kv_attention_kernel[(b, hkv, blocks * splits)](
                 *args, acc, stat, length, scale, splits, nlive, *strides, **consts, **own,
                 BLOCK_T=cfg.kwargs["BLOCK_T"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                maxnreg=cfg.kwargs.get("REGS"))
+                maxnreg=cfg.kwargs.get("REGS"), **pdl)
         if splits > 1:
             block_d, mrows = min(d, COMBINE_CHANNELS), triton.next_power_of_2(hq // hkv * s)
             block_s = max(1, min(triton.next_power_of_2(splits), COMBINE_ELEMENTS // (mrows * block_d)))
             warps = min(4, max(1, block_s * mrows * block_d // COMBINE_WARP_ELEMENTS))
             kv_combine_kernel[(b, hkv, d // block_d)](acc, stat, out, splits, *out.stride(), **consts, MROWS=mrows,
                                                       BLOCK_D=block_d, BLOCK_S=block_s, num_warps=warps,
-                                                      **({"launch_pdl": True} if consts["PDL"] else {}))
+                                                      **pdl)
         return binary
 
     key = tuning_key(bits, group, d, rows, decode, b * hkv, length, q.dtype, attn_mask is not None)
