@@ -574,12 +574,17 @@ def _v_dequantized(vbuf, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexp
 
 @gluon.jit
 def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, seen, last, bias_ptr, smt, bias_mask,
-               G: gl.constexpr, HAS_MASK: gl.constexpr, EDGE: gl.constexpr):
+               used, G: gl.constexpr, HAS_MASK: gl.constexpr, EDGE: gl.constexpr, HALF: gl.constexpr):
     """One tile of 64 tokens for 16 query rows, the dots' rows the queries themselves (acc [16,
     D], m, l and top per row). Groups of 32 and 64: K and V dequantized in the operands. One
     group a token (G = 1): as in kv_int4_decode_kernel, K's zero and scale go on the scores
     ((dot - bias - zero qsum) scale) and V's scale on p (p scale / top, top the largest V scale
-    so far), so only V's zero is taken off in the operand: no HMUL2 on the codes."""
+    so far), so only V's zero is taken off in the operand: no HMUL2 on the codes. HALF (G = 1, at
+    most 8 rows): the thread's registers of dot rows 8-15 take p = 0 and a rescale by 1
+    (``used``), so that their accumulator stays zero and their softmax is dead code (1242 -> 1130
+    instructions a tile at 4 rows, Triton 3.6; rows 4-7 of a step of 4 stay: they differ by
+    lane, not by register). Groups of 32 ran 1.1-1.4x slower with it on the H200
+    (-attention-ab-rows-e28.json)."""
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
     valid = lim - t0
     if G == 1:  # the dot starts from -(bias + zero qsum): bias and qsum come negated
@@ -603,8 +608,13 @@ def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, see
         top_new = gl.maximum(top, gl.max(v_scale, axis=0))
         p = _exp2(qk * LOG2E - (m_safe + _log2(top_new))[:, None])
         l = l * alpha + gl.sum(p, axis=1) * top_new
-        acc = acc * (alpha * (top / top_new))[:, None]
+        rescale = alpha * (top / top_new)
+        if HALF:
+            rescale = gl.where(used, rescale, 1.0)
+        acc = acc * rescale[:, None]
         p = p * v_scale[None, :]
+        if HALF:
+            p = gl.where(used[:, None], p, 0.0)
         top = top_new
     else:
         p = _exp2(qk * LOG2E - m_safe[:, None])
@@ -655,6 +665,8 @@ def kv_int4_rows_kernel(
     bias_ptr = mask_ptr + b * smb + ((hkv * REP + r // S) * smh + (r % S) * sms)[:, None]
     bias_mask = rvalid[:, None]
     seen = gl.min(gl.where(rvalid, last, length), axis=0) + 1  # every row sees the tokens before (causal)
+    HALF: gl.constexpr = G == 1 and REP * S <= 8
+    used = r < 8  # with HALF, the dot rows the step needs (_rows_tile)
     # with G = 1 the split's last tile apart, the EDGE: the only one whose scales the copy of
     # token pairs may have brought from past the cache's length
     for i in range(tiles - 1 if G == 1 else tiles):
@@ -664,14 +676,14 @@ def kv_int4_rows_kernel(
         _copy_tile(bufs, ahead % STAGES, src, start + ahead * T, lim, G)
         async_copy.commit_group()
         acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, lim, length,
-                                    seen, last, bias_ptr, smt, bias_mask, G, HAS_MASK, False)
+                                    seen, last, bias_ptr, smt, bias_mask, used, G, HAS_MASK, False, HALF)
     if G == 1:
         if tiles > 0:
             async_copy.wait_group(STAGES - 2)
             _barrier()
             acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, (tiles - 1) % STAGES,
-                                        start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask, G,
-                                        HAS_MASK, True)
+                                        start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask, used,
+                                        G, HAS_MASK, True, HALF)
         acc = acc * top[:, None]
     _store(acc, m, l, b, hkv, gl.num_programs(1), split, splits, 0, o_ptr, acc_ptr, stat_ptr, sob, soh, sos, sod, REP,
            S, ROWS)
