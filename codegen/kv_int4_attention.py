@@ -112,6 +112,21 @@ SHARED_V = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
 SHARED_S = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
 QL = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[1, 1],
                                    order=[1, 0]))
+# 8-bit codes (the rows kernel, one group a token). A tile's tokens reach the dots in the order
+# t = t0 + 2 t1 + ... of the mma operands, memory token _token(t) = t0 + 2 t3 + 4 t4 + 8 t5 + 16 t1
+# + 32 t2, so that a lane's 16 tokens of V's channel (t0, t3, t4, t5: its registers) are 16
+# contiguous bytes of the cache's token-contiguous blocks, one LDS.128. K's bytes [128 (c),
+# T (memory token)]: lane % 4 reads channels 32 (lane % 4) .. + 31 of a token (two LDS.128), its
+# registers c0..c4 becoming the B operand's k bits 0, 3, 4, 5, 6 (_k8_operand).
+K8_BYTES = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0], [0, 2], [0, 4], [0, 8]],
+    lane_bases=[[32, 0], [64, 0], [0, 1], [0, 16], [0, 32]], warp_bases=[], block_bases=[], shape=[128, 64]))
+# V's bytes [128 (c), T (memory token)]: a lane's 16 tokens of a channel, channel n8 tiles in registers
+V8_BYTES = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [8, 0], [16, 0], [32, 0], [64, 0]],
+    lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]], warp_bases=[], block_bases=[], shape=[128, 64]))
+COPY_K8 = gl.constexpr(gl.BlockedLayout([1, 16], [4, 8], [1, 1], [1, 0]))  # [T, 128] bytes, a row 128
+COPY_V8 = gl.constexpr(gl.BlockedLayout([1, 16], [8, 4], [1, 1], [1, 0]))  # [128, T] bytes, a row 64
 
 
 @gluon.jit
@@ -134,9 +149,9 @@ STORE = gl.constexpr(gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0]))
 
 @gluon.jit
 def _store(x, m, l, b, hkv, heads, split, splits, first, o_ptr, acc_ptr, stat_ptr, sob, soh, sos, sod,
-           REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr):
+           REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, BITS: gl.constexpr = 4):
     """Query rows first, first + 1, ... of a program (x [rows, D], its columns in _v_channel's
-    order; m, l [rows]): the output when the program took the whole cache, else the partials
+    order for 4-bit V, the channels' own for 8-bit; m, l [rows]): the output when the program took the whole cache, else the partials
     for kv_combine_kernel, ROWS apart. The columns go back to the channels' order in registers
     first: stored in theirs, each 4-byte store fell 16 channels from the next (on the H200 the
     rows kernel's 2 KB of partials a program came to 544 excess sectors, 29% of its global
@@ -147,7 +162,8 @@ def _store(x, m, l, b, hkv, heads, split, splits, first, o_ptr, acc_ptr, stat_pt
     m = gl.where(first + gl.arange(0, n, layout=m.type.layout) < REP * S, m, 0.0)
     l = gl.where(first + gl.arange(0, n, layout=l.type.layout) < REP * S, l, 1.0)
     x = gl.where((first + gl.arange(0, n, layout=gl.SliceLayout(1, x.type.layout)) < REP * S)[:, None], x, 0.0)
-    x = gl.permute(gl.reshape(x, (n, 8, 2, 8)), (0, 3, 1, 2))  # column 16 r + 8 h + g -> channel 16 g + 2 r + h
+    if BITS == 4:
+        x = gl.permute(gl.reshape(x, (n, 8, 2, 8)), (0, 3, 1, 2))  # column 16 r + 8 h + g -> channel 16 g + 2 r + h
     x = gl.convert_layout(gl.reshape(x, (n, D)), STORE)
     r = first + gl.arange(0, n, layout=gl.SliceLayout(1, STORE))
     ch = gl.arange(0, D, layout=gl.SliceLayout(0, STORE))
@@ -205,12 +221,71 @@ def _nibbles(byte):
                                      is_pure=True, pack=4)
 
 
+# A register's bytes x0..x3 give (x0, x1) and (x2, x3) of 1024 + code in fp16: two PRMT for four codes
+HALVES = gl.constexpr("""{
+        prmt.b32 $0, $2, 0x64646464, 0x4140;
+        prmt.b32 $1, $2, 0x64646464, 0x4342;
+        }""")
+
+
 @gluon.jit
-def _copy_tile(bufs, stage, src, t0, lim, G: gl.constexpr):
+def _halves(byte):
+    """1024 + code in fp16 of each byte, in the bytes' places."""
+    return gl.inline_asm_elementwise(HALVES, "=r,=r,r", [byte], dtype=gl.float16, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _token(t):
+    """The cache's token (within a tile) at the 8-bit path's dot position t (K8_BYTES)."""
+    return (t & 1) + ((t >> 3) & 7) * 2 + ((t >> 1) & 3) * 16
+
+
+@gluon.jit
+def _k8_channel(k):
+    """The head channel at position k of q @ K^T's K dimension with 8-bit codes (K8_BYTES)."""
+    return (k & 1) + ((k >> 3) & 15) * 2 + ((k >> 1) & 3) * 32
+
+
+@gluon.jit
+def _copy_tile(bufs, stage, src, t0, lim, G: gl.constexpr, BITS: gl.constexpr = 4):
     """cp.async of tile t0's codes and its G scales and zeros a token (from ``src``, _sources')
     into ``stage`` of the shared buffers (tokens from ``lim`` on zero-filled, not read).
     cp.async copies 4 bytes or more: with G = 1 the scales and zeros of tokens in pairs, one
-    past ``lim`` when it falls inside a pair."""
+    past ``lim`` when it falls inside a pair. 8-bit codes (G = 1): K's [T, D] rows, V's block of
+    T tokens [D, T] (the cache's blocks of 64 tokens, token-contiguous), and K's scales and zeros
+    and V's scales in the dots' token order (_token), which the scores and p take."""
+    if BITS == 8:
+        _copy_tile8(bufs, stage, src, t0, lim)
+    else:
+        _copy_tile4(bufs, stage, src, t0, lim, G)
+
+
+@gluon.jit
+def _copy_tile8(bufs, stage, src, t0, lim):
+    """_copy_tile's 8-bit codes (one group a token)."""
+    kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
+    kc, vc, ks, kz, vs, vz = src
+    tk = gl.arange(0, T, layout=gl.SliceLayout(1, COPY_K8))
+    _async_load(kbuf.index(stage), kc + (t0 + tk)[:, None] * D + gl.arange(0, D, layout=gl.SliceLayout(0, COPY_K8))[None, :],
+                mask=(tk < lim - t0)[:, None])
+    # V's whole block, past ``lim`` too (a block is whole in memory; its codes there meet p = 0)
+    _async_load(vbuf.index(stage), vc + t0 * D + gl.arange(0, D, layout=gl.SliceLayout(1, COPY_V8))[:, None] * T
+                + gl.arange(0, T, layout=gl.SliceLayout(0, COPY_V8))[None, :])
+    L3: gl.constexpr = gl.BlockedLayout([1, 1, 2], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # [t5 t4 t3, t2 t1, t0]
+    mem = (gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))[:, None, None] * 2
+           + gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))[None, :, None] * 16
+           + gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))[None, None, :])
+    ok = mem < gl.cdiv(lim - t0, 2) * 2
+    _async_load(ksbuf.index(stage).reshape((8, 4, 2)), ks + t0 + mem, mask=ok)
+    _async_load(kzbuf.index(stage).reshape((8, 4, 2)), kz + t0 + mem, mask=ok)
+    _async_load(vsbuf.index(stage).reshape((8, 4, 2)), vs + t0 + mem, mask=ok)
+    e = gl.arange(0, T, layout=gl.BlockedLayout([2], [32], [1], [0]))
+    _async_load(vzbuf.index(stage), vz + t0 + e, mask=e < gl.cdiv(lim - t0, 2) * 2)
+
+
+@gluon.jit
+def _copy_tile4(bufs, stage, src, t0, lim, G: gl.constexpr):
+    """_copy_tile's 4-bit codes, G scale groups a token."""
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
     kc, vc, ks, kz, vs, vz = src
     tk = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, COPY_K)))
@@ -233,6 +308,7 @@ def _copy_tile(bufs, stage, src, t0, lim, G: gl.constexpr):
     _async_load(vzbuf.index(stage), vz + t0 * G + e, mask=ok)
 
 
+
 @gluon.jit
 def _sources(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, b, hkv, skb, skh, svb, svh, ssb, ssh):
     """KV head hkv of batch b's codes, scales and zeros: (K's codes, V's, K's scales, zeros, V's ...)."""
@@ -242,14 +318,19 @@ def _sources(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, b, hkv, skb, skh, s
 
 
 @gluon.jit
-def _prologue(src, start, end, length, STAGES: gl.constexpr, G: gl.constexpr):
+def _prologue(src, start, end, length, STAGES: gl.constexpr, G: gl.constexpr, BITS: gl.constexpr = 4):
     """The shared buffers of STAGES tiles (K's and V's codes, the scales and zeros, G a token)
     with the split's first STAGES - 1 tiles' copies issued, the split's tiles and ``lim``, the
     end of what they copy. Called before q's loads, so that the first tiles' latency overlaps
     theirs (at batch 1 a program's chain is a few tiles long)."""
     kc, vc, ks, kz, vs, vz = src
-    bufs = (gl.allocate_shared_memory(gl.uint8, [STAGES, T, 4, 16], SHARED),
-            gl.allocate_shared_memory(gl.uint8, [STAGES, T, D // 2], SHARED_V),
+    if BITS == 8:  # K's [T, D] rows, V's [D, T] block
+        codes = (gl.allocate_shared_memory(gl.uint8, [STAGES, T, D], SHARED_V),
+                 gl.allocate_shared_memory(gl.uint8, [STAGES, D, T], SHARED_V))
+    else:
+        codes = (gl.allocate_shared_memory(gl.uint8, [STAGES, T, 4, 16], SHARED),
+                 gl.allocate_shared_memory(gl.uint8, [STAGES, T, D // 2], SHARED_V))
+    bufs = (codes[0], codes[1],
             gl.allocate_shared_memory(ks.dtype.element_ty, [STAGES, T * G], SHARED_S),
             gl.allocate_shared_memory(kz.dtype.element_ty, [STAGES, T * G], SHARED_S),
             gl.allocate_shared_memory(vs.dtype.element_ty, [STAGES, T * G], SHARED_S),
@@ -257,7 +338,7 @@ def _prologue(src, start, end, length, STAGES: gl.constexpr, G: gl.constexpr):
     tiles = gl.cdiv(end - start, T)
     lim = gl.minimum(length, start + tiles * T)
     for i in gl.static_range(STAGES - 1):
-        _copy_tile(bufs, i, src, start + i * T, lim, G)
+        _copy_tile(bufs, i, src, start + i * T, lim, G, BITS)
         async_copy.commit_group()
     return bufs, tiles, lim
 
@@ -476,17 +557,24 @@ def kv_int4_decode_kernel(
            soh, sos, sod, REP, S, ROWS)
 
 
-def _layout_reason(q, k, v, groups: int) -> str | None:
+def _layout_reason(q, k, v, groups: int, bits: int = 4) -> str | None:
     """Why the cache's layout does not suit the Gluon kernels, or None: they run on sm_80 and
     later and take the cache's own contiguous rows (the loads take the token strides as
-    constants), with the batch and head strides of the scales and zeros multiples of 16
-    (Triton's specialization proves the 4-byte alignment cp.async needs from those)."""
+    constants), 8-bit V in the cache's blocks of T tokens, token-contiguous and each block one
+    run (formats.kv.as_token_blocks), with the batch and head strides of the scales and zeros
+    multiples of 16 (Triton's specialization proves the 4-byte alignment cp.async needs from
+    those)."""
     (kc, ks, kz), (vc, vs, vz) = k, v
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (8, 0):
         return "the Gluon int4 kernel runs on CUDA sm_80 and later (mma.sync)"
-    for name, c in (("K", kc), ("V", vc)):
-        if c.dim() != 4 or c.stride()[2:] != (D.value // 2, 1):
-            return f"{name}'s codes strided {tuple(c.stride())}: the Gluon kernels take [B, H, T, 64] rows"
+    row = D.value * bits // 8
+    if kc.dim() != 4 or kc.stride()[2:] != (row, 1):
+        return f"K's codes strided {tuple(kc.stride())}: the Gluon kernels take [B, H, T, {row}] rows"
+    if bits == 4 and (vc.dim() != 4 or vc.stride()[2:] != (row, 1)):
+        return f"V's codes strided {tuple(vc.stride())}: the Gluon kernels take [B, H, T, {row}] rows"
+    if bits == 8 and (vc.dim() != 5 or vc.shape[3] != T.value or vc.stride()[2:] != (T.value * row, 1, T.value)):
+        return (f"V's codes of shape {tuple(vc.shape)} strided {tuple(vc.stride())}: the Gluon kernel takes 8-bit "
+                f"ones in blocks of {T.value} tokens, token-contiguous (formats.kv.as_token_blocks)")
     for t in (ks, kz, vs, vz):
         if t.stride()[2:] != (groups, 1) or t.stride(0) % 16 or t.stride(1) % 16:
             return (f"scales or zeros strided {tuple(t.stride())}: the Gluon kernels take [B, H, T, {groups}] rows "
@@ -541,13 +629,39 @@ def _dequantized(low, high, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.const
 
 
 @gluon.jit
-def _per_token(buf, valid, EDGE: gl.constexpr):
+def _per_token(buf, valid, EDGE: gl.constexpr, BITS: gl.constexpr):
     """[T] float32 scales or zeros of a tile with one group a token ([T] in shared memory; on
-    the EDGE tile, past ``valid`` tokens zero), as the dot result's columns."""
+    the EDGE tile, past ``valid`` tokens zero), as the dot result's columns (with 8-bit codes
+    in the dots' token order: _copy_tile)."""
     x = buf.load(gl.SliceLayout(0, MMA)).to(gl.float32)
     if EDGE:
-        x = gl.where(gl.arange(0, T, layout=gl.SliceLayout(0, MMA)) < valid, x, 0.0)
+        t = gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
+        x = gl.where((_token(t) if BITS == 8 else t) < valid, x, 0.0)
     return x
+
+
+@gluon.jit
+def _k8_operand(kbuf):
+    """8-bit K codes of a tile ([T, D] bytes in shared memory) as q @ K^T's B operand [D
+    (_k8_channel's order), T (_token's)]: 1024 + code."""
+    x = _halves(kbuf.permute((1, 0)).load(K8_BYTES))  # [c, memory token]
+    x = gl.permute(gl.reshape(x, (4, 16, 2, 4, 8, 2)), (1, 0, 2, 4, 3, 5))  # [k6..k3, k2 k1, k0, t5 t4 t3, t2 t1, t0]
+    return gl.convert_layout(gl.reshape(x, (D, T)), B, assert_trivial=True)
+
+
+@gluon.jit
+def _v8_operand(vbuf, zbuf, valid, EDGE: gl.constexpr):
+    """8-bit V codes less their zeros, code - zero, of a tile ([D, T] bytes, the cache's
+    token-contiguous block, and [T] zeros in shared memory) as p @ V's B operand [T (_token's
+    order), D]: exact in fp16. On the EDGE tile zeros past ``valid`` tokens are zeroed (a pair's
+    copy may bring one from past the cache)."""
+    x = _halves(vbuf.load(V8_BYTES))  # [c, memory token]
+    z = zbuf.load(gl.SliceLayout(0, V8_BYTES))
+    if EDGE:
+        z = gl.where(gl.arange(0, T, layout=gl.SliceLayout(0, V8_BYTES)) < valid, z, 0.0)
+    x = x - (z.to(gl.float16) + 1024.0)[None, :]
+    x = gl.permute(gl.reshape(x, (D, 4, 8, 2)), (2, 1, 3, 0))  # [t5 t4 t3, t2 t1, t0, c]
+    return gl.convert_layout(gl.reshape(x, (T, D)), B, assert_trivial=True)
 
 
 @gluon.jit
@@ -574,7 +688,8 @@ def _v_dequantized(vbuf, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexp
 
 @gluon.jit
 def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, seen, last, bias_ptr, smt, bias_mask,
-               used, G: gl.constexpr, HAS_MASK: gl.constexpr, EDGE: gl.constexpr, HALF: gl.constexpr):
+               used, G: gl.constexpr, HAS_MASK: gl.constexpr, EDGE: gl.constexpr, HALF: gl.constexpr,
+               BITS: gl.constexpr):
     """One tile of 64 tokens for 16 query rows, the dots' rows the queries themselves (acc [16,
     D], m, l and top per row). Groups of 32 and 64: K and V dequantized in the operands. One
     group a token (G = 1): as in kv_int4_decode_kernel, K's zero and scale go on the scores
@@ -584,17 +699,25 @@ def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, see
     (``used``), so that their accumulator stays zero and their softmax is dead code (1242 -> 1130
     instructions a tile at 4 rows, Triton 3.6; rows 4-7 of a step of 4 stay: they differ by
     lane, not by register). Groups of 32 ran 1.1-1.4x slower with it on the H200
-    (-attention-ab-rows-e28.json)."""
+    (-attention-ab-rows-e28.json). 8-bit codes (G = 1): _k8_operand and _v8_operand, the tokens
+    in _token's order."""
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
     valid = lim - t0
     if G == 1:  # the dot starts from -(bias + zero qsum): bias and qsum come negated
-        k_zero = _per_token(kzbuf.index(stage), valid, EDGE)
-        s = mma_v2(qa, _k_operand(kbuf.index(stage)), bias[:, None] + k_zero[None, :] * qsum[:, None])
-        qk = s * _per_token(ksbuf.index(stage), valid, EDGE)[None, :]
+        k_zero = _per_token(kzbuf.index(stage), valid, EDGE, BITS)
+        if BITS == 8:
+            k_op = _k8_operand(kbuf.index(stage))
+        else:
+            k_op = _k_operand(kbuf.index(stage))
+        s = mma_v2(qa, k_op, bias[:, None] + k_zero[None, :] * qsum[:, None])
+        qk = s * _per_token(ksbuf.index(stage), valid, EDGE, BITS)[None, :]
     else:
         qk = mma_v2(qa, _k_dequantized(kbuf.index(stage), ksbuf.index(stage), kzbuf.index(stage), valid, G),
                     gl.zeros([16, T], gl.float32, MMA))
-    rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
+    if BITS == 8:
+        rs = t0 + _token(gl.arange(0, T, layout=gl.SliceLayout(0, MMA)))
+    else:
+        rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
     if HAS_MASK:
         qk += gl.load(bias_ptr + rs[None, :] * smt, mask=bias_mask & (rs < length)[None, :],
                       other=float("-inf")).to(gl.float32)
@@ -604,7 +727,7 @@ def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, see
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E  # rows that have seen nothing yet
     alpha = _exp2(m * LOG2E - m_safe)
     if G == 1:  # p / top from the exponent, so that p scale / top is one multiply
-        v_scale = _per_token(vsbuf.index(stage), valid, EDGE)
+        v_scale = _per_token(vsbuf.index(stage), valid, EDGE, BITS)
         top_new = gl.maximum(top, gl.max(v_scale, axis=0))
         p = _exp2(qk * LOG2E - (m_safe + _log2(top_new))[:, None])
         l = l * alpha + gl.sum(p, axis=1) * top_new
@@ -620,8 +743,11 @@ def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, see
         p = _exp2(qk * LOG2E - m_safe[:, None])
         l = l * alpha + gl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-    acc = mma_v2(gl.convert_layout(p.to(gl.float16), A),
-                 _v_dequantized(vbuf.index(stage), vsbuf.index(stage), vzbuf.index(stage), valid, G, G > 1, EDGE), acc)
+    if BITS == 8:
+        v_op = _v8_operand(vbuf.index(stage), vzbuf.index(stage), valid, EDGE)
+    else:
+        v_op = _v_dequantized(vbuf.index(stage), vsbuf.index(stage), vzbuf.index(stage), valid, G, G > 1, EDGE)
+    acc = mma_v2(gl.convert_layout(p.to(gl.float16), A), v_op, acc)
     return acc, m_new, l, top
 
 
@@ -631,11 +757,12 @@ def kv_int4_rows_kernel(
     length, sm_scale, splits, nlive,
     sqb, sqh, sqs, sqd, skb, skh, svb, svh, ssb, ssh, smb, smh, sms, smt, sob, soh, sos, sod,
     REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, HAS_MASK: gl.constexpr, LIVE: gl.constexpr,
-    STAGES: gl.constexpr, PDL: gl.constexpr, G: gl.constexpr,
+    STAGES: gl.constexpr, PDL: gl.constexpr, G: gl.constexpr, BITS: gl.constexpr = 4,
 ):
     """kv_int4_decode_kernel for up to 16 query rows a KV head and G scale groups a token
     (GROUP = 128 / G channels), fp16, the dots' 16 rows the query rows (_rows_tile: K and V
-    dequantized in the operands, or with G = 1 the scales on the dots). Grid (B, Hkv, splits),
+    dequantized in the operands, or with G = 1 the scales on the dots); or 8-bit codes (BITS,
+    G = 1; V in the cache's token-contiguous blocks of 64 tokens). Grid (B, Hkv, splits),
     partials for kv_combine_kernel when splits > 1."""
     b, hkv, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
     RL: gl.constexpr = gl.SliceLayout(1, MMA)  # per dot row = query row
@@ -644,16 +771,19 @@ def kv_int4_rows_kernel(
     last = length - S + r % S  # the last position each row may see
     start, end = _split(b, split, splits, length, live_ptr, nlive, rvalid, last, HAS_MASK, LIVE, PDL)
     src = _sources(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, b, hkv, skb, skh, svb, svh, ssb, ssh)
-    bufs, tiles, lim = _prologue(src, start, end, length, STAGES, G)
-    # q [16 query rows, D (_k_channel's order)] times the softmax scale
+    bufs, tiles, lim = _prologue(src, start, end, length, STAGES, G, BITS)
+    # q [16 query rows, D (_k_channel's or _k8_channel's order)] times the softmax scale
     qr = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
-    ch = _k_channel(gl.arange(0, D, layout=gl.SliceLayout(0, QL)))
+    if BITS == 8:
+        ch = _k8_channel(gl.arange(0, D, layout=gl.SliceLayout(0, QL)))
+    else:
+        ch = _k_channel(gl.arange(0, D, layout=gl.SliceLayout(0, QL)))
     q = gl.load(q_ptr + b * sqb + (hkv * REP + qr // S)[:, None] * sqh + (qr % S)[:, None] * sqs + ch[None, :] * sqd,
                 mask=(qr < REP * S)[:, None], other=0.0)
     q = q.to(gl.float32) * sm_scale
     bias, qsum = gl.zeros([16], gl.float32, RL), gl.zeros([16], gl.float32, RL)
     if G == 1:  # K's codes as _k_operand gives them: high nibbles' q divided by 16, dot bias 1024 sum(q's operand)
-        high = (gl.arange(0, D, layout=gl.SliceLayout(0, QL)) >= D // 2)[None, :]
+        high = (gl.arange(0, D, layout=gl.SliceLayout(0, QL)) >= (D // 2 if BITS == 4 else D))[None, :]
         q = (q * gl.where(high, 0.0625, 1.0)).to(gl.float16)
         bias = gl.convert_layout(gl.sum(q.to(gl.float32), axis=1) * -1024.0, RL)  # negated, as _rows_tile takes them
         qsum = gl.convert_layout(gl.sum(q.to(gl.float32) * gl.where(high, -16.0, -1.0), axis=1), RL)
@@ -673,33 +803,33 @@ def kv_int4_rows_kernel(
         async_copy.wait_group(STAGES - 2)
         _barrier()
         ahead = i + STAGES - 1
-        _copy_tile(bufs, ahead % STAGES, src, start + ahead * T, lim, G)
+        _copy_tile(bufs, ahead % STAGES, src, start + ahead * T, lim, G, BITS)
         async_copy.commit_group()
         acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, lim, length,
-                                    seen, last, bias_ptr, smt, bias_mask, used, G, HAS_MASK, False, HALF)
+                                    seen, last, bias_ptr, smt, bias_mask, used, G, HAS_MASK, False, HALF, BITS)
     if G == 1:
         if tiles > 0:
             async_copy.wait_group(STAGES - 2)
             _barrier()
             acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, (tiles - 1) % STAGES,
                                         start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask, used,
-                                        G, HAS_MASK, True, HALF)
+                                        G, HAS_MASK, True, HALF, BITS)
         acc = acc * top[:, None]
     _store(acc, m, l, b, hkv, gl.num_programs(1), split, splits, 0, o_ptr, acc_ptr, stat_ptr, sob, soh, sos, sod, REP,
-           S, ROWS)
+           S, ROWS, BITS)
 
 
 def rows_unsupported_reason(q, k, v, bits: int) -> str | None:
     """Why kv_int4_rows_kernel cannot take this decode step, or None. It takes 4-bit codes in
-    groups of 32, 64 or 128 of head_dim 128 (K's and V's alike), fp16 queries, up to 16 query
-    rows a KV head, in a layout _layout_reason allows."""
+    groups of 32, 64 or 128 of head_dim 128 (K's and V's alike) or 8-bit ones in whole heads,
+    fp16 queries, up to 16 query rows a KV head, in a layout _layout_reason allows."""
     b, hq, s, d = q.shape
     groups = k[1].shape[-1]
-    if bits != 4 or d != D.value or groups not in (1, 2, 4) or v[1].shape[-1] != groups:
-        return (f"bits={bits}, head_dim={d}, {groups} groups: the rows kernel takes 4-bit codes, head_dim 128, groups "
-                "of 32, 64 or 128")
+    if (bits, groups) not in ((4, 1), (4, 2), (4, 4), (8, 1)) or d != D.value or v[1].shape[-1] != groups:
+        return (f"bits={bits}, head_dim={d}, {groups} groups: the rows kernel takes head_dim 128 in 4-bit codes in "
+                "groups of 32, 64 or 128, or in 8-bit codes in groups of 128")
     if q.dtype != torch.float16:
         return f"{q.dtype} queries: the rows kernel dequantizes in fp16 for fp16 queries"
     if hq // k[0].shape[1] * s > MAX_ROWS:
         return f"{hq // k[0].shape[1] * s} query rows a KV head: the rows kernel takes at most {MAX_ROWS}"
-    return _layout_reason(q, k, v, groups)
+    return _layout_reason(q, k, v, groups, bits)

@@ -9,16 +9,19 @@ import triton
 from conftest import assert_close
 from qcompile.codegen import kv_int4_attention, kv_tiling
 from qcompile.codegen.tiling import Choice
-from qcompile.formats.kv import kv_attention_reference, quantize_kv
+from qcompile.formats.kv import as_token_blocks, kv_attention_reference, quantize_kv
 from qcompile.runtime import kv_ops  # registers qcompile::kv_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="Gluon kernels need a CUDA GPU: the Triton interpreter does not run them")
 
 
-def _cache(b, hkv, t, dtype=torch.float16, v_range=1.0, group=32):
+def _cache(b, hkv, t, dtype=torch.float16, v_range=1.0, group=32, bits=4):
+    """K and V of t random tokens quantized; 8-bit V's codes in blocks of 64 tokens, as the
+    cache stores them (the rows kernel's 8-bit layout)."""
     k, v = (torch.randn(b, hkv, t, 128, dtype=dtype, device="cuda") for _ in range(2))
-    return quantize_kv(k, 4, group), quantize_kv(v * v_range, 4, group)
+    (vc, vs, vz) = quantize_kv(v * v_range, bits, group)
+    return quantize_kv(k, bits, group), (as_token_blocks(vc, 64) if bits == 8 else vc, vs, vz)
 
 
 def _fp32_reference(q, k, v, length):
@@ -69,22 +72,22 @@ def _rows_choices():
 
 @pytest.mark.parametrize("hq, hkv, s", [(8, 2, 1), (16, 2, 1), (32, 2, 1), (8, 2, 3), (2, 2, 1)],
                          ids=["gqa4", "gqa8", "gqa16", "gqa4-s3", "mha"])
-@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (4, 128), (8, 128)])
 @pytest.mark.parametrize("length", [37, 1000])
-def test_the_rows_kernel_matches_the_reference(hq, hkv, s, group, length):
+def test_the_rows_kernel_matches_the_reference(hq, hkv, s, bits, group, length):
     """kv_int4_rows_kernel (K and V dequantized in the operands, the dots' rows the queries):
-    1 to 16 query rows a KV head, groups of 32, 64 and 128, one program or many splits. The
-    cache past ``length`` holds NaN scales and zeros: with groups of 128 the kernel copies the
-    scales of token pairs, one past an odd length, which must not reach the result."""
+    1 to 16 query rows a KV head, 4-bit codes in groups of 32, 64 and 128 and 8-bit ones in
+    whole heads (V in blocks of 64 tokens), one program or many splits. The cache past
+    ``length`` holds NaN scales and zeros: with groups of 128 the kernel copies the scales of
+    token pairs, one past an odd length, which must not reach the result."""
     torch.manual_seed(length)
-    k, v = (quantize_kv(torch.randn(3, hkv, 1024, 128, dtype=torch.float16, device="cuda"), 4, group)
-            for _ in range(2))
+    k, v = _cache(3, hkv, 1024, group=group, bits=bits)
     for t in (*k[1:], *v[1:]):
         t[:, :, length:] = float("nan")
     q = torch.randn(3, hq, s, 128, dtype=torch.float16, device="cuda")
-    ref = kv_attention_reference(q, k, v, 4, length)
+    ref = kv_attention_reference(q, k, v, bits, length)
     for choice in _rows_choices():
-        assert_close(kv_ops._attention(q, k, v, length, 4, None, None, choice), ref, torch.float16)
+        assert_close(kv_ops._attention(q, k, v, length, bits, None, None, choice), ref, torch.float16)
 
 
 @pytest.mark.parametrize("hq", [4, 8], ids=["4-rows", "8-rows"])
@@ -105,35 +108,36 @@ def test_a_mask_decides_what_each_query_sees(mask_dtype, hq):
         assert_close(kv_ops._attention(q, k, v, 512, 4, mask, None, choice), ref, torch.float16)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("hq", [4, 16], ids=["4-rows", "16-rows"])
-def test_whole_head_groups_under_a_mask_at_an_odd_length(hq):
+def test_whole_head_groups_under_a_mask_at_an_odd_length(hq, bits):
     """The rows kernel with one group a token (scales on the dots, the scales copied by token
     pairs) under a mask with holes, 301 tokens of a longer cache whose scales and zeros past them
     are NaN: the one copied past the length is never read into the result, nor into a masked
-    score (NaN + -inf)."""
+    score (NaN + -inf). 8-bit codes too, whose tokens reach the dots in another order."""
     torch.manual_seed(4)
-    k, v = _cache(2, 2, 512, group=128)
+    k, v = _cache(2, 2, 512, group=128, bits=bits)
     for t in (*k[1:], *v[1:]):
         t[:, :, 301:] = float("nan")
     q = torch.randn(2, hq, 1, 128, dtype=torch.float16, device="cuda")
     seen = torch.rand(2, hq, 1, 301, device="cuda") > 0.3
     seen[..., 0] = True
-    ref = kv_attention_reference(q, k, v, 4, 301, seen)
+    ref = kv_attention_reference(q, k, v, bits, 301, seen)
     for choice in _rows_choices():
-        assert_close(kv_ops._attention(q, k, v, 301, 4, seen, None, choice), ref, torch.float16)
+        assert_close(kv_ops._attention(q, k, v, 301, bits, seen, None, choice), ref, torch.float16)
 
 
-@pytest.mark.parametrize("group", [32, 128])
-def test_small_v_scales_keep_their_precision(group):
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 128), (8, 128)])
+def test_small_v_scales_keep_their_precision(bits, group):
     """V's scales near fp16's smallest normals: p scale / top stays in [0, 1] (top: the largest
     scale so far), where p scale itself would be subnormal (the decode kernel's groups of 32,
     the rows kernel's whole heads)."""
     torch.manual_seed(1)
-    k, v = _cache(1, 2, 704, v_range=1e-3, group=group)  # 704: the scales' head stride a multiple of 16
+    k, v = _cache(1, 2, 704, v_range=1e-3, group=group, bits=bits)  # 704: the scales' head stride a multiple of 16
     q = torch.randn(1, 8, 1, 128, dtype=torch.float16, device="cuda")
-    ref = kv_attention_reference(q, k, v, 4, 700)
+    ref = kv_attention_reference(q, k, v, bits, 700)
     for choice in _choices() + _rows_choices() if group == 32 else _rows_choices():
-        assert_close(kv_ops._attention(q, k, v, 700, 4, None, None, choice), ref, torch.float16)
+        assert_close(kv_ops._attention(q, k, v, 700, bits, None, None, choice), ref, torch.float16)
 
 
 @pytest.mark.parametrize("q_range", [1e-5, 1e6])
@@ -171,3 +175,19 @@ def test_what_the_decode_kernel_cannot_take_goes_elsewhere(case):
     rows = case in ("groups of 64", "groups of 128")
     assert kv_ops.chosen[key].kernel == (kv_tiling.INT4_ROWS_KERNEL if rows else "kv_attention")
     assert (kv_int4_attention.rows_unsupported_reason(q, k, v, 4) is None) == rows
+
+
+@pytest.mark.parametrize("v_layout", ["blocks", "rows"])
+def test_8_bit_whole_heads_take_the_rows_kernel_with_v_in_blocks(v_layout):
+    """An 8-bit cache in whole heads: the rows kernel first where V's codes are in the cache's
+    blocks of 64 tokens (its 8-bit layout), the Triton kernel where they are row-contiguous."""
+    torch.manual_seed(5)
+    k, v = _cache(1, 2, 256, group=128, bits=8)
+    if v_layout == "rows":
+        v = (v[0].contiguous(), *v[1:])
+    q = torch.randn(1, 8, 1, 128, dtype=torch.float16, device="cuda")
+    assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 250, 8), kv_attention_reference(q, k, v, 8, 250),
+                 torch.float16)
+    key = kv_ops.tuning_key(8, 128, 128, 16, True, 2, 250, torch.float16, False)
+    assert kv_ops.chosen[key].kernel == (kv_tiling.INT4_ROWS_KERNEL if v_layout == "blocks" else "kv_attention")
+    assert (kv_int4_attention.rows_unsupported_reason(q, k, v, 8) is None) == (v_layout == "blocks")
