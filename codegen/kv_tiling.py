@@ -66,6 +66,11 @@ INT4_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages
 # programs an SM of 2 stages fastest at batch 8 and 32 on the H200 (-attention-ab-rows-32.json,
 # -attention-ab-rows-64.json)
 INT4_ROWS_KERNEL = "kv_int4_rows"
+# its 8-bit codes (whole heads): 255 registers and 34 KB of shared memory a program at 2 stages,
+# 6 programs an SM at most; on the H200 4 an SM of 2 or 3 stages fastest, 6 close at batch 8 and
+# 1.03-1.25x slower at batch 1, 8 (two waves) far behind (-attention-ab-int8-rows.json)
+INT8_ROWS_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st)
+                   for w, st in ((4, 2), (4, 3), (6, 2))]
 MAX_SPLITS = 256
 # a prefill's other way: the cache dequantized into the queries' dtype (kv_dequant_kernel, tiles
 # of BLOCK_T tokens) and torch's SDPA, flash where only causality masks it. The first candidate
@@ -103,13 +108,13 @@ def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes:
                mask: bool, device, int4: bool = False, int4_rows: bool = False) -> list:
     """The Choices worth timing, those over the device's shared memory pruned; with ``int4``
     (kv_int4_attention.unsupported_reason found nothing against it) the Gluon kernel's first,
-    with ``int4_rows`` (rows_unsupported_reason) its rows kernel's, and for a prefill
+    with ``int4_rows`` (rows_unsupported_reason) its rows kernel's (for 8-bit codes its own tiles), and for a prefill
     DEQUANT_SDPA first. With both, the rows kernel's come first: the op offers both only past 4
     query rows a KV head, where the rows kernel runs 1.3-1.7x faster, and a tuning budget that
     cold compiles cut times the first candidates alone (GQA 8 at 16k, batch 8: the decode
     kernel's 87.6 us taken on the H200, the rows kernel's about 50: -attention-gqa8-3.json)."""
     own = [Choice(kernel, c) for kernel, ok in ((INT4_ROWS_KERNEL, int4_rows), (INT4_KERNEL, int4)) if ok
-           for c in INT4_TILES]
+           for c in (INT8_ROWS_TILES if bits == 8 else INT4_TILES)]
     own += [] if decode else [Choice(DEQUANT_SDPA, DEQUANT_TILE)]
     if interpreting():
         return own + [Choice("kv_attention", c) for c in INTERPRETED]

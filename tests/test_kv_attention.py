@@ -52,6 +52,15 @@ def test_the_gluon_kernel_expected_fastest_is_timed_first(int4, int4_rows, first
                                                       (kv_tiling.INT4_ROWS_KERNEL, int4_rows)) if ok}
 
 
+def test_8_bit_codes_time_their_own_rows_tiles_first():
+    """The rows kernel with 8-bit codes fits 6 programs an SM (shared memory), not the 8 of its
+    4-bit tiles: its own tiles, then the Triton kernel's."""
+    got = kv_tiling.candidates(True, 16, 128, 1, 8, 2, 2, False, torch.device("cpu"), False, True)
+    rows = [c.config for c in got if c.kernel == kv_tiling.INT4_ROWS_KERNEL]
+    assert rows == kv_tiling.INT8_ROWS_TILES and got[0].kernel == kv_tiling.INT4_ROWS_KERNEL
+    assert max(c.kwargs["WAVES"] for c in rows) <= 6
+
+
 def test_kv_arguments_are_checked():
     x = torch.randn(1, 1, 2, 64)
     with pytest.raises(ValueError, match="bits=3: allowed values for a KV cache are 4 and 8"):
