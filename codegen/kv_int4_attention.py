@@ -1,6 +1,7 @@
 """Decode attention over a 4-bit KV cache in groups of 32 channels, head_dim 128, fp16 or bf16
 queries (bf16 ones scaled into fp16's range per row, FP16_RANGE), in Gluon
-(triton.experimental.gluon), whose layouts are stated, not inferred (issue 5).
+(triton.experimental.gluon), whose layouts are stated, not inferred (issue 5); and, in the rows
+kernel below, 4-bit caches in groups of 32 to 128 and 8-bit ones in whole heads.
 
 Why a second kernel next to codegen/kv_attention.py: Triton's unpack of nibbles (a join and
 reshape that doubles the elements) sends every fp16 tile through shared memory and then
@@ -43,7 +44,18 @@ the scores, and V's scale on p, as above; only V's zero comes off in the operand
 instructions a tile (Triton 3.6). Scales of one group a token are copied by token pairs, so one
 past an odd length may come along: the split's last tile, taken apart from the loop, zeroes it.
 At 4 rows in groups of 32 the decode kernel stays faster (6-11%), so the op offers the rows
-kernel only past 4 rows or for groups it alone takes (runtime/kv_ops.py).
+kernel only past 4 rows or for groups it alone takes (runtime/kv_ops.py). With at most 8 rows
+in whole heads, dot rows 8-15's softmax is dead code (HALF: 1130 instructions a tile).
+
+The rows kernel's 8-bit codes (BITS = 8, whole heads, V in the cache's token-contiguous blocks
+of 64 tokens): each byte becomes 1024 + code by PRMT (two for four codes, ``_halves``). A
+tile's tokens reach the dots in the order ``_token``, chosen so that a lane's 16 tokens of one
+V channel are 16 contiguous bytes (one LDS.128) and pair up in the B operand's registers as
+they are; K's rows are read in the same token order, and K's scales and zeros and V's scales
+are copied into shared memory in it (V's zeros, taken off the codes, stay in the cache's
+order). K's channels go in ``_k8_channel``'s order, a lane's 32 contiguous bytes of a token.
+On the H200 it ran batch 1 at 16k in 14.7 µs against the Triton kernel's 17.2 (README, tenth
+run), 1.55-1.86x of fp16 SDPA at every batch from 16k.
 
 Both kernels copy their split's first tiles before they load q (``_prologue``), and put the
 output's columns back in the channels' order in registers before they store it or the partials,
@@ -53,12 +65,16 @@ made the rows kernel 1.10-1.32x faster at batch 1 (whole heads) and 1.02-1.09x a
 32 (README, ninth run).
 
 Grid (B, Hkv ROW_BLOCKS, splits), the split and the partials of kv_attention_kernel, merged by
-kv_combine_kernel (launched as a programmatic dependent, PDL). Measured on the H200 (README,
+kv_combine_kernel (launched as a programmatic dependent, PDL). The kernels are launched as
+programmatic dependents of the kernel before them too and wait for it before their first read
+(1.01-1.04x at batch 1). Measured on the H200 (README,
 sixth and seventh runs): 1.7-2.7x the Triton kernel's speed at >= 16k context; the Marlin-style
 unpack 1.03x a PRMT one. Tried and not kept: each tile's loads waited for in registers (its
 first version, 1.35x slower at 16k, batch 8), lazy rescaling (0.97x), 3 stages or 10 programs
 an SM (0.8-0.9x: -attention-ab-int4.json, -attention-ab-stages.json), the merge done by the
-last of a head's programs (0.66x at batch 1: -attention-ab-merge.json).
+last of a head's programs (0.66x at batch 1: -attention-ab-merge.json), tiles of 32 tokens
+(fewer registers, 12 programs an SM, 9-13% more instructions a token: 0.91-0.98x,
+-attention-ab-t32.json).
 """
 import torch
 from triton.experimental import gluon
@@ -151,9 +167,10 @@ STORE = gl.constexpr(gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0]))
 def _store(x, m, l, b, hkv, heads, split, splits, first, o_ptr, acc_ptr, stat_ptr, sob, soh, sos, sod,
            REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, BITS: gl.constexpr = 4):
     """Query rows first, first + 1, ... of a program (x [rows, D], its columns in _v_channel's
-    order for 4-bit V, the channels' own for 8-bit; m, l [rows]): the output when the program took the whole cache, else the partials
-    for kv_combine_kernel, ROWS apart. The columns go back to the channels' order in registers
-    first: stored in theirs, each 4-byte store fell 16 channels from the next (on the H200 the
+    order for 4-bit V, the channels' own for 8-bit; m, l [rows]): the output when the program
+    took the whole cache, else the partials for kv_combine_kernel, ROWS apart. 4-bit columns
+    go back to the channels' order in registers first: stored in theirs, each 4-byte store fell
+    16 channels from the next (on the H200 the
     rows kernel's 2 KB of partials a program came to 544 excess sectors, 29% of its global
     traffic at batch 1)."""
     n: gl.constexpr = x.shape[0]
@@ -266,8 +283,8 @@ def _copy_tile8(bufs, stage, src, t0, lim):
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
     kc, vc, ks, kz, vs, vz = src
     tk = gl.arange(0, T, layout=gl.SliceLayout(1, COPY_K8))
-    _async_load(kbuf.index(stage), kc + (t0 + tk)[:, None] * D + gl.arange(0, D, layout=gl.SliceLayout(0, COPY_K8))[None, :],
-                mask=(tk < lim - t0)[:, None])
+    ck = gl.arange(0, D, layout=gl.SliceLayout(0, COPY_K8))
+    _async_load(kbuf.index(stage), kc + (t0 + tk)[:, None] * D + ck[None, :], mask=(tk < lim - t0)[:, None])
     # V's whole block, past ``lim`` too (a block is whole in memory; its codes there meet p = 0)
     _async_load(vbuf.index(stage), vc + t0 * D + gl.arange(0, D, layout=gl.SliceLayout(1, COPY_V8))[:, None] * T
                 + gl.arange(0, T, layout=gl.SliceLayout(0, COPY_V8))[None, :])
@@ -812,8 +829,8 @@ def kv_int4_rows_kernel(
             async_copy.wait_group(STAGES - 2)
             _barrier()
             acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, (tiles - 1) % STAGES,
-                                        start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask, used,
-                                        G, HAS_MASK, True, HALF, BITS)
+                                        start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask,
+                                        used, G, HAS_MASK, True, HALF, BITS)
         acc = acc * top[:, None]
     _store(acc, m, l, b, hkv, gl.num_programs(1), split, splits, 0, o_ptr, acc_ptr, stat_ptr, sob, soh, sos, sod, REP,
            S, ROWS, BITS)

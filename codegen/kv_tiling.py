@@ -61,7 +61,7 @@ WINNERS = {8: ((64, 4, 1, 3, None), (128, 1, 8, 3, None), (64, 2, 1, 3, None), (
 INT4_KERNEL = "kv_int4_decode"
 INT4_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st)
               for w, st in ((8, 2), (4, 3), (4, 2))]
-# codegen/kv_int4_attention.py's kv_int4_rows_kernel (up to 16 query rows, groups of 32 to 128)
+# codegen/kv_int4_attention.py's kv_int4_rows_kernel (up to 16 query rows, 4-bit groups of 32 to 128; 8-bit below)
 # takes INT4_TILES too: one warp over 64 tokens, 178-254 registers (Triton 3.6, offline), 8
 # programs an SM of 2 stages fastest at batch 8 and 32 on the H200 (-attention-ab-rows-32.json,
 # -attention-ab-rows-64.json)
