@@ -218,6 +218,9 @@ def version_of_kernels(module):
     or of codegen/kv_int4_attention.py), or the package's with None."""
     saved = kv_ops.kv_attention_kernel, kv_ops.kv_int4_attention
     if module is not None and hasattr(module, "kv_int4_decode_kernel"):
+        if "griddepcontrol.wait" not in open(module.__file__).read():  # its first reads would race the kernel before
+            raise ValueError(f"{module.__file__}: Gluon kernels of before dependent launches (no griddepcontrol.wait), "
+                             "which the op now launches dependent")
         kv_ops.kv_int4_attention = module
     elif module is not None:
         kv_ops.kv_attention_kernel = _launchable(module.kv_attention_kernel)

@@ -171,11 +171,11 @@ def report(kernel, gpu: str, v_layout: str = "cache") -> list:
                               block_t=first.kwargs["BLOCK_T"])
     rows.append(_row(compiled, gpu, "int4", "fp16", first.kwargs["BLOCK_T"], 1, first.num_stages, None, 4, 32, None,
                      kernel="gluon"))
-    for name in ("int4", "int4-g128"):
-        group = KV[name][1]
-        compiled = compile_decode(kv_int4_attention.kv_int4_rows_kernel, 4, group, "fp16", 1, first.num_stages,
+    for name in ("int4", "int4-g128", "int8"):
+        bits, group = KV[name]
+        compiled = compile_decode(kv_int4_attention.kv_int4_rows_kernel, bits, group, "fp16", 1, first.num_stages,
                                   block_t=first.kwargs["BLOCK_T"])
-        rows.append(_row(compiled, gpu, name, "fp16", first.kwargs["BLOCK_T"], 1, first.num_stages, None, 4, group,
+        rows.append(_row(compiled, gpu, name, "fp16", first.kwargs["BLOCK_T"], 1, first.num_stages, None, bits, group,
                          None, kernel="gluon-rows"))
     return rows
 

@@ -37,7 +37,7 @@ def test_the_decode_kernel_compiles_for_sm90_within_the_shared_memory_model(tmp_
     triton_int4 = next(r for r in triton_rows if (r["kv"], r["dtype"], r["warps"]) == ("int4", "fp16", 1))
     gluon_rows = [r for r in rows if r["kernel"] != "triton"]  # compiled: their layout conversions move no data
     assert {(r["kernel"], r["kv"]) for r in gluon_rows} == {("gluon", "int4"), ("gluon-rows", "int4"),
-                                                           ("gluon-rows", "int4-g128")}
+                                                           ("gluon-rows", "int4-g128"), ("gluon-rows", "int8")}
     for gluon in gluon_rows:
         mix = gluon["mix"]
         assert mix["HMMA"] == 128, "q @ K^T and p @ V of 64 tokens, 64 mma.m16n8k16 each"
