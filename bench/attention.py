@@ -65,6 +65,7 @@ class _launchable:
     def __init__(self, kernel):
         self.kernel = kernel
         self.drop = None if "svk" in kernel.arg_names else kv_attention.kv_attention_kernel.arg_names.index("svk")
+        self.dependent = "gdc_wait" in kernel.src  # it waits for the kernel before: launched dependent
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
@@ -72,6 +73,7 @@ class _launchable:
         def run(*args, **kwargs):
             if "PDL" not in self.kernel.arg_names:
                 kwargs.pop("PDL")
+            if not self.dependent:
                 kwargs.pop("launch_pdl", None)
             if self.drop is not None:
                 assert not kwargs.pop("VB"), "a kernel of before V's blocks reads V through its strides alone"
