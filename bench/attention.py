@@ -58,9 +58,9 @@ def copies_of(tensors):
 
 class _launchable:
     """A kernel launched as the package launches its own: one of before V's blocks (no svk, VB
-    arguments) without them, for strided V; one of before dependent launches without PDL and
-    not launched dependent itself (its merge then waits, launched dependent, for the whole of it
-    to end)."""
+    arguments) without them, for strided V; one of before dependent launches without PDL (its
+    merge then waits, launched dependent, for the whole of it to end); one that does not wait
+    for the kernel before it (no gdc_wait) not launched dependent itself."""
 
     def __init__(self, kernel):
         self.kernel = kernel
