@@ -74,6 +74,18 @@ def shape_unsupported_reason(d: int, groups: int, v_groups: int | None = None) -
     return None
 
 
+def span_unsupported_reason(*tensors) -> str | None:
+    """Why the kernels cannot address one of ``tensors`` (None ones skipped), or None: their
+    offsets are int32 products of program ids and strides, so a tensor whose last element lies
+    2^31 elements or more from its first (an int8 cache of batch 32 at 128k tokens, say) would
+    be read at wrapped offsets."""
+    for t in tensors:
+        if t is not None and t.numel() and sum((n - 1) * st for n, st in zip(t.shape, t.stride())) >= 2**31:
+            return (f"a tensor of shape {tuple(t.shape)} strided {tuple(t.stride())} spans 2^31 elements or more: "
+                    "the KV kernels' offsets are int32")
+    return None
+
+
 def tuning_key(bits, group, d, rows, decode, programs, length, dtype, mask) -> tuple:
     """What the best tile depends on: the cache's format, the rows of a block, decode (split)
     or prefill, the programs and the cache length (powers of two), the dtype, a mask."""
@@ -90,9 +102,11 @@ def kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, 
     """Attention of q [B, Hq, S, D] (the last S of ``length`` cached tokens) over the cache's
     first ``length`` tokens; K and V as (codes, scale, zero) of formats.kv.quantize_kv. With
     ``attn_mask`` (bool or additive, broadcasting to [B, Hq, S, length]) the mask says what each
-    query sees; ``sm_scale`` defaults to 1/sqrt(D)."""
-    if kernel_unavailable_reason(q.device) or shape_unsupported_reason(q.shape[-1], k_scale.shape[-1],
-                                                                        v_scale.shape[-1]):
+    query sees; ``sm_scale`` defaults to 1/sqrt(D). Where no kernel can take it (the device, the
+    head's shape, a tensor too large for int32 offsets) the reference computes it."""
+    if (kernel_unavailable_reason(q.device) or shape_unsupported_reason(q.shape[-1], k_scale.shape[-1],
+                                                                         v_scale.shape[-1])
+            or span_unsupported_reason(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, attn_mask)):
         return kv_attention_reference(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), bits, length,
                                       attn_mask, sm_scale)
     return _attention(q, (k_codes, k_scale, k_zero), (v_codes, v_scale, v_zero), length, bits, attn_mask, sm_scale)
@@ -242,7 +256,7 @@ def kv_append(states: torch.Tensor, position: torch.Tensor, codes: torch.Tensor,
         if first < 0 or last >= length:
             raise IndexError(f"kv_append: position holds {first}..{last}, allowed values are "
                              f"0..{length - 1} (the cache's length)")
-    if kernel_unavailable_reason(states.device) is not None:
+    if kernel_unavailable_reason(states.device) is not None or span_unsupported_reason(states, codes, scale, zero):
         return append_kv(states, position, codes, scale, zero, bits)
     b, h, s, d = states.shape
     group = d // scale.shape[-1]
