@@ -61,10 +61,10 @@ WINNERS = {8: ((64, 4, 1, 3, None), (128, 1, 8, 3, None), (64, 2, 1, 3, None), (
 INT4_KERNEL = "kv_int4_decode"
 INT4_TILES = [triton.Config({"BLOCK_T": 64, "WAVES": w}, num_warps=1, num_stages=st)
               for w, st in ((8, 2), (4, 3), (4, 2))]
-# codegen/kv_int4_attention.py's kv_int4_rows_kernel (up to 16 query rows, 4-bit groups of 32 to 128; 8-bit below)
-# takes INT4_TILES too: one warp over 64 tokens, 178-254 registers (Triton 3.6, offline), 8
-# programs an SM of 2 stages fastest at batch 8 and 32 on the H200 (-attention-ab-rows-32.json,
-# -attention-ab-rows-64.json)
+# codegen/kv_int4_attention.py's kv_int4_rows_kernel (up to 16 query rows, 4-bit codes in groups
+# of 32 to 128; 8-bit ones below) takes INT4_TILES too: one warp over 64 tokens, 178-254
+# registers (Triton 3.6, offline), 8 programs an SM of 2 stages fastest at batch 8 and 32 on the
+# H200 (-attention-ab-rows-32.json, -attention-ab-rows-64.json)
 INT4_ROWS_KERNEL = "kv_int4_rows"
 # its 8-bit codes (whole heads): 255 registers and 34 KB of shared memory a program at 2 stages,
 # 6 programs an SM at most; on the H200 4 an SM of 2 or 3 stages fastest, 6 close at batch 8 and
@@ -108,11 +108,12 @@ def candidates(decode: bool, rows: int, d: int, groups: int, bits: int, s_bytes:
                mask: bool, device, int4: bool = False, int4_rows: bool = False) -> list:
     """The Choices worth timing, those over the device's shared memory pruned; with ``int4``
     (kv_int4_attention.unsupported_reason found nothing against it) the Gluon kernel's first,
-    with ``int4_rows`` (rows_unsupported_reason) its rows kernel's (for 8-bit codes its own tiles), and for a prefill
-    DEQUANT_SDPA first. With both, the rows kernel's come first: the op offers both only past 4
-    query rows a KV head, where the rows kernel runs 1.3-1.7x faster, and a tuning budget that
-    cold compiles cut times the first candidates alone (GQA 8 at 16k, batch 8: the decode
-    kernel's 87.6 us taken on the H200, the rows kernel's about 50: -attention-gqa8-3.json)."""
+    with ``int4_rows`` (rows_unsupported_reason) its rows kernel's (INT8_ROWS_TILES for 8-bit
+    codes), and for a prefill DEQUANT_SDPA first. With both, the rows kernel's come first: the
+    op offers both only past 4 query rows a KV head, where the rows kernel runs 1.3-1.7x
+    faster, and a tuning budget that cold compiles cut times the first candidates alone (GQA 8
+    at 16k, batch 8: the decode kernel's 87.6 us taken on the H200, the rows kernel's about 50:
+    -attention-gqa8-3.json)."""
     own = [Choice(kernel, c) for kernel, ok in ((INT4_ROWS_KERNEL, int4_rows), (INT4_KERNEL, int4)) if ok
            for c in (INT8_ROWS_TILES if bits == 8 else INT4_TILES)]
     own += [] if decode else [Choice(DEQUANT_SDPA, DEQUANT_TILE)]
