@@ -285,9 +285,12 @@ def _copy_tile8(bufs, stage, src, t0, lim):
     tk = gl.arange(0, T, layout=gl.SliceLayout(1, COPY_K8))
     ck = gl.arange(0, D, layout=gl.SliceLayout(0, COPY_K8))
     _async_load(kbuf.index(stage), kc + (t0 + tk)[:, None] * D + ck[None, :], mask=(tk < lim - t0)[:, None])
-    # V's whole block, past ``lim`` too (a block is whole in memory; its codes there meet p = 0)
-    _async_load(vbuf.index(stage), vc + t0 * D + gl.arange(0, D, layout=gl.SliceLayout(1, COPY_V8))[:, None] * T
-                + gl.arange(0, T, layout=gl.SliceLayout(0, COPY_V8))[None, :])
+    # V's whole block where the tile starts before ``lim``, past it too (a block is whole in
+    # memory; its codes there meet p = 0); none for a tile the pipeline copies past the split,
+    # which may lie past the cache. One mask for the tile keeps the copies 16 bytes wide.
+    cv = gl.arange(0, D, layout=gl.SliceLayout(1, COPY_V8))[:, None]
+    _async_load(vbuf.index(stage), vc + t0 * D + cv * T + gl.arange(0, T, layout=gl.SliceLayout(0, COPY_V8))[None, :],
+                mask=gl.zeros([D, T], gl.int32, COPY_V8) + t0 < lim)
     L3: gl.constexpr = gl.BlockedLayout([1, 1, 2], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # [t5 t4 t3, t2 t1, t0]
     mem = (gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))[:, None, None] * 2
            + gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))[None, :, None] * 16
