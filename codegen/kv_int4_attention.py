@@ -67,7 +67,7 @@ made the rows kernel 1.10-1.32x faster at batch 1 (whole heads) and 1.02-1.09x a
 Grid (B, Hkv ROW_BLOCKS, splits), the split and the partials of kv_attention_kernel, merged by
 kv_combine_kernel (launched as a programmatic dependent, PDL). The kernels are launched as
 programmatic dependents of the kernel before them too and wait for it before their first read
-(1.01-1.04x at batch 1). Measured on the H200 (README,
+(1.00-1.04x at batch 1). Measured on the H200 (README,
 sixth and seventh runs): 1.7-2.7x the Triton kernel's speed at >= 16k context; the Marlin-style
 unpack 1.03x a PRMT one. Tried and not kept: each tile's loads waited for in registers (its
 first version, 1.35x slower at 16k, batch 8), lazy rescaling (0.97x), 3 stages or 10 programs
