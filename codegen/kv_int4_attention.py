@@ -170,9 +170,8 @@ def _store(x, m, l, b, hkv, heads, split, splits, first, o_ptr, acc_ptr, stat_pt
     order for 4-bit V, the channels' own for 8-bit; m, l [rows]): the output when the program
     took the whole cache, else the partials for kv_combine_kernel, ROWS apart. 4-bit columns
     go back to the channels' order in registers first: stored in theirs, each 4-byte store fell
-    16 channels from the next (on the H200 the
-    rows kernel's 2 KB of partials a program came to 544 excess sectors, 29% of its global
-    traffic at batch 1)."""
+    16 channels from the next (on the H200 the rows kernel's 2 KB of partials a program came to
+    544 excess sectors, 29% of its global traffic at batch 1)."""
     n: gl.constexpr = x.shape[0]
     # rows past REP S zeroed where they are, so that what only they need is dead code (their
     # sums of p: 17 FADD a tile in the rows kernel) and not carried through the conversion
@@ -295,12 +294,12 @@ def _copy_tile8(bufs, stage, src, t0, lim):
     mem = (gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))[:, None, None] * 2
            + gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))[None, :, None] * 16
            + gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))[None, None, :])
-    ok = mem < gl.cdiv(lim - t0, 2) * 2
-    _async_load(ksbuf.index(stage).reshape((8, 4, 2)), ks + t0 + mem, mask=ok)
-    _async_load(kzbuf.index(stage).reshape((8, 4, 2)), kz + t0 + mem, mask=ok)
-    _async_load(vsbuf.index(stage).reshape((8, 4, 2)), vs + t0 + mem, mask=ok)
+    pairs = gl.cdiv(lim - t0, 2) * 2  # the tokens copied: whole pairs
+    _async_load(ksbuf.index(stage).reshape((8, 4, 2)), ks + t0 + mem, mask=mem < pairs)
+    _async_load(kzbuf.index(stage).reshape((8, 4, 2)), kz + t0 + mem, mask=mem < pairs)
+    _async_load(vsbuf.index(stage).reshape((8, 4, 2)), vs + t0 + mem, mask=mem < pairs)
     e = gl.arange(0, T, layout=gl.BlockedLayout([2], [32], [1], [0]))
-    _async_load(vzbuf.index(stage), vz + t0 + e, mask=e < gl.cdiv(lim - t0, 2) * 2)
+    _async_load(vzbuf.index(stage), vz + t0 + e, mask=e < pairs)
 
 
 @gluon.jit
@@ -326,7 +325,6 @@ def _copy_tile4(bufs, stage, src, t0, lim, G: gl.constexpr):
     _async_load(kzbuf.index(stage), kz + t0 * G + e, mask=ok)
     _async_load(vsbuf.index(stage), vs + t0 * G + e, mask=ok)
     _async_load(vzbuf.index(stage), vz + t0 * G + e, mask=ok)
-
 
 
 @gluon.jit
@@ -649,14 +647,23 @@ def _dequantized(low, high, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.const
 
 
 @gluon.jit
+def _dot_tokens(BITS: gl.constexpr):
+    """The token within a tile of each column of the scores (the dot result's columns): with
+    8-bit codes in _token's order."""
+    t = gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
+    if BITS == 8:
+        t = _token(t)
+    return t
+
+
+@gluon.jit
 def _per_token(buf, valid, EDGE: gl.constexpr, BITS: gl.constexpr):
     """[T] float32 scales or zeros of a tile with one group a token ([T] in shared memory; on
     the EDGE tile, past ``valid`` tokens zero), as the dot result's columns (with 8-bit codes
     in the dots' token order: _copy_tile)."""
     x = buf.load(gl.SliceLayout(0, MMA)).to(gl.float32)
     if EDGE:
-        t = gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
-        x = gl.where((_token(t) if BITS == 8 else t) < valid, x, 0.0)
+        x = gl.where(_dot_tokens(BITS) < valid, x, 0.0)
     return x
 
 
@@ -734,10 +741,7 @@ def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, see
     else:
         qk = mma_v2(qa, _k_dequantized(kbuf.index(stage), ksbuf.index(stage), kzbuf.index(stage), valid, G),
                     gl.zeros([16, T], gl.float32, MMA))
-    if BITS == 8:
-        rs = t0 + _token(gl.arange(0, T, layout=gl.SliceLayout(0, MMA)))
-    else:
-        rs = t0 + gl.arange(0, T, layout=gl.SliceLayout(0, MMA))
+    rs = t0 + _dot_tokens(BITS)
     if HAS_MASK:
         qk += gl.load(bias_ptr + rs[None, :] * smt, mask=bias_mask & (rs < length)[None, :],
                       other=float("-inf")).to(gl.float32)
@@ -802,7 +806,9 @@ def kv_int4_rows_kernel(
                 mask=(qr < REP * S)[:, None], other=0.0)
     q = q.to(gl.float32) * sm_scale
     bias, qsum = gl.zeros([16], gl.float32, RL), gl.zeros([16], gl.float32, RL)
-    if G == 1:  # K's codes as _k_operand gives them: high nibbles' q divided by 16, dot bias 1024 sum(q's operand)
+    # G = 1: K's codes as _k_operand gives them (4-bit: high nibbles' q divided by 16; 8-bit: no
+    # high half), the dot's bias 1024 sum(q's operand)
+    if G == 1:
         high = (gl.arange(0, D, layout=gl.SliceLayout(0, QL)) >= (D // 2 if BITS == 4 else D))[None, :]
         q = (q * gl.where(high, 0.0625, 1.0)).to(gl.float16)
         bias = gl.convert_layout(gl.sum(q.to(gl.float32), axis=1) * -1024.0, RL)  # negated, as _rows_tile takes them
