@@ -425,17 +425,22 @@ def _per_group(buf):
 
 
 @gluon.jit
+def _into_fp16_range(big):
+    """Per value of ``big`` (float32, positive) the power of two f that brings it into [2^14,
+    2^15), and 1 / f."""
+    e = ((big.to(gl.uint32, bitcast=True) >> 23) & 0xFF).to(gl.int32) - 127
+    k = gl.minimum(gl.maximum(14 - e, -126), 126)
+    return ((k + 127) << 23).to(gl.float32, bitcast=True), ((127 - k) << 23).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
 def _fp16_range(q):
     """For q [16 dot rows, D] in float32, per dot row the power of two f that brings its query's
     largest |value| (over the 4 rows of its groups) into [2^14, 2^15), and per query row 1 / f
     (ROW): q f in fp16 cannot overflow and keeps 11 bits of every value above 2^-14 of the
     largest, more than bf16's 8 (kv_attention's _fp16_range, per query row)."""
     big = gl.max(gl.reshape(gl.max(gl.abs(q), axis=1), (2, 2, R)), axis=0)
-    big = gl.max(big, axis=0)  # [R]
-    e = ((big.to(gl.uint32, bitcast=True) >> 23) & 0xFF).to(gl.int32) - 127
-    k = gl.minimum(gl.maximum(14 - e, -126), 126)
-    f = ((k + 127) << 23).to(gl.float32, bitcast=True)
-    inv = ((127 - k) << 23).to(gl.float32, bitcast=True)
+    f, inv = _into_fp16_range(gl.max(big, axis=0))  # [R]
     L3: gl.constexpr = gl.SliceLayout(2, gl.reshape(q, (2, 2, R, D)).type.layout)  # [j, b, r]
     f = gl.convert_layout(f, gl.SliceLayout(0, gl.SliceLayout(1, L3)))[None, None, :]
     rows = gl.reshape(gl.zeros([2, 2, R], gl.float32, L3) + f, (16,))
@@ -714,9 +719,9 @@ def _v_dequantized(vbuf, sbuf, zbuf, valid, G: gl.constexpr, SCALED: gl.constexp
 
 
 @gluon.jit
-def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, seen, last, bias_ptr, smt, bias_mask,
-               used, G: gl.constexpr, HAS_MASK: gl.constexpr, EDGE: gl.constexpr, HALF: gl.constexpr,
-               BITS: gl.constexpr):
+def _rows_tile(qa, bias, qsum, qinv, acc, m, l, top, bufs, stage, t0, lim, length, seen, last, bias_ptr, smt,
+               bias_mask, used, G: gl.constexpr, HAS_MASK: gl.constexpr, EDGE: gl.constexpr, HALF: gl.constexpr,
+               BITS: gl.constexpr, FP16_RANGE: gl.constexpr):
     """One tile of 64 tokens for 16 query rows, the dots' rows the queries themselves (acc [16,
     D], m, l and top per row). Groups of 32 and 64: K and V dequantized in the operands. One
     group a token (G = 1): as in kv_int4_decode_kernel, K's zero and scale go on the scores
@@ -727,7 +732,8 @@ def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, see
     instructions a tile at 4 rows, Triton 3.6; rows 4-7 of a step of 4 stay: they differ by
     lane, not by register). Groups of 32 ran 1.1-1.4x slower with it on the H200
     (-attention-ab-rows-e28.json). 8-bit codes (G = 1): _k8_operand and _v8_operand, the tokens
-    in _token's order."""
+    in _token's order. FP16_RANGE (bf16 queries, G = 1): each query row came times a power of
+    two into fp16's range, 1 / it (``qinv``) goes on its scores."""
     kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf = bufs
     valid = lim - t0
     if G == 1:  # the dot starts from -(bias + zero qsum): bias and qsum come negated
@@ -738,6 +744,8 @@ def _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, stage, t0, lim, length, see
             k_op = _k_operand(kbuf.index(stage))
         s = mma_v2(qa, k_op, bias[:, None] + k_zero[None, :] * qsum[:, None])
         qk = s * _per_token(ksbuf.index(stage), valid, EDGE, BITS)[None, :]
+        if FP16_RANGE:
+            qk = qk * qinv[:, None]
     else:
         qk = mma_v2(qa, _k_dequantized(kbuf.index(stage), ksbuf.index(stage), kzbuf.index(stage), valid, G),
                     gl.zeros([16, T], gl.float32, MMA))
@@ -782,12 +790,15 @@ def kv_int4_rows_kernel(
     sqb, sqh, sqs, sqd, skb, skh, svb, svh, ssb, ssh, smb, smh, sms, smt, sob, soh, sos, sod,
     REP: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, HAS_MASK: gl.constexpr, LIVE: gl.constexpr,
     STAGES: gl.constexpr, PDL: gl.constexpr, G: gl.constexpr, BITS: gl.constexpr = 4,
+    FP16_RANGE: gl.constexpr = False,
 ):
     """kv_int4_decode_kernel for up to 16 query rows a KV head and G scale groups a token
     (GROUP = 128 / G channels), fp16, the dots' 16 rows the query rows (_rows_tile: K and V
     dequantized in the operands, or with G = 1 the scales on the dots); or 8-bit codes (BITS,
-    G = 1; V in the cache's token-contiguous blocks of 64 tokens). Grid (B, Hkv, splits),
-    partials for kv_combine_kernel when splits > 1."""
+    G = 1; V in the cache's token-contiguous blocks of 64 tokens). With G = 1, bf16 queries too
+    (FP16_RANGE: each row times a power of two into fp16's range, undone on its scores; the
+    scales go on the dots in float32, and V's zeros, integers, are exact in fp16). Grid (B, Hkv,
+    splits), partials for kv_combine_kernel when splits > 1."""
     b, hkv, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
     RL: gl.constexpr = gl.SliceLayout(1, MMA)  # per dot row = query row
     r = gl.arange(0, 16, layout=RL)
@@ -805,6 +816,11 @@ def kv_int4_rows_kernel(
     q = gl.load(q_ptr + b * sqb + (hkv * REP + qr // S)[:, None] * sqh + (qr % S)[:, None] * sqs + ch[None, :] * sqd,
                 mask=(qr < REP * S)[:, None], other=0.0)
     q = q.to(gl.float32) * sm_scale
+    qinv = gl.full([16], 1.0, gl.float32, RL)
+    if FP16_RANGE:
+        f, qinv = _into_fp16_range(gl.max(gl.abs(q), axis=1))
+        q = q * f[:, None]
+        qinv = gl.convert_layout(qinv, RL)
     bias, qsum = gl.zeros([16], gl.float32, RL), gl.zeros([16], gl.float32, RL)
     # G = 1: K's codes as _k_operand gives them (4-bit: high nibbles' q divided by 16; 8-bit: no
     # high half), the dot's bias 1024 sum(q's operand)
@@ -831,15 +847,16 @@ def kv_int4_rows_kernel(
         ahead = i + STAGES - 1
         _copy_tile(bufs, ahead % STAGES, src, start + ahead * T, lim, G, BITS)
         async_copy.commit_group()
-        acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, i % STAGES, start + i * T, lim, length,
-                                    seen, last, bias_ptr, smt, bias_mask, used, G, HAS_MASK, False, HALF, BITS)
+        acc, m, l, top = _rows_tile(qa, bias, qsum, qinv, acc, m, l, top, bufs, i % STAGES, start + i * T, lim,
+                                    length, seen, last, bias_ptr, smt, bias_mask, used, G, HAS_MASK, False, HALF,
+                                    BITS, FP16_RANGE)
     if G == 1:
         if tiles > 0:
             async_copy.wait_group(STAGES - 2)
             _barrier()
-            acc, m, l, top = _rows_tile(qa, bias, qsum, acc, m, l, top, bufs, (tiles - 1) % STAGES,
+            acc, m, l, top = _rows_tile(qa, bias, qsum, qinv, acc, m, l, top, bufs, (tiles - 1) % STAGES,
                                         start + (tiles - 1) * T, lim, length, seen, last, bias_ptr, smt, bias_mask,
-                                        used, G, HAS_MASK, True, HALF, BITS)
+                                        used, G, HAS_MASK, True, HALF, BITS, FP16_RANGE)
         acc = acc * top[:, None]
     _store(acc, m, l, b, hkv, gl.num_programs(1), split, splits, 0, o_ptr, acc_ptr, stat_ptr, sob, soh, sos, sod, REP,
            S, ROWS, BITS)
@@ -848,14 +865,16 @@ def kv_int4_rows_kernel(
 def rows_unsupported_reason(q, k, v, bits: int) -> str | None:
     """Why kv_int4_rows_kernel cannot take this decode step, or None. It takes 4-bit codes in
     groups of 32, 64 or 128 of head_dim 128 (K's and V's alike) or 8-bit ones in whole heads,
-    fp16 queries, up to 16 query rows a KV head, in a layout _layout_reason allows."""
+    fp16 queries (bf16 too in whole heads), up to 16 query rows a KV head, in a layout
+    _layout_reason allows."""
     b, hq, s, d = q.shape
     groups = k[1].shape[-1]
     if (bits, groups) not in ((4, 1), (4, 2), (4, 4), (8, 1)) or d != D.value or v[1].shape[-1] != groups:
         return (f"bits={bits}, head_dim={d}, {groups} groups: the rows kernel takes head_dim 128 in 4-bit codes in "
                 "groups of 32, 64 or 128, or in 8-bit codes in groups of 128")
-    if q.dtype != torch.float16:
-        return f"{q.dtype} queries: the rows kernel dequantizes in fp16 for fp16 queries"
+    if q.dtype != torch.float16 and (q.dtype != torch.bfloat16 or groups != 1):
+        return (f"{q.dtype} queries in {groups} groups: the rows kernel takes fp16 queries, and bf16 ones in whole "
+                "heads (in groups it dequantizes in fp16)")
     if hq // k[0].shape[1] * s > MAX_ROWS:
         return f"{hq // k[0].shape[1] * s} query rows a KV head: the rows kernel takes at most {MAX_ROWS}"
     return _layout_reason(q, k, v, groups, bits)

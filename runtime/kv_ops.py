@@ -183,7 +183,8 @@ def _attention(q, k, v, length, bits, attn_mask, sm_scale, choice=None):
             if why_not_rows is not None:  # a choice given from outside (the benchmark's)
                 raise ValueError(f"choice={c}: the Gluon int4 rows kernel cannot take this step ({why_not_rows})")
             binary = kv_int4_attention.kv_int4_rows_kernel[(b, hkv, splits)](*gluon_args, **gluon_consts,
-                                                                           G=k_scale.shape[-1], BITS=bits)
+                                                                           G=k_scale.shape[-1], BITS=bits,
+                                                                           FP16_RANGE=q.dtype == torch.bfloat16)
         elif c.kernel == kv_tiling.INT4_KERNEL:
             if not int4:  # a choice given from outside (the benchmark's)
                 raise ValueError(f"choice={c}: the Gluon int4 kernel cannot take this step ({why_not})")

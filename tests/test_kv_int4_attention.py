@@ -24,12 +24,12 @@ def _cache(b, hkv, t, dtype=torch.float16, v_range=1.0, group=32, bits=4):
     return quantize_kv(k, bits, group), (as_token_blocks(vc, 64) if bits == 8 else vc, vs, vz)
 
 
-def _fp32_reference(q, k, v, length):
+def _fp32_reference(q, k, v, length, bits=4):
     """The reference evaluated in float32 on the same codes, in q's dtype: bf16's own rounding of
     the dequantized cache moves its scores by up to ~0.2 at |q| ~ 100 (10% on the output at 200
     tokens, against 0.3% here), so it cannot judge a kernel that dequantizes exactly."""
     wide = [(c, s.float(), z.float()) for c, s, z in (k, v)]
-    return kv_attention_reference(q.float(), *wide, 4, length).to(q.dtype)
+    return kv_attention_reference(q.float(), *wide, bits, length).to(q.dtype)
 
 
 def _choices():
@@ -191,3 +191,21 @@ def test_8_bit_whole_heads_take_the_rows_kernel_with_v_in_blocks(v_layout):
     key = kv_ops.tuning_key(8, 128, 128, 16, True, 2, 250, torch.float16, False)
     assert kv_ops.chosen[key].kernel == (kv_tiling.INT4_ROWS_KERNEL if v_layout == "blocks" else "kv_attention")
     assert (kv_int4_attention.rows_unsupported_reason(q, k, v, 8) is None) == (v_layout == "blocks")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("hq, s", [(8, 1), (16, 1), (8, 2)], ids=["gqa4", "gqa8", "gqa4-s2"])
+def test_bf16_queries_take_the_rows_kernel_in_whole_heads(bits, hq, s):
+    """bf16 queries and scales on the rows kernel in whole heads, 4-bit and 8-bit (each query row
+    times a power of two into fp16's range, undone on its scores), 301 tokens of a cache whose
+    scales and zeros past them are NaN, against the float32 reference; in groups it refuses them."""
+    torch.manual_seed(6)
+    k, v = _cache(2, 2, 512, torch.bfloat16, group=128, bits=bits)
+    for t in (*k[1:], *v[1:]):
+        t[:, :, 301:] = float("nan")
+    q = torch.randn(2, hq, s, 128, dtype=torch.bfloat16, device="cuda") * 10
+    ref = _fp32_reference(q, k, v, 301, bits)
+    for choice in _rows_choices():
+        assert_close(kv_ops._attention(q, k, v, 301, bits, None, None, choice), ref, torch.bfloat16)
+    assert kv_int4_attention.rows_unsupported_reason(q, k, v, bits) is None
+    assert "bf16" in kv_int4_attention.rows_unsupported_reason(q, *(_cache(1, 2, 64, torch.bfloat16, group=32)), 4)
