@@ -260,7 +260,7 @@ def kv_live_kernel(mask_ptr, live_ptr, length, rows, smb, smh, sms, smt, nlive,
     rows ([B, rows // S, S, T], MROWS a power of two above) show to any query (0 if none):
     what a decode step over a static cache splits, instead of the whole cache with its
     unwritten tail. Grid (B, nlive)."""
-    b, blk = tl.program_id(0), tl.program_id(1)
+    b, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: b's offsets may pass 2^31
     rt = blk * BLOCK + tl.arange(0, BLOCK)
     r = tl.arange(0, MROWS)
     bias = tl.load(mask_ptr + b * smb + (r // S)[:, None] * smh + (r % S)[:, None] * sms + rt[None, :] * smt,
@@ -284,7 +284,7 @@ def kv_attention_kernel(
     pipelining the loads, so decoding, whose loop is all loads, does without it. VB: V's codes
     in blocks of VB tokens, svk apart (formats.kv.as_token_blocks); 0, through svt alone. PDL
     (sm_90 and later): kv_combine_kernel is launched as a programmatic dependent of this one."""
-    b, hkv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, hkv, pid = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # int64: b's offsets may pass 2^31
     if PDL:  # the merge, launched dependent on this kernel, may start its programs now; this
         gdc_launch_dependents()  # kernel, launched dependent on the one before, waits for its writes
         gdc_wait()
@@ -366,7 +366,7 @@ def kv_dequant_kernel(c_ptr, s_ptr, z_ptr, o_ptr, length, heads, scb, sch, sct, 
     """formats.kv.dequantize_kv of a cache's first ``length`` tokens into o [B, H, length, D],
     rounded as the reference rounds (_dequant): a prefill's K or V for torch's SDPA, whose flash
     kernel a long prompt's dots are faster in than this module's. Grid (B H, tiles of BLOCK_T)."""
-    b, h = tl.program_id(0) // heads, tl.program_id(0) % heads
+    b, h = tl.program_id(0).to(tl.int64) // heads, tl.program_id(0) % heads  # int64: b's offsets may pass 2^31
     rt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = rt < length
     x = _dequant(c_ptr + b * scb + h * sch, s_ptr + b * ssb + h * ssh, z_ptr + b * ssb + h * ssh, rt, tmask, sct, scd,
@@ -391,7 +391,7 @@ def kv_combine_kernel(
     GPU it is launched as a programmatic dependent of the attention kernel: its programs start
     while that kernel runs and wait (griddepcontrol.wait) for its writes, which hides the launch
     (about 4 of a batch-1 step's 18 us at 16k went to this kernel: the kv-kernel-times stage)."""
-    b, hkv, dblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, hkv, dblock = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # b's offsets may pass 2^31
     r = tl.arange(0, MROWS)
     rmask = r < REP * S  # the rows the attention kernel stored
     rd = dblock * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -448,7 +448,7 @@ def kv_append_kernel(
     """New tokens x [B, H, S, D] quantized as formats.kv.quantize_kv does and written at their
     positions pos [S] into the cache's codes, scale and zero (T tokens long): one launch instead
     of Inductor's quantization kernel and three scatters. Grid (B * H, S blocks)."""
-    b, h, block = tl.program_id(0) // H, tl.program_id(0) % H, tl.program_id(1)
+    b, h, block = tl.program_id(0).to(tl.int64) // H, tl.program_id(0) % H, tl.program_id(1)  # int64: as above
     rs = block * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = rs < S
     x = tl.load(x_ptr + b * sxb + h * sxh + rs[:, None] * sxs + tl.arange(0, D)[None, :] * sxd, mask=smask[:, None],

@@ -522,7 +522,7 @@ def kv_int4_decode_kernel(
     as ``unsupported_reason`` allows them (their token strides then constants, which the loads
     take as offsets): grid (B, Hkv ROW_BLOCKS, splits), partials for kv_combine_kernel when
     splits > 1."""
-    b, split = gl.program_id(0), gl.program_id(2)
+    b, split = gl.program_id(0).to(gl.int64), gl.program_id(2)  # b's offsets: int64
     hkv, first = gl.program_id(1) // ROW_BLOCKS, gl.program_id(1) % ROW_BLOCKS * R  # its query rows from first
     r = first + gl.arange(0, R, layout=ROW)
     rvalid = r < REP * S
@@ -799,7 +799,7 @@ def kv_int4_rows_kernel(
     (FP16_RANGE: each row times a power of two into fp16's range, undone on its scores; the
     scales go on the dots in float32, and V's zeros, integers, are exact in fp16). Grid (B, Hkv,
     splits), partials for kv_combine_kernel when splits > 1."""
-    b, hkv, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+    b, hkv, split = gl.program_id(0).to(gl.int64), gl.program_id(1), gl.program_id(2)  # b's offsets: int64
     RL: gl.constexpr = gl.SliceLayout(1, MMA)  # per dot row = query row
     r = gl.arange(0, 16, layout=RL)
     rvalid = r < REP * S

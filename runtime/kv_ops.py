@@ -75,14 +75,14 @@ def shape_unsupported_reason(d: int, groups: int, v_groups: int | None = None) -
 
 
 def span_unsupported_reason(*tensors) -> str | None:
-    """Why the kernels cannot address one of ``tensors`` (None ones skipped), or None: their
-    offsets are int32 products of program ids and strides, so a tensor whose last element lies
-    2^31 elements or more from its first (an int8 cache of batch 32 at 128k tokens, say) would
-    be read at wrapped offsets."""
+    """Why the kernels cannot address one of ``tensors`` (None ones skipped; dim 0 the batch),
+    or None: their offsets within a sequence are int32 products of program ids and strides (the
+    batch's are int64), so a tensor whose sequence spans 2^31 elements or more would be read at
+    wrapped offsets."""
     for t in tensors:
-        if t is not None and t.numel() and sum((n - 1) * st for n, st in zip(t.shape, t.stride())) >= 2**31:
-            return (f"a tensor of shape {tuple(t.shape)} strided {tuple(t.stride())} spans 2^31 elements or more: "
-                    "the KV kernels' offsets are int32")
+        if t is not None and t.numel() and sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31:
+            return (f"a tensor of shape {tuple(t.shape)} strided {tuple(t.stride())} spans 2^31 elements or more a "
+                    "sequence: the KV kernels' offsets within one are int32")
     return None
 
 

@@ -246,26 +246,34 @@ def test_append_quantizes_and_writes_new_tokens_as_the_reference(dtype, bits, gr
         assert (got[:, :, :5] == fill).all() and (got[:, :, 24:] == fill).all()
 
 
-def test_a_cache_beyond_int32_offsets_gets_the_reference(device, monkeypatch):
+def test_caches_past_2_to_the_31_elements(device, monkeypatch):
     """Codes whose two sequences lie 2^31 bytes apart (the memory between never touched): the
-    kernels' int32 offsets would wrap there, so attention answers with the reference and the
-    append writes through append_kv, no kernel launched."""
+    batch's offsets are int64, so the kernels read and append there as the reference does. A
+    sequence that itself spans 2^31 elements (int32 offsets within one) gets the reference, and
+    the append append_kv, no kernel launched."""
     torch.manual_seed(0)
     k, v = (quantize_kv(torch.randn(2, 2, 64, 64, device=device), 8, 64) for _ in range(2))
     far = torch.empty_strided((2, 2, 64, 64), (2**31, 64 * 64, 64, 1), dtype=torch.uint8, device=device)
     k = (far.copy_(k[0]), *k[1:])
     q = torch.randn(2, 4, 1, 64, device=device)
-    assert "int32" in kv_ops.span_unsupported_reason(q, *k) and kv_ops.span_unsupported_reason(q, *v) is None
-    monkeypatch.setattr(kv_ops, "_attention", lambda *args: pytest.fail("a kernel launched"))
+    assert kv_ops.span_unsupported_reason(q, *k, *v) is None
     assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 64, 8), kv_attention_reference(q, k, v, 8, 64),
                  torch.float32)
     states, position = torch.randn(2, 2, 1, 64, device=device), torch.tensor([40], device=device)
     want = [t.clone() for t in k]
     append_kv(states, position, *want, 8)
-    monkeypatch.setattr(kv_ops, "kv_append_kernel", None)  # launching it would fail
     torch.ops.qcompile.kv_append(states, position, *k, 8)
     for got, ref in zip(k, want):
         assert torch.equal(got, ref)
+    long = torch.empty_strided((1, 2, 64, 64), (2 * 2**31, 2**31, 64, 1), dtype=torch.uint8, device=device)
+    k = (long.copy_(k[0][:1]), k[1][:1], k[2][:1])
+    v, q = tuple(t[:1] for t in v), q[:1]
+    assert "int32" in kv_ops.span_unsupported_reason(q, *k)
+    monkeypatch.setattr(kv_ops, "_attention", lambda *args: pytest.fail("a kernel launched"))
+    assert_close(torch.ops.qcompile.kv_attention(q, *k, *v, 64, 8), kv_attention_reference(q, k, v, 8, 64),
+                 torch.float32)
+    monkeypatch.setattr(kv_ops, "kv_append_kernel", None)  # launching it would fail
+    torch.ops.qcompile.kv_append(states[:1], position, *k, 8)
 
 
 def test_append_past_the_cache_names_the_allowed_positions():
