@@ -55,7 +55,10 @@ they are; K's rows are read in the same token order, and K's scales and zeros an
 are copied into shared memory in it (V's zeros, taken off the codes, stay in the cache's
 order). K's channels go in ``_k8_channel``'s order, a lane's 32 contiguous bytes of a token.
 On the H200 it ran batch 1 at 16k in 14.7 µs against the Triton kernel's 17.2 (README, tenth
-run), 1.55-1.86x of fp16 SDPA at every batch from 16k.
+run), 1.55-1.86x of fp16 SDPA at every batch from 16k. In whole heads the rows kernel takes
+bf16 queries too, at 4 and 8 bits (FP16_RANGE, as the decode kernel; the scales go on the dots
+in float32): int8 in bf16 at 16k, batch 8, 73.9 µs against the Triton kernel's 85.2 (README,
+eleventh run).
 
 Both kernels copy their split's first tiles before they load q (``_prologue``), and put the
 output's columns back in the channels' order in registers before they store it or the partials,
@@ -67,7 +70,8 @@ made the rows kernel 1.10-1.32x faster at batch 1 (whole heads) and 1.02-1.09x a
 Grid (B, Hkv ROW_BLOCKS, splits), the split and the partials of kv_attention_kernel, merged by
 kv_combine_kernel (launched as a programmatic dependent, PDL). The kernels are launched as
 programmatic dependents of the kernel before them too and wait for it before their first read
-(1.00-1.04x at batch 1). Measured on the H200 (README,
+(1.00-1.04x at batch 1). The batch's offsets are int64 (program id 0), those within a sequence
+int32 (kv_ops.span_unsupported_reason sends longer sequences to the reference). Measured on the H200 (README,
 sixth and seventh runs): 1.7-2.7x the Triton kernel's speed at >= 16k context; the Marlin-style
 unpack 1.03x a PRMT one. Tried and not kept: each tile's loads waited for in registers (its
 first version, 1.35x slower at 16k, batch 8), lazy rescaling (0.97x), 3 stages or 10 programs
