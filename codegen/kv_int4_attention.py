@@ -71,8 +71,8 @@ Grid (B, Hkv ROW_BLOCKS, splits), the split and the partials of kv_attention_ker
 kv_combine_kernel (launched as a programmatic dependent, PDL). The kernels are launched as
 programmatic dependents of the kernel before them too and wait for it before their first read
 (1.00-1.04x at batch 1). The batch's offsets are int64 (program id 0), those within a sequence
-int32 (kv_ops.span_unsupported_reason sends longer sequences to the reference). Measured on the H200 (README,
-sixth and seventh runs): 1.7-2.7x the Triton kernel's speed at >= 16k context; the Marlin-style
+int32 (kv_ops.span_unsupported_reason sends longer sequences to the reference). Measured on the
+H200 (README, sixth and seventh runs): 1.7-2.7x the Triton kernel's speed at >= 16k context; the Marlin-style
 unpack 1.03x a PRMT one. Tried and not kept: each tile's loads waited for in registers (its
 first version, 1.35x slower at 16k, batch 8), lazy rescaling (0.97x), 3 stages or 10 programs
 an SM (0.8-0.9x: -attention-ab-int4.json, -attention-ab-stages.json), the merge done by the

@@ -103,7 +103,7 @@ def kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, 
     first ``length`` tokens; K and V as (codes, scale, zero) of formats.kv.quantize_kv. With
     ``attn_mask`` (bool or additive, broadcasting to [B, Hq, S, length]) the mask says what each
     query sees; ``sm_scale`` defaults to 1/sqrt(D). Where no kernel can take it (the device, the
-    head's shape, a tensor too large for int32 offsets) the reference computes it."""
+    head's shape, a sequence too long for int32 offsets) the reference computes it."""
     if (kernel_unavailable_reason(q.device) or shape_unsupported_reason(q.shape[-1], k_scale.shape[-1],
                                                                          v_scale.shape[-1])
             or span_unsupported_reason(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, attn_mask)):
